@@ -1,0 +1,71 @@
+"""What the engine hands a backend for one step, and the paged KV cache it writes.
+
+The KV cache has one block pool per attention group: "full" for full-attention
+layers and "sliding" for sliding-window layers, so window layers can drop blocks
+that fell out of their window while full layers keep them. A sequence has one
+block table per group; both cover the same token positions, block `i` holding
+positions [i*block_size, (i+1)*block_size). A sliding table may hold NO_BLOCK for
+blocks wholly older than the window.
+
+Layout per layer (FlashInfer's NHD paged layout): k and v are each
+[num_blocks, block_size, num_kv_heads, head_dim] in the cache dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+NO_BLOCK = -1
+GROUPS = ("full", "sliding")
+
+
+@dataclass
+class ForwardBatch:
+    """One engine step: the new tokens of several sequences, concatenated.
+
+    token_ids, positions: [T] int64, sequence by sequence.
+    query_lens[s]: new tokens of sequence s this step (sum == T).
+    context_lens[s]: tokens of sequence s in the cache after this step
+        (cached before + query_lens[s]); the new tokens sit at the end.
+    block_tables[group][s]: block ids of sequence s for that group, covering
+        positions [0, context_lens[s]).
+    Logits are returned for the last new token of each sequence.
+    """
+
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: dict[str, list[list[int]]]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+
+@dataclass
+class PagedKVCache:
+    """Per-layer k/v block tensors; layer i lives in the pool of layer_groups[i]."""
+
+    k: list[torch.Tensor]  # per layer [num_blocks(group), block_size, kv_heads, head_dim]
+    v: list[torch.Tensor]
+    layer_groups: list[str]  # "full" or "sliding" per layer
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls,
+        layer_groups: list[str],
+        num_blocks: dict[str, int],
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "PagedKVCache":
+        shape = lambda g: (num_blocks[g], block_size, num_kv_heads, head_dim)  # noqa: E731
+        k = [torch.zeros(shape(g), dtype=dtype, device=device) for g in layer_groups]
+        v = [torch.zeros(shape(g), dtype=dtype, device=device) for g in layer_groups]
+        return cls(k=k, v=v, layer_groups=list(layer_groups), block_size=block_size)

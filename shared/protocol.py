@@ -1,0 +1,249 @@
+"""The wire protocol between rose's services: versioned msgpack frames.
+
+A frame is the msgpack encoding of `[PROTOCOL_VERSION, "<MessageType>", {fields}]`.
+Every message type is a dataclass below, defined once and shared by both ends;
+`decode` checks the version, the type name and every field's type, and raises
+`FrameError` for anything else, which receivers log and drop.
+
+Links (all ZeroMQ, see docs/ARCHITECTURE.md):
+  gateway  --DEALER--> formatter ROUTER   GenerateRequest, Abort, Ping  /  Delta, Pong
+  formatter --DEALER--> scheduler ROUTER  Submit, Abort                 /  TokenEvent
+  worker   --DEALER--> scheduler ROUTER   Register, Heartbeat, TokenEvent, KvEvent  /  Submit, Abort
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+
+class FrameError(ValueError):
+    """A frame that is not a valid message of this protocol version."""
+
+
+@dataclass
+class SamplingParams:
+    """How a request samples; the engine's and the wire's one definition."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+
+
+# ---------------------------------------------------------------- gateway <-> formatter
+@dataclass
+class GenerateRequest:
+    """An OpenAI request the gateway validated; the formatter renders it."""
+
+    request_id: str
+    endpoint: str  # "chat" or "completion"
+    body: dict[str, Any]  # the validated request body (pydantic model_dump)
+    trace: dict[str, str] = field(default_factory=dict)  # W3C trace context carrier
+
+
+@dataclass
+class ToolCallDelta:
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class Delta:
+    """One streamed piece of one choice of a request, already parsed into channels."""
+
+    request_id: str
+    index: int = 0  # choice index (n > 1)
+    content: str = ""
+    reasoning_content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # OpenAI logprobs content entries
+    finish_reason: str | None = None  # stop, length, tool_calls, abort, error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    status: int = 0  # HTTP status for an error (400, 429, 503, ...)
+
+
+# ---------------------------------------------------------------- formatter <-> scheduler <-> worker
+@dataclass
+class Submit:
+    """Token ids to generate from; formatter -> scheduler -> worker."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    trace: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Abort:
+    request_id: str
+    reason: str = "abort"
+
+
+@dataclass
+class TokenEvent:
+    """New tokens of one request; worker -> scheduler -> formatter."""
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # one per token when asked for
+    top_logprobs: list[list[list[Any]]] = field(default_factory=list)  # per token [[id, logprob], ...]
+    finish_reason: str | None = None  # stop, length, abort, error
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+    status: int = 0
+    worker_id: str = ""
+
+
+@dataclass
+class Register:
+    worker_id: str
+    model: str
+    max_model_len: int
+    block_size: int
+    total_blocks: int
+    max_num_seqs: int
+
+
+@dataclass
+class Heartbeat:
+    worker_id: str
+    running: int = 0
+    waiting: int = 0
+    free_blocks: int = 0
+    total_blocks: int = 0
+
+
+@dataclass
+class KvEvent:
+    """Prefix blocks a worker stored or evicted, by chained block hash."""
+
+    worker_id: str
+    stored: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    cleared: bool = False  # the worker dropped its whole cache (restart)
+
+
+@dataclass
+class Ping:
+    sent_at: float = 0.0
+
+
+@dataclass
+class Pong:
+    sent_at: float = 0.0
+
+
+MESSAGE_TYPES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (GenerateRequest, Delta, Submit, Abort, TokenEvent, Register, Heartbeat, KvEvent, Ping, Pong)
+}
+
+
+# ---------------------------------------------------------------- encoding
+def encode(message) -> bytes:
+    """One message -> one frame."""
+    name = type(message).__name__
+    if MESSAGE_TYPES.get(name) is not type(message):
+        raise TypeError(f"not a protocol message: {name}")
+    return msgpack.packb([PROTOCOL_VERSION, name, dataclasses.asdict(message)], use_bin_type=True)
+
+
+def decode(frame: bytes):
+    """One frame -> one message; FrameError if it is not valid."""
+    try:
+        obj = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise FrameError(f"not msgpack: {exc}") from None
+    if not (isinstance(obj, list) and len(obj) == 3):
+        raise FrameError("frame is not [version, type, payload]")
+    version, name, payload = obj
+    if version != PROTOCOL_VERSION:
+        raise FrameError(f"protocol version {version!r}, expected {PROTOCOL_VERSION}")
+    cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise FrameError(f"unknown message type {name!r}")
+    return _build(cls, payload, name)
+
+
+def _build(cls, payload, where: str):
+    if not isinstance(payload, dict):
+        raise FrameError(f"{where}: expected a map")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(payload) - set(known)
+    if unknown:
+        raise FrameError(f"{where}: unknown fields {sorted(map(str, unknown))}")
+    values = {}
+    for name, f in known.items():
+        if name not in payload:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise FrameError(f"{where}.{name}: missing")
+            continue
+        values[name] = _check(hints[name], payload[name], f"{where}.{name}")
+    return cls(**values)
+
+
+def _check(hint, value, where: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check(option, value, where)
+            except FrameError:
+                pass
+        raise FrameError(f"{where}: {type(value).__name__} does not match {hint}")
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise FrameError(f"{where}: expected a list")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_check(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise FrameError(f"{where}: expected a map")
+        return value
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise FrameError(f"{where}: expected a number")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise FrameError(f"{where}: expected an integer")
+    if hint in (str, bool):
+        if type(value) is hint:
+            return value
+        raise FrameError(f"{where}: expected {hint.__name__}")
+    raise FrameError(f"{where}: unsupported type {hint}")

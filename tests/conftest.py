@@ -1,0 +1,52 @@
+"""Session-wide fixtures: the o200k vocabulary and the tiny gpt-oss checkpoint.
+
+Both are made once per test session under a temporary folder, by the same code
+`rose setup` uses, so the tests exercise the real files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run only where CUDA is present (`pytest -m gpu` on a GPU host)."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; run `pytest -m gpu` on a GPU host")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def rose_home(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("rose-home"))
+
+
+@pytest.fixture(scope="session")
+def vocab_dir(rose_home) -> str:
+    """Folder with o200k_base.tiktoken; also exported as TIKTOKEN_ENCODINGS_BASE."""
+    from shared.vocab import ensure_vocab
+
+    folder = ensure_vocab(os.path.join(rose_home, "vocab"))
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = folder
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(rose_home) -> str:
+    """The embedded default model: a seeded random gpt-oss checkpoint in HF layout."""
+    from services.worker.model.make_checkpoint import make_checkpoint
+
+    path = os.path.join(rose_home, "models", "gpt-oss-tiny")
+    make_checkpoint(path, seed=0)
+    return path

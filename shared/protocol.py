@@ -7,7 +7,7 @@ Every message type is a dataclass below, defined once and shared by both ends;
 
 Links (all ZeroMQ, see docs/ARCHITECTURE.md):
   gateway  --DEALER--> formatter ROUTER   GenerateRequest, Abort, Ping  /  Delta, Pong
-  formatter --DEALER--> scheduler ROUTER  Submit, Abort                 /  TokenEvent
+  formatter --DEALER--> scheduler ROUTER  Submit, Abort, Ping           /  TokenEvent, Pong
   worker   --DEALER--> scheduler ROUTER   Register, Heartbeat, TokenEvent, KvEvent  /  Submit, Abort
 """
 
@@ -154,7 +154,16 @@ class Ping:
 
 @dataclass
 class Pong:
+    """Answer to Ping; also says whether the answering side can serve.
+
+    scheduler -> formatter: ready when at least one worker is live; models are the
+    live workers' models. formatter -> gateway: the same, as the formatter last heard.
+    """
+
     sent_at: float = 0.0
+    ready: bool = False
+    models: list[str] = field(default_factory=list)
+    workers: int = 0
 
 
 MESSAGE_TYPES: dict[str, type] = {

@@ -32,6 +32,8 @@ class Settings:
     formatter_urls: str = _setting("tcp://127.0.0.1:5601", "comma-separated formatter endpoints the gateway connects to", ("gateway",))
     api_keys: str = _setting("", "comma-separated API keys (empty: no auth)", ("gateway",))
     api_keys_file: str = _setting("", "file of API keys, one per line, or sha256:<hex> hashes", ("gateway",))
+    rate_limit_rpm: int = _setting(0, "requests per minute per API key (0: unlimited); kept in Redis", ("gateway",))
+    rate_limit_tpm: int = _setting(0, "tokens per minute per API key (0: unlimited); kept in Redis", ("gateway",))
     open_health: bool = _setting(True, "serve /health, /ready and /metrics without a key", ("gateway",))
     max_body_bytes: int = _setting(4 * 1024 * 1024, "largest request body (413 above)", ("gateway",))
     request_timeout: float = _setting(600.0, "seconds a request may run before it is aborted", ("gateway",))

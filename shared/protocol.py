@@ -8,7 +8,7 @@ Every message type is a dataclass below, defined once and shared by both ends;
 Links (all ZeroMQ, see docs/ARCHITECTURE.md):
   gateway  --DEALER--> formatter ROUTER   GenerateRequest, Abort, Ping  /  Delta, Pong
   formatter --DEALER--> scheduler ROUTER  Submit, Abort, Ping           /  TokenEvent, Pong
-  worker   --DEALER--> scheduler ROUTER   Register, Heartbeat, TokenEvent, KvEvent  /  Submit, Abort
+  worker   --DEALER--> scheduler ROUTER   Register, Heartbeat, TokenEvent, KvEvent  /  Submit, Abort, Resync
 """
 
 from __future__ import annotations
@@ -135,6 +135,10 @@ class Heartbeat:
     waiting: int = 0
     free_blocks: int = 0
     total_blocks: int = 0
+    # cumulative engine counters, for metrics and tests
+    prefill_tokens: int = 0  # prompt tokens computed (not served from the prefix cache)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    finished: int = 0  # requests finished, any reason
 
 
 @dataclass
@@ -145,6 +149,17 @@ class KvEvent:
     stored: list[int] = field(default_factory=list)
     removed: list[int] = field(default_factory=list)
     cleared: bool = False  # the worker dropped its whole cache (restart)
+
+
+@dataclass
+class Resync:
+    """scheduler -> worker: send Register, then a KvEvent(cleared=True) with every cached block.
+
+    Sent when the scheduler does not know the worker (it restarted) or after Redis
+    came back (the index may be empty).
+    """
+
+    reason: str = ""
 
 
 @dataclass
@@ -168,7 +183,7 @@ class Pong:
 
 MESSAGE_TYPES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (GenerateRequest, Delta, Submit, Abort, TokenEvent, Register, Heartbeat, KvEvent, Ping, Pong)
+    for cls in (GenerateRequest, Delta, Submit, Abort, TokenEvent, Register, Heartbeat, KvEvent, Resync, Ping, Pong)
 }
 
 

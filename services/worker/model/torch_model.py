@@ -1,0 +1,241 @@
+"""The gpt-oss forward pass in plain PyTorch (CPU or GPU, float32 or bfloat16).
+
+    model = load_model(path, device="cpu", dtype=torch.float32)
+    kv = model.make_kv_cache({"full": 64, "sliding": 64}, block_size=16)
+    logits = model(batch, kv)                  # [num_seqs, vocab] float32, last new token of each
+    logits = model(batch, kv, all_logits=True) # [T, vocab] float32, every new token
+
+Module and parameter names mirror the checkpoint's (model.layers.N.self_attn.q_proj...),
+so loading is a name-for-name copy. Per layer: RMSNorm, QKV with bias, YaRN rotary,
+GQA attention with per-head sinks (and a sliding window on window layers) over the
+paged cache, o_proj with bias, residual; RMSNorm, top-k router, MXFP4-dequantized
+experts with clamped SwiGLU, weighted sum, residual. Norms, sinks, rotary, attention
+softmax and the router's softmax run in float32 whatever the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.worker.model.batch import ForwardBatch, PagedKVCache
+from services.worker.model.checkpoint import Checkpoint
+from services.worker.model.config import GptOssConfig
+from services.worker.model.errors import CheckpointError
+from services.worker.model.paged_attention import AttentionPlan, paged_attention
+from services.worker.model.rope import RotaryEmbedding, apply_rotary
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden] in x's dtype (computed in float32)."""
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * normed).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        h, q, kv = config.hidden_size, config.q_size, config.kv_size
+        self.q_proj = nn.Linear(h, q, bias=True, dtype=dtype)
+        self.k_proj = nn.Linear(h, kv, bias=True, dtype=dtype)
+        self.v_proj = nn.Linear(h, kv, bias=True, dtype=dtype)
+        self.o_proj = nn.Linear(q, h, bias=True, dtype=dtype)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32), requires_grad=False)
+        self.num_heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.window = config.window_of(layer)
+
+    def forward(self, x, cos, sin, plan: AttentionPlan, k_cache, v_cache) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden]; writes this step's k/v into k_cache/v_cache."""
+        t = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, k_cache, v_cache, plan, self.sinks, self.scale)
+        return self.o_proj(out.to(x.dtype))
+
+
+class Router(nn.Module):
+    def __init__(self, config: GptOssConfig, experts: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(experts, config.hidden_size, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(experts, dtype=dtype), requires_grad=False)
+        self.top_k = config.num_experts_per_tok
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (weights [T, k] float32 summing to 1, expert ids [T, k] int64)."""
+        logits = F.linear(x, self.weight, self.bias)
+        top_logits, top_ids = torch.topk(logits, self.top_k, dim=-1)
+        return torch.softmax(top_logits.float(), dim=-1), top_ids
+
+
+class Experts(nn.Module):
+    """Stacked expert weights, rows = outputs as in the checkpoint.
+
+    gate_up_proj [E, 2*inter, hidden] (row 2j gate j, row 2j+1 up j), gate_up_proj_bias [E, 2*inter],
+    down_proj [E, hidden, inter], down_proj_bias [E, hidden].
+    """
+
+    def __init__(self, config: GptOssConfig, experts: int, dtype: torch.dtype):
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.zeros(experts, 2 * i, h, dtype=dtype), requires_grad=False)
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * i, dtype=dtype), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.zeros(experts, h, i, dtype=dtype), requires_grad=False)
+        self.down_proj_bias = nn.Parameter(torch.zeros(experts, h, dtype=dtype), requires_grad=False)
+        self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden], weights [T, k] float32, ids [T, k] -> [T, hidden] in x's dtype."""
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for expert in torch.unique(ids).tolist():
+            token, slot = torch.nonzero(ids == expert, as_tuple=True)
+            gate_up = F.linear(x[token], self.gate_up_proj[expert], self.gate_up_proj_bias[expert])
+            gate = gate_up[:, 0::2].clamp(max=self.limit)
+            up = gate_up[:, 1::2].clamp(min=-self.limit, max=self.limit)
+            hidden = (up + 1) * (gate * torch.sigmoid(self.alpha * gate))
+            y = F.linear(hidden, self.down_proj[expert], self.down_proj_bias[expert])
+            out.index_add_(0, token, y.float() * weights[token, slot, None])
+        return out.to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        experts = config.experts_in(layer)
+        self.router = Router(config, experts, dtype)
+        self.experts = Experts(config, experts, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.router(x)
+        return self.experts(x, weights, ids)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, layer, dtype)
+
+    def forward(self, x, cos, sin, plan, k_cache, v_cache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GptOssBody(nn.Module):
+    """`model.*` of the checkpoint: embedding, layers, final norm."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class GptOssForCausalLM(nn.Module):
+    """The whole model; call it with a ForwardBatch and the PagedKVCache it writes."""
+
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.dtype = dtype
+        self.model = GptOssBody(config, dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.rotary = RotaryEmbedding(config)
+        self.requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def make_kv_cache(
+        self, num_blocks: dict[str, int], block_size: int, dtype: torch.dtype | None = None
+    ) -> PagedKVCache:
+        """A zeroed paged cache for this model on its device (dtype defaults to the model's)."""
+        c = self.config
+        return PagedKVCache.allocate(c.layer_groups, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+                                     dtype or self.dtype, self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits."""
+        c = self.config
+        if kv.layer_groups != c.layer_groups:
+            raise ValueError(f"KV cache groups {kv.layer_groups} do not match the model's {c.layer_groups}")
+        device = self.device
+        token_ids = batch.token_ids.to(device)
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= c.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {c.vocab_size})")
+        cos, sin = self.rotary.cos_sin(batch.positions.to(device))
+        plans: dict[tuple[str, int | None], AttentionPlan] = {}
+        x = self.model.embed_tokens(token_ids)
+        for i, layer in enumerate(self.model.layers):
+            key = (c.layer_groups[i], layer.self_attn.window)
+            if key not in plans:
+                plans[key] = AttentionPlan.build(batch, key[0], key[1], kv.block_size, device)
+            x = layer(x, cos, sin, plans[key], kv.k[i], kv.v[i])
+        if not all_logits:
+            last = torch.cumsum(torch.tensor(batch.query_lens), 0) - 1
+            x = x[last.to(device)]
+        return self.lm_head(self.model.norm(x)).float()
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load_model(
+    path: str, backend: str = "torch", device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32
+) -> GptOssForCausalLM:
+    """Build the model on device and fill it shard by shard from the checkpoint at path."""
+    if backend != "torch":
+        raise ValueError(f"backend {backend!r} is not provided here; services.worker.model serves 'torch'")
+    dtype = _as_dtype(dtype)
+    checkpoint = Checkpoint(path)
+    config = checkpoint.config
+    # build on the meta device so no weights are allocated twice
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config, dtype)
+    model.rotary = RotaryEmbedding(config)
+    loaded: set[str] = set()
+    for name, tensor in checkpoint.iter_tensors(dtype=dtype, device=device):
+        _assign(model, name, tensor)
+        loaded.add(name)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        loaded.add("lm_head.weight")
+    left = [n for n, p in model.named_parameters() if p.is_meta and n not in loaded]
+    if left:
+        raise CheckpointError(f"tensor {left[0]} was not loaded from {path}")
+    return model.to(device).eval()
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace the meta parameter `name` with tensor (float32 kept for norms and sinks)."""
+    module_name, _, leaf = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+        current = getattr(module, leaf)
+    except AttributeError:
+        raise CheckpointError(f"tensor {name} has no place in the model") from None
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise CheckpointError(f"tensor {name} has shape {list(tensor.shape)}, expected {list(current.shape)}")
+    value = tensor.to(current.dtype)
+    setattr(module, leaf, nn.Parameter(value, requires_grad=False))

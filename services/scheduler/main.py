@@ -1,0 +1,46 @@
+"""`rose scheduler`: the scheduler process (see services/scheduler/service.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+import zmq
+
+from services.scheduler.service import Scheduler
+from shared.config import Settings
+from shared.telemetry import setup_tracing, shutdown_tracing
+
+log = logging.getLogger("rose.scheduler")
+
+
+def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
+    setup_tracing("scheduler", settings)
+    try:
+        asyncio.run(_serve(settings))
+    except zmq.ZMQError as exc:
+        log.error("cannot serve: %s (frontend %s, backend %s)", exc, settings.scheduler_frontend, settings.scheduler_backend)
+        return 1
+    finally:
+        shutdown_tracing()
+    return 0
+
+
+async def _serve(settings: Settings) -> None:
+    scheduler = Scheduler(settings)
+    serving = asyncio.create_task(scheduler.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not serving.done():
+        serving.cancel()
+    try:
+        await serving
+    except asyncio.CancelledError:
+        pass

@@ -1,0 +1,242 @@
+"""`rose worker`: one model engine behind a DEALER to the scheduler's backend.
+
+    scheduler --Submit--> worker: engine.generate -> one TokenEvent per engine step
+    scheduler --Abort-->  worker: engine.abort (blocks freed at once)
+    scheduler --Resync--> worker: Register again + the whole set of cached block hashes
+    worker --Register, Heartbeat (every heartbeat_interval), KvEvent--> scheduler
+
+The worker keeps its own copy of the block hashes it reported, so it can resend
+the full set when the scheduler restarted or Redis came back empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+import zmq
+import zmq.asyncio
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared import protocol
+from shared.config import Settings
+from shared.protocol import Abort, FrameError, Heartbeat, KvEvent, Register, Resync, Submit, TokenEvent
+from shared.telemetry import extract, setup_tracing, shutdown_tracing, tracer
+
+log = logging.getLogger("rose.worker")
+
+KV_EVENT_PERIOD_S = 0.02  # how often new prefix blocks reach the index
+HWM = 100_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`rose worker` takes only the settings flags (--model, --block-size, ...)."""
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class WorkerService:
+    """The worker process's ZeroMQ side around one AsyncEngine."""
+
+    def __init__(self, settings: Settings, engine, context: zmq.asyncio.Context | None = None):
+        from services.worker.engine.async_engine import AsyncEngine
+
+        self.settings = settings
+        self.worker_id = settings.worker_id or default_worker_id()
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine)
+        self.ctx = context or zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, HWM)
+        self.sock.setsockopt(zmq.RCVHWM, HWM)
+        self.cached: set[int] = set()  # block hashes the scheduler was told about
+        self.running: dict[str, asyncio.Task] = {}
+        self.tracer = tracer("rose.worker")
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        self.sock.connect(self.settings.scheduler_backend)
+        log.info("worker %s: serving %s, scheduler at %s", self.worker_id, self.settings.served_model_name, self.settings.scheduler_backend)
+        # A fresh engine holds nothing: drop whatever an earlier process of this name left in the index.
+        self._register(full_cache=True)
+        tasks = [
+            asyncio.create_task(self._receive_loop(), name="receive"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._kv_event_loop(), name="kv-events"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks + list(self.running.values()):
+                task.cancel()
+            await asyncio.gather(*tasks, *self.running.values(), return_exceptions=True)
+            self.sock.close(0)
+
+    def _register(self, full_cache: bool) -> None:
+        stats = self.engine.stats()
+        self._send(Register(
+            worker_id=self.worker_id,
+            model=self.settings.served_model_name,
+            max_model_len=stats.max_model_len,
+            block_size=stats.block_size,
+            total_blocks=sum(stats.total_blocks.values()),
+            max_num_seqs=self.settings.max_num_seqs,
+        ))
+        if full_cache:
+            self._send(KvEvent(self.worker_id, stored=sorted(self.cached), cleared=True))
+
+    def _send(self, message) -> None:
+        """Send without waiting: a missing scheduler must not stall the engine."""
+        sent = self.sock.send_multipart([protocol.encode(message)], flags=zmq.DONTWAIT)
+        if sent.done() and sent.exception() is not None:
+            log.warning("dropped a %s for the scheduler: %s", type(message).__name__, sent.exception())
+
+    # ------------------------------------------------------------ from the scheduler
+    async def _receive_loop(self) -> None:
+        while True:
+            parts = await self.sock.recv_multipart()
+            if len(parts) != 1:
+                log.warning("dropped a message of %d parts from the scheduler", len(parts))
+                continue
+            try:
+                msg = protocol.decode(parts[0])
+            except FrameError as exc:
+                log.warning("dropped a bad frame from the scheduler: %s", exc)
+                continue
+            if isinstance(msg, Submit):
+                if msg.request_id in self.running:
+                    self._send(TokenEvent(msg.request_id, finish_reason="error", status=400, worker_id=self.worker_id,
+                                          error=f"request {msg.request_id!r} is already running on {self.worker_id}"))
+                    continue
+                self.running[msg.request_id] = asyncio.create_task(self._generate(msg))
+            elif isinstance(msg, Abort):
+                self.async_engine.abort(msg.request_id)
+            elif isinstance(msg, Resync):
+                log.info("scheduler asked for a resync (%s)", msg.reason)
+                self._register(full_cache=True)
+            else:
+                log.warning("dropped an unexpected %s from the scheduler", type(msg).__name__)
+
+    async def _generate(self, submit: Submit) -> None:
+        """Stream one request's outputs as TokenEvents, one per engine step."""
+        from services.worker.engine.errors import EngineInputError
+
+        request_id = submit.request_id
+        span = self.tracer.start_span(
+            "worker.generate",
+            context=extract(submit.trace),
+            kind=SpanKind.INTERNAL,
+            attributes={"rose.request_id": request_id, "rose.worker_id": self.worker_id, "rose.prompt_tokens": len(submit.token_ids)},
+        )
+        completion_tokens = 0
+        try:
+            async for out in self.async_engine.generate(request_id, submit.token_ids, submit.params):
+                completion_tokens += len(out.token_ids)
+                self._send(TokenEvent(
+                    request_id=request_id,
+                    token_ids=out.token_ids,
+                    logprobs=out.logprobs,
+                    top_logprobs=out.top_logprobs,
+                    finish_reason=out.finish_reason,
+                    prompt_tokens=out.prompt_tokens,
+                    cached_tokens=out.cached_tokens,
+                    error=out.error,
+                    status=500 if out.finish_reason == "error" else 0,
+                    worker_id=self.worker_id,
+                ))
+                if out.finish_reason is not None:
+                    span.set_attribute("rose.finish_reason", out.finish_reason)
+                    span.set_attribute("rose.cached_tokens", out.cached_tokens)
+                    if out.error:
+                        span.set_status(Status(StatusCode.ERROR, out.error))
+        except EngineInputError as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            self._send(TokenEvent(request_id, finish_reason="error", error=str(exc), status=400, worker_id=self.worker_id))
+        except asyncio.CancelledError:
+            self.async_engine.abort(request_id)
+            raise
+        except Exception as exc:  # the engine failing one request must not end the worker
+            log.exception("request %s failed", request_id)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            self._send(TokenEvent(request_id, finish_reason="error", error=f"worker error: {exc}", status=500, worker_id=self.worker_id))
+        finally:
+            span.set_attribute("rose.completion_tokens", completion_tokens)
+            span.end()
+            self.running.pop(request_id, None)
+
+    # ------------------------------------------------------------ to the scheduler
+    def heartbeat(self) -> Heartbeat:
+        stats = self.engine.stats()
+        return Heartbeat(
+            worker_id=self.worker_id,
+            running=stats.num_running,
+            waiting=stats.num_waiting,
+            free_blocks=sum(stats.free_blocks.values()),
+            total_blocks=sum(stats.total_blocks.values()),
+            prefill_tokens=stats.prefill_tokens_computed,
+            cached_tokens=stats.cached_prompt_tokens,
+            finished=stats.requests_finished,
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self._send(self.heartbeat())
+            await asyncio.sleep(self.settings.heartbeat_interval)
+
+    async def _kv_event_loop(self) -> None:
+        while True:
+            await asyncio.sleep(KV_EVENT_PERIOD_S)
+            self.flush_kv_events()
+
+    def flush_kv_events(self) -> None:
+        """Send the prefix blocks stored and evicted since the last flush."""
+        stored, removed = self.engine.drain_kv_events()
+        if not (stored or removed):
+            return
+        self.cached.difference_update(removed)
+        self.cached.update(stored)
+        self._send(KvEvent(self.worker_id, stored=stored, removed=removed))
+
+
+# ---------------------------------------------------------------- rose worker
+def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    from services.worker.engine.engine import Engine
+
+    setup_tracing("worker", settings)
+    try:
+        engine = Engine.from_settings(settings)
+    except (OSError, ValueError) as exc:  # CheckpointError is a ValueError
+        log.error("cannot load the model at %s: %s", settings.model_path, exc)
+        return 1
+    try:
+        asyncio.run(_serve(settings, engine))
+    finally:
+        shutdown_tracing()
+    return 0
+
+
+async def _serve(settings: Settings, engine) -> None:
+    service = WorkerService(settings, engine)
+    serving = asyncio.create_task(service.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if not serving.done():
+        serving.cancel()
+    try:
+        await serving
+    except asyncio.CancelledError:
+        pass

@@ -30,10 +30,37 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def _weight(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    """A frozen placeholder on the meta device (no memory, no init); load_model swaps in the real tensor."""
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with W [out, in] as stored in the checkpoint."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _weight(out_features, in_features, dtype=dtype)
+        self.bias = _weight(out_features, dtype=dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, hidden: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = _weight(vocab, hidden, dtype=dtype)
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [T] int64 -> [T, hidden]."""
+        return F.embedding(token_ids, self.weight)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size, dtype=torch.float32), requires_grad=False)
+        self.weight = _weight(size, dtype=torch.float32)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,11 +74,11 @@ class Attention(nn.Module):
     def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype):
         super().__init__()
         h, q, kv = config.hidden_size, config.q_size, config.kv_size
-        self.q_proj = nn.Linear(h, q, bias=True, dtype=dtype)
-        self.k_proj = nn.Linear(h, kv, bias=True, dtype=dtype)
-        self.v_proj = nn.Linear(h, kv, bias=True, dtype=dtype)
-        self.o_proj = nn.Linear(q, h, bias=True, dtype=dtype)
-        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, dtype=torch.float32), requires_grad=False)
+        self.q_proj = Linear(h, q, True, dtype)
+        self.k_proj = Linear(h, kv, True, dtype)
+        self.v_proj = Linear(h, kv, True, dtype)
+        self.o_proj = Linear(q, h, True, dtype)
+        self.sinks = _weight(config.num_attention_heads, dtype=torch.float32)
         self.num_heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.scale = config.head_dim**-0.5
         self.window = config.window_of(layer)
@@ -69,8 +96,8 @@ class Attention(nn.Module):
 class Router(nn.Module):
     def __init__(self, config: GptOssConfig, experts: int, dtype: torch.dtype):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(experts, config.hidden_size, dtype=dtype), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(experts, dtype=dtype), requires_grad=False)
+        self.weight = _weight(experts, config.hidden_size, dtype=dtype)
+        self.bias = _weight(experts, dtype=dtype)
         self.top_k = config.num_experts_per_tok
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,10 +117,10 @@ class Experts(nn.Module):
     def __init__(self, config: GptOssConfig, experts: int, dtype: torch.dtype):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.zeros(experts, 2 * i, h, dtype=dtype), requires_grad=False)
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(experts, 2 * i, dtype=dtype), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.zeros(experts, h, i, dtype=dtype), requires_grad=False)
-        self.down_proj_bias = nn.Parameter(torch.zeros(experts, h, dtype=dtype), requires_grad=False)
+        self.gate_up_proj = _weight(experts, 2 * i, h, dtype=dtype)
+        self.gate_up_proj_bias = _weight(experts, 2 * i, dtype=dtype)
+        self.down_proj = _weight(experts, h, i, dtype=dtype)
+        self.down_proj_bias = _weight(experts, h, dtype=dtype)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -140,20 +167,23 @@ class GptOssBody(nn.Module):
 
     def __init__(self, config: GptOssConfig, dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class GptOssForCausalLM(nn.Module):
-    """The whole model; call it with a ForwardBatch and the PagedKVCache it writes."""
+    """The whole model; call it with a ForwardBatch and the PagedKVCache it writes.
+
+    Built with empty (meta) parameters; `load_model` fills them from a checkpoint.
+    """
 
     def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
         self.dtype = dtype
         self.model = GptOssBody(config, dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
         self.rotary = RotaryEmbedding(config)
         self.requires_grad_(False)
 
@@ -210,10 +240,7 @@ def load_model(
     dtype = _as_dtype(dtype)
     checkpoint = Checkpoint(path)
     config = checkpoint.config
-    # build on the meta device so no weights are allocated twice
-    with torch.device("meta"):
-        model = GptOssForCausalLM(config, dtype)
-    model.rotary = RotaryEmbedding(config)
+    model = GptOssForCausalLM(config, dtype)  # parameters on the meta device until loaded
     loaded: set[str] = set()
     for name, tensor in checkpoint.iter_tensors(dtype=dtype, device=device):
         _assign(model, name, tensor)

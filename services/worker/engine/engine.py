@@ -1,0 +1,325 @@
+"""The engine: requests in, one continuous-batching step at a time, tokens out.
+
+    engine = Engine.from_settings(settings)
+    engine.add_request("r1", [200006, ...], SamplingParams(max_tokens=32))
+    while engine.has_work():
+        for out in engine.step(): ...
+
+A step asks the scheduler for chunks, runs one forward pass over all of them (one
+ForwardBatch over the paged KV cache), samples a token for every sequence whose
+chunk reached its last token, registers newly filled blocks in the prefix cache,
+and returns the new tokens of every request that produced any or finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from services.worker.engine.block_manager import BlockManager
+from services.worker.engine.errors import EngineInputError
+from services.worker.engine.kv_sizing import kv_blocks_per_group
+from services.worker.engine.sampler import SamplingRow, check_params, make_generator, sample
+from services.worker.engine.scheduler import Chunk, Scheduler
+from services.worker.engine.sequence import RequestOutput, Sequence, Status
+from services.worker.model.batch import GROUPS, ForwardBatch
+from shared.protocol import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (cumulative) and the current load."""
+
+    num_running: int
+    num_waiting: int
+    prefill_tokens_computed: int  # prompt positions run through the model (prefix hits excluded)
+    decode_tokens_computed: int  # generated positions run through the model (recompute included)
+    cached_prompt_tokens: int  # prompt tokens served from the prefix cache
+    generated_tokens: int
+    num_preemptions: int
+    requests_finished: int
+    steps: int
+    free_blocks: dict[str, int]
+    total_blocks: dict[str, int]
+    block_size: int
+    max_model_len: int
+
+
+class Engine:
+    """Continuous batching over one model and its paged KV cache (not thread-safe)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_blocks: dict[str, int] | int,
+        block_size: int = 16,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int = 0,
+        eos_token_ids: list[int] | None = None,
+        seed: int | None = None,
+    ):
+        config = model.config
+        self.model = model
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens), ("max_model_len", self.max_model_len)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        groups = list(dict.fromkeys(config.layer_groups))
+        if isinstance(num_blocks, int):
+            num_blocks = {g: num_blocks for g in groups}
+        self.block_size = block_size
+        self.blocks = BlockManager(groups, num_blocks, block_size, window=config.max_window)
+        self.kv = model.make_kv_cache(num_blocks, block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.eos_token_ids = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.device = model.device
+        # The stream of requests without a seed; seeded engines replay runs exactly.
+        self.generator = torch.Generator(device=self.device)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self.requests: dict[str, Sequence] = {}
+        self._done: list[Sequence] = []  # finished outside step (abort): reported by the next step
+        self._prefill_tokens = 0
+        self._decode_tokens = 0
+        self._generated = 0
+        self._finished = 0
+        self._steps = 0
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_settings(cls, settings) -> "Engine":
+        """Load the checkpoint at settings.model_path and size the KV cache from settings."""
+        from services.worker.model import load_model
+
+        model = load_model(settings.model_path, backend=settings.backend, device=settings.device, dtype=settings.dtype)
+        config = model.config
+        max_model_len = settings.max_model_len or config.max_position_embeddings
+        if max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
+                             f"max_position_embeddings {config.max_position_embeddings}")
+        num_blocks = kv_blocks_per_group(model, settings, max_model_len)
+        return cls(
+            model,
+            num_blocks=num_blocks,
+            block_size=settings.block_size,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            eos_token_ids=_eos_token_ids(settings.model_path, config),
+        )
+
+    # ------------------------------------------------------------------ requests
+    def check_request(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise EngineInputError if add_request would refuse this request (no state change)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise EngineInputError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise EngineInputError(f"request {request_id!r} is already running")
+        if not isinstance(token_ids, (list, tuple)):
+            raise EngineInputError(f"token_ids must be a list of integers, got {type(token_ids).__name__}")
+        if not token_ids:
+            raise EngineInputError("the prompt is empty: give at least one token")
+        for i, token in enumerate(token_ids):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise EngineInputError(f"token_ids[{i}] = {token!r} is not a token id of this model "
+                                       f"(0..{self.vocab_size - 1})")
+        check_params(params, self.vocab_size)
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise EngineInputError(
+                f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) is {total} tokens, "
+                f"beyond this model's context of {self.max_model_len}")
+        for group, pool in self.blocks.pools.items():
+            need = self.blocks.min_blocks(group, total)
+            if need > pool.num_total:
+                raise EngineInputError(
+                    f"the request needs up to {need} KV blocks ({group} layers) but the cache holds "
+                    f"{pool.num_total}; lower max_tokens or shorten the prompt")
+
+    def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; EngineInputError (and nothing queued) if it is bad."""
+        self.check_request(request_id, token_ids, params)
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=list(token_ids),
+            params=params,
+            num_prompt_tokens=len(token_ids),
+            generator=make_generator(params.seed, self.device) if params.seed is not None else None,
+        )
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; its "abort" output comes with the next step.
+
+        Returns False for an unknown or already finished request.
+        """
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        self._finish(seq, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting or self._done)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """One iteration: schedule, forward, sample; the outputs of every request that moved."""
+        chunks = self.scheduler.schedule()
+        for seq in self.scheduler.unschedulable:
+            self._finish(seq, "error", "the request does not fit in the KV cache")
+        self.scheduler.unschedulable.clear()
+        if chunks:
+            self._steps += 1
+            self._run(chunks)
+        return self._collect(chunks)
+
+    def _run(self, chunks: list[Chunk]) -> None:
+        """Forward the chunks, then append sampled tokens; a failure ends those requests."""
+        try:
+            logits = self.model(self._forward_batch(chunks), self.kv)
+        except Exception as exc:  # a backend error must not take the engine down
+            log.exception("forward pass failed for %d sequences", len(chunks))
+            for chunk in chunks:
+                self._finish(chunk.seq, "error", f"forward pass failed: {exc}")
+            return
+        for chunk in chunks:
+            seq = chunk.seq
+            seq.num_computed = chunk.end
+            prompt_part = max(0, min(chunk.end, seq.num_prompt_tokens) - chunk.start)
+            self._prefill_tokens += prompt_part
+            self._decode_tokens += chunk.end - chunk.start - prompt_part
+            self.blocks.register_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
+        rows = [i for i, c in enumerate(chunks) if c.completes]
+        if not rows:
+            return
+        finite = torch.isfinite(logits[rows]).all(dim=-1).tolist()
+        good = [i for i, ok in zip(rows, finite) if ok]
+        for i, ok in zip(rows, finite):
+            if not ok:
+                self._finish(chunks[i].seq, "error", "the model produced non-finite logits")
+        if not good:
+            return
+        seqs = [chunks[i].seq for i in good]
+        try:
+            sampled = sample(
+                logits[good],
+                [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs],
+                self.generator,
+            )
+        except Exception as exc:
+            log.exception("sampling failed for %d sequences", len(seqs))
+            for seq in seqs:
+                self._finish(seq, "error", f"sampling failed: {exc}")
+            return
+        for j, seq in enumerate(seqs):
+            self._append_token(seq, sampled.token_ids[j], sampled.logprobs[j], sampled.top_logprobs[j])
+
+    def _forward_batch(self, chunks: list[Chunk]) -> ForwardBatch:
+        tokens: list[int] = []
+        positions: list[int] = []
+        for c in chunks:
+            tokens += c.seq.token_ids[c.start : c.end]
+            positions += range(c.start, c.end)
+        tables = {g: [list(c.seq.blocks.tables[g]) for c in chunks] for g in self.blocks.pools}
+        for g in GROUPS:
+            tables.setdefault(g, [[] for _ in chunks])
+        return ForwardBatch(
+            token_ids=torch.tensor(tokens, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            query_lens=[c.end - c.start for c in chunks],
+            context_lens=[c.end for c in chunks],
+            block_tables=tables,
+        )
+
+    def _append_token(self, seq: Sequence, token: int, logprob: float | None, top: list | None) -> None:
+        seq.token_ids.append(token)
+        seq.pending_tokens.append(token)
+        self._generated += 1
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+            seq.pending_top.append(top or [])
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            self._finish(seq, "stop")
+        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """End a request: free its blocks and keep it for the next output."""
+        if seq.status is Status.FINISHED:
+            return
+        self.scheduler.remove(seq)
+        seq.finish_reason = reason
+        seq.error = error
+        self._done.append(seq)
+
+    def _collect(self, chunks: list[Chunk]) -> list[RequestOutput]:
+        """Outputs of requests that got tokens this step or finished since the last one."""
+        outputs = []
+        seen = set()
+        for seq in [c.seq for c in chunks] + self._done:
+            if id(seq) in seen:
+                continue
+            seen.add(id(seq))
+            if seq.pending_tokens or seq.finish_reason is not None:
+                outputs.append(seq.take_output())
+            if seq.finish_reason is not None:
+                self._finished += 1
+                self.requests.pop(seq.request_id, None)
+        self._done.clear()
+        return outputs
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> EngineStats:
+        running = self.scheduler.running
+        return EngineStats(
+            num_running=len(running),
+            num_waiting=len(self.scheduler.waiting),
+            prefill_tokens_computed=self._prefill_tokens,
+            decode_tokens_computed=self._decode_tokens,
+            cached_prompt_tokens=self.scheduler.cached_prompt_tokens,
+            generated_tokens=self._generated,
+            num_preemptions=self.scheduler.num_preemptions,
+            requests_finished=self._finished,
+            steps=self._steps,
+            free_blocks={g: p.num_free for g, p in self.blocks.pools.items()},
+            total_blocks={g: p.num_total for g, p in self.blocks.pools.items()},
+            block_size=self.block_size,
+            max_model_len=self.max_model_len,
+        )
+
+    def drain_kv_events(self) -> tuple[list[int], list[int]]:
+        """(stored, removed) prefix-block hashes since the last call, for the scheduler's index."""
+        return self.blocks.drain_kv_events()
+
+
+def _eos_token_ids(path: str, config) -> list[int]:
+    """EOS ids from config.json and generation_config.json (gpt-oss lists several there)."""
+    ids = set(config.eos_token_ids)
+    try:
+        with open(os.path.join(path, "generation_config.json"), encoding="utf-8") as fh:
+            extra = json.load(fh).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        extra = None
+    if isinstance(extra, int):
+        extra = [extra]
+    ids.update(t for t in extra or [] if isinstance(t, int))
+    return sorted(ids)
+
+
+__all__ = ["Engine", "EngineInputError", "EngineStats", "RequestOutput"]

@@ -1,0 +1,93 @@
+"""One request inside the engine: its tokens, progress, blocks and unsent output."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from services.worker.engine.block_manager import BlockTables
+from shared.protocol import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds blocks and is scheduled every step
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestOutput:
+    """The new tokens of one request since its last output (docs/ARCHITECTURE.md).
+
+    logprobs: one per token when the request asked for logprobs, else empty.
+    top_logprobs: per token [[token_id, logprob], ...] best first, when asked.
+    finish_reason: None while running; "stop", "length", "abort" or "error".
+    """
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[list]] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Sequence:
+    """A request's state; token_ids grows by one per decode step (prompt then output)."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    num_prompt_tokens: int
+    generator: torch.Generator | None = None
+    status: Status = Status.WAITING
+    num_computed: int = 0  # tokens whose KV is in the cache
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache at first admission
+    admitted: bool = False
+    blocks: BlockTables = field(default_factory=BlockTables)
+    finish_reason: str | None = None
+    error: str | None = None
+    # produced but not yet handed out by Engine.step
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_logprobs: list[float] = field(default_factory=list)
+    pending_top: list[list[list]] = field(default_factory=list)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    def take_output(self) -> RequestOutput:
+        """Everything produced since the last output, and the finish reason if done."""
+        out = RequestOutput(
+            request_id=self.request_id,
+            token_ids=self.pending_tokens,
+            logprobs=self.pending_logprobs,
+            top_logprobs=self.pending_top,
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.num_prompt_tokens,
+            cached_tokens=self.cached_tokens,
+            error=self.error,
+        )
+        self.pending_tokens, self.pending_logprobs, self.pending_top = [], [], []
+        return out

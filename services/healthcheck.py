@@ -11,10 +11,13 @@ service reads, so the probe talks to the address the service bound):
 - scheduler: the same against `scheduler_frontend` (the ROUTER formatters use).
              With `--ready`, the Pong must also say `ready` (at least one live worker).
 - worker:    a worker binds nothing, so: a `rose worker` process is running in this
-             container (not a zombie), and, unless `--liveness`, this network namespace
-             holds an ESTABLISHED TCP connection to `scheduler_backend` (the worker's
-             DEALER is connected). It does not prove the engine loop makes progress;
-             the scheduler drops a worker whose heartbeats stop.
+             container (not a zombie) and this network namespace holds an ESTABLISHED
+             TCP connection to `scheduler_backend` (the worker's DEALER is connected).
+             `--liveness` also passes when the scheduler backend refuses connections
+             (the scheduler is down: restarting the worker would not help), so only a
+             worker that stays unconnected to a reachable scheduler fails it. It does
+             not prove the engine loop makes progress; the scheduler drops a worker
+             whose heartbeats stop.
 - auto:      the role of the `rose <subcommand>` process running here (`run` -> gateway).
 
 A bind address of 0.0.0.0, * or :: is probed on 127.0.0.1.
@@ -188,12 +191,22 @@ def check_worker(settings: Settings, liveness: bool, proc: str = "/proc") -> str
     workers = [pid for pid, command in rose_processes(proc).items() if command == "worker"]
     if not workers:
         raise Unhealthy("no `rose worker` process is running")
-    if liveness:
-        return f"rose worker running (pid {workers[0]})"
     host, port = split_endpoint(settings.scheduler_backend)
-    if not established_to(host, port, proc):
-        raise Unhealthy(f"worker not connected to the scheduler backend {host}:{port}")
-    return f"rose worker (pid {workers[0]}) connected to {host}:{port}"
+    if established_to(host, port, proc):
+        return f"rose worker (pid {workers[0]}) connected to {host}:{port}"
+    if liveness and not accepts_tcp(host, port):
+        # the scheduler is away: not the worker's fault, restarting it would not help
+        return f"rose worker running (pid {workers[0]}); scheduler backend {host}:{port} unreachable"
+    raise Unhealthy(f"worker not connected to the scheduler backend {host}:{port}")
+
+
+def accepts_tcp(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection to host:port can be opened now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------- entry point
@@ -228,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for an answer")
     parser.add_argument("--ready", action="store_true", help="check readiness, not only liveness")
     parser.add_argument("--liveness", action="store_true",
-                        help="worker: only check the process, not its scheduler connection")
+                        help="worker: also healthy while the scheduler itself is unreachable")
     parser.add_argument("--endpoint", default="", help="formatter/scheduler: probe this endpoint instead")
     return parser
 

@@ -172,7 +172,7 @@ def test_worker_ready_only_while_connected(monkeypatch, fake_worker):
     port = free_port()
     monkeypatch.setenv("ROSE_SCHEDULER_BACKEND", f"tcp://127.0.0.1:{port}")
     assert healthcheck.main(["--role", "worker"]) == 1  # no scheduler: not connected
-    assert healthcheck.main(["--role", "worker", "--liveness"]) == 0  # but alive
+    assert healthcheck.main(["--role", "worker", "--liveness"]) == 0  # alive; the scheduler is the one away
 
     ctx = zmq.Context.instance()
     router, dealer = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
@@ -185,6 +185,13 @@ def test_worker_ready_only_while_connected(monkeypatch, fake_worker):
         while not healthcheck.established_to("127.0.0.1", port) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert healthcheck.main(["--role", "worker"]) == 0
+        assert healthcheck.main(["--role", "worker", "--liveness"]) == 0
+        dealer.close(0)
+        deadline = time.monotonic() + 5
+        while healthcheck.established_to("127.0.0.1", port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # the scheduler accepts connections but the worker holds none: wedged, restart it
+        assert healthcheck.main(["--role", "worker", "--liveness"]) == 1
     finally:
         dealer.close(0)
         router.close(0)
@@ -220,6 +227,8 @@ def test_worker_check_reads_proc(tmp_path):
     _fake_proc(empty, {7: (["rose", "worker"], "Z"), 9: (["bash"], "S")})
     with pytest.raises(healthcheck.Unhealthy, match="no `rose worker`"):
         healthcheck.check_worker(settings, liveness=True, proc=str(empty))
+    with pytest.raises(healthcheck.Unhealthy, match="no `rose worker`"):
+        healthcheck.check_worker(settings, liveness=False, proc=str(empty))
 
 
 def test_proc_net_addresses():

@@ -44,6 +44,9 @@ DEFAULT_QUANTIZATION_CONFIG = {
 }
 
 
+_DERIVED_KEYS = ("architectures", "model_type", "experts_per_token")
+
+
 def alternating_layer_types(num_layers: int) -> list[str]:
     """gpt-oss's pattern: even layers slide, odd layers attend to everything."""
     return [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
@@ -102,7 +105,8 @@ class GptOssConfig:
             raw["rope_scaling"] = rope_parameters if rope_parameters.get("rope_type", "default") != "default" else None
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         values = {k: v for k, v in raw.items() if k in known}
-        extra = {k: v for k, v in raw.items() if k not in known}
+        # keys to_dict() derives itself are not "extra"
+        extra = {k: v for k, v in raw.items() if k not in known and k not in _DERIVED_KEYS}
         try:
             return cls(**values, extra=extra)
         except TypeError as exc:

@@ -1,0 +1,41 @@
+"""Engine fixtures: a small real checkpoint, an engine factory that checks KV accounting.
+
+The small checkpoint is the tiny preset with a 1024-token vocabulary and 2 layers
+(one sliding with a 16-token window, one full), so CPU steps take milliseconds and
+prompts of a few dozen tokens run well past the window.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from engine_helpers import MAX_MODEL_LEN, VOCAB, WINDOW, assert_all_blocks_free
+
+from services.worker.engine.engine import Engine
+from services.worker.model import load_model, make_checkpoint
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    path = os.path.join(str(tmp_path_factory.mktemp("engine")), "gpt-oss-small")
+    make_checkpoint(path, seed=0, vocab_size=VOCAB, sliding_window=WINDOW, num_hidden_layers=2)
+    return load_model(path)
+
+
+@pytest.fixture
+def make_engine(small_model):
+    """Engine(small_model, **overrides); after the test every engine must hold no block."""
+    engines: list[Engine] = []
+
+    def build(**overrides) -> Engine:
+        options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                       max_model_len=MAX_MODEL_LEN, seed=0)
+        options.update(overrides)
+        engine = Engine(small_model, **options)
+        engines.append(engine)
+        return engine
+
+    yield build
+    for engine in engines:
+        assert_all_blocks_free(engine)

@@ -1,0 +1,244 @@
+"""Time each kernel at gpt-oss-20b shapes against torch eager, torch.compile and quack.
+
+    python -m bench.kernels [--tokens 1,64,4096] [--json out.json]
+
+Per kernel and token count: time (median of CUDA-graph replays where the callable can
+be captured, else of an event-timed loop, marked `loop`), achieved bandwidth as a
+share of the device-to-device copy bandwidth measured in the same run (bytes counted
+as the fewest a kernel must move: every input read once, every output written once),
+and speedups over torch eager / torch.compile of the reference / quack.
+Inputs rotate over enough copies to exceed L2, so large sizes are not timed from cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+H, I, E, K, V = 2880, 2880, 32, 4, 201088
+L2_BYTES = 64 << 20
+
+
+def _graph_time(fn_sets, reps=20) -> float:
+    """Seconds per call: one graph holds a call on every input set, replayed `reps` times."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fn_sets:  # warm-up (compiles, allocator pools) outside the capture
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fn_sets:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / len(fn_sets))
+    return statistics.median(times)
+
+
+def _loop_time(fn_sets, reps=20) -> float:
+    for f in fn_sets:
+        f()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for f in fn_sets:
+            f()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / len(fn_sets))
+    return statistics.median(times)
+
+
+def measure(fn_sets) -> tuple[float, str]:
+    """(seconds per call, 'graph' or 'loop')."""
+    try:
+        return _graph_time(fn_sets), "graph"
+    except Exception:  # noqa: BLE001 - not capturable (host syncs): time the plain loop
+        torch.cuda.synchronize()
+        return _loop_time(fn_sets), "loop"
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
+    src = torch.randn(256 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    t, _ = measure([lambda: dst.copy_(src)])
+    return 2 * src.numel() * 4 / t
+
+
+def _copies(make, nbytes: int):
+    """Enough independent input sets that together they overflow L2."""
+    n = max(1, min(64, (2 * L2_BYTES) // max(nbytes, 1) + 1))
+    return [make() for _ in range(n)]
+
+
+def cases(tokens: int):
+    """(name, bytes moved, make_inputs, ours, reference, quack-or-None) per kernel."""
+    from kernels import embedding, moe_dispatch, rmsnorm, router, swiglu
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    out = []
+
+    def rms_inputs():
+        return torch.randn(tokens, H, **bf), torch.randn(tokens, H, **bf), torch.rand(H, **bf) + 0.5
+
+    quack_rms = None
+    try:
+        import quack
+
+        quack_rms = lambda x, r, w: quack.rmsnorm(x, w, eps=1e-5)  # noqa: E731
+    except Exception as exc:  # noqa: BLE001
+        print(f"quack unavailable: {type(exc).__name__}: {exc}"[:200])
+    out.append(("rmsnorm", (2 * tokens * H + H) * 2, rms_inputs,
+                lambda x, r, w: rmsnorm.rmsnorm(x, w, 1e-5),
+                lambda x, r, w: rmsnorm.rmsnorm_reference(x, w, 1e-5)[0], quack_rms))
+    out.append(("rmsnorm+residual", (4 * tokens * H + H) * 2, rms_inputs,
+                lambda x, r, w: rmsnorm.rmsnorm(x, w, 1e-5, residual=r),
+                lambda x, r, w: rmsnorm.rmsnorm_reference(x, w, 1e-5, residual=r), None))
+    out.append(("swiglu", 3 * tokens * K * I * 2, lambda: (torch.randn(tokens * K, 2 * I, **bf) * 4,),
+                lambda x: swiglu.swiglu(x), lambda x: swiglu.swiglu_reference(x), None))
+    out.append(("router top-k", tokens * E * 2 + tokens * K * 8, lambda: (torch.randn(tokens, E, **bf),),
+                lambda x: router.router_topk(x, K), lambda x: router.router_reference(x, K), None))
+
+    def routed():
+        ids = torch.rand(tokens, E, device="cuda").argsort(1)[:, :K].to(torch.int32).contiguous()
+        return ids, moe_dispatch.route(ids, E), torch.randn(tokens, H, **bf), torch.randn(tokens * K, H, **bf), \
+            torch.softmax(torch.randn(tokens, K, device="cuda"), -1)
+
+    def torch_route(ids):
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        return order, torch.bincount(flat, minlength=E).cumsum(0)
+
+    out.append(("moe route", tokens * K * 4 * 3, routed,
+                lambda ids, r, x, ys, w: moe_dispatch.route(ids, E, out=r),
+                lambda ids, r, x, ys, w: torch_route(ids), None))
+    out.append(("moe dispatch", 2 * tokens * K * H * 2, routed,
+                lambda ids, r, x, ys, w: moe_dispatch.dispatch(x, r),
+                lambda ids, r, x, ys, w: x[r.src.long()], None))
+    out.append(("moe combine", (tokens * K + tokens) * H * 2, routed,
+                lambda ids, r, x, ys, w: moe_dispatch.combine(ys, r, w),
+                lambda ids, r, x, ys, w: (ys[r.pos.long()].view(tokens, K, H).float() * w[..., None]).sum(1)
+                .to(torch.bfloat16), None))
+    table = torch.randn(V, H, **bf)
+    out.append(("embedding", 2 * tokens * H * 2, lambda: (torch.randint(0, V, (tokens,), device="cuda"),),
+                lambda ids: embedding.embedding(table, ids), lambda ids: embedding.embedding_reference(table, ids),
+                None))
+    return out
+
+
+def attention_cases(batch: int, context: int = 4096):
+    """Decode: `batch` sequences of one new token over `context` cached tokens (full layer)."""
+    from kernels.attention import SinkAttention
+    from services.worker.model.batch import ForwardBatch
+    from services.worker.model.paged_attention import AttentionPlan, paged_attention
+
+    heads, kv_heads, dim, block = 64, 8, 64, 16
+    pages = context // block
+    num_blocks = batch * pages
+    fb = ForwardBatch(
+        token_ids=torch.zeros(batch, dtype=torch.int64), positions=torch.zeros(batch, dtype=torch.int64),
+        query_lens=[1] * batch, context_lens=[context] * batch,
+        block_tables={g: [list(range(s * pages, (s + 1) * pages)) for s in range(batch)] for g in ("full", "sliding")},
+    )
+    kc = torch.randn(num_blocks, block, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
+    sinks = torch.randn(heads, device="cuda")
+    attn = SinkAttention(heads, kv_heads, dim, block, 128, torch.bfloat16, "cuda")
+    attn.plan(fb, ("full",))
+    plan = AttentionPlan.build(fb, "full", None, block, torch.device("cuda"))
+    k_new = kc.view(-1, kv_heads, dim)[plan.write_slots]  # rewrite what is there: the cache stays the same
+    v_new = vc.view(-1, kv_heads, dim)[plan.write_slots]
+    nbytes = 2 * kc.numel() * 2 + 2 * q.numel() * 2
+    ours = lambda: attn.run("full", q, kc, vc, sinks)  # noqa: E731
+    ref = lambda: paged_attention(q, k_new, v_new, kc, vc, plan, sinks, dim**-0.5)  # noqa: E731
+    return nbytes, ours, ref
+
+
+def run_attention(batches: list[int], bw: float) -> list[dict]:
+    rows = []
+    for batch in batches:
+        nbytes, ours, ref = attention_cases(batch)
+        t, how = measure([ours])
+        t_ref, _ = measure([ref])
+        row = {"kernel": "decode attention 4k ctx", "tokens": batch, "bytes": nbytes, "us": t * 1e6, "how": how,
+               "bw_pct": 100 * nbytes / t / bw, "x_eager": t_ref / t}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run(token_counts: list[int], attention: bool = False, kernels: bool = True) -> list[dict]:
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bw / 1e12:.2f} TB/s (read+write)")
+    rows = []
+    if attention:
+        rows += run_attention([1, 64], bw)
+    for tokens in token_counts if kernels else []:
+        for name, nbytes, make, ours, ref, quack_fn in cases(tokens):
+            sets = _copies(make, nbytes)
+            row = {"kernel": name, "tokens": tokens, "bytes": nbytes}
+            t, how = measure([lambda a=a: ours(*a) for a in sets])
+            row.update(us=t * 1e6, how=how, bw_pct=100 * nbytes / t / bw)
+            t_eager, _ = measure([lambda a=a: ref(*a) for a in sets])
+            row["x_eager"] = t_eager / t
+            try:
+                comp = torch.compile(ref, dynamic=False)
+                t_comp, _ = measure([lambda a=a: comp(*a) for a in sets])
+                row["x_compile"] = t_comp / t
+            except Exception as exc:  # noqa: BLE001
+                row["x_compile"] = None
+                print(f"{name} {tokens}: torch.compile failed: {type(exc).__name__}: {exc}"[:200])
+            if quack_fn is not None:
+                try:
+                    t_q, _ = measure([lambda a=a: quack_fn(*a) for a in sets])
+                    row["x_quack"] = t_q / t
+                except Exception as exc:  # noqa: BLE001
+                    print(f"{name} {tokens}: quack failed: {type(exc).__name__}: {exc}"[:200])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["| kernel | tokens | time (us) | timed by | % copy BW | x eager | x compile | x quack |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | {r['bw_pct']:.0f} | "
+                     f"{fmt(r['x_eager'])} | {fmt(r.get('x_compile'))} | {fmt(r.get('x_quack'))} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="1,64,4096")
+    parser.add_argument("--json", default="")
+    parser.add_argument("--attention", action="store_true", help="also time FlashInfer decode attention")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the CuTeDSL kernels")
+    args = parser.parse_args()
+    rows = run([int(t) for t in args.tokens.split(",")], attention=args.attention, kernels=not args.no_kernels)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

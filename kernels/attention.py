@@ -1,0 +1,132 @@
+"""Paged attention with per-head sinks and sliding windows through FlashInfer.
+
+gpt-oss's sink is one extra logit per query head in the softmax denominator, with no
+value. FlashInfer's plain paged wrapper ignores `sinks`; the sink is an attention
+*variant* compiled in, so this uses `flashinfer.BatchAttentionWithAttentionSinkWrapper`
+(its kernel adds `exp(sink)` to the row sum, the sink in natural-log units: the raw
+checkpoint value, not scaled by sm_scale). One wrapper per layer group: the sliding
+one is built with `window_left = window - 1` (FlashInfer keeps keys with
+q_pos - k_pos <= window_left; gpt-oss keeps q_pos - k_pos < window).
+
+The torch reference is the model's own `paged_attention`
+(services/worker/model/paged_attention.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from services.worker.model.batch import NO_BLOCK, ForwardBatch
+
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+def missing_attention_packages() -> list[str]:
+    return [] if importlib.util.find_spec("flashinfer") else ["flashinfer-python"]
+
+
+def write_slots(batch: ForwardBatch, group: str, block_size: int) -> torch.Tensor:
+    """Flat cache slot (block * block_size + offset) of every new token: [T] int64 (CPU)."""
+    slots = []
+    for s, (q_len, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        table = batch.block_tables[group][s]
+        for pos in range(ctx - q_len, ctx):
+            block = table[pos // block_size]
+            if block == NO_BLOCK:
+                raise ValueError(f"{group} block table of sequence {s} has NO_BLOCK where a new token is written")
+            slots.append(block * block_size + pos % block_size)
+    return torch.tensor(slots, dtype=torch.int64)
+
+
+def page_metadata(batch: ForwardBatch, group: str, block_size: int) -> tuple[torch.Tensor, ...]:
+    """FlashInfer paging for one group: (qo_indptr, kv_indptr, kv_indices, last_page_len), int32 CPU.
+
+    Leading NO_BLOCK entries of a sliding table (blocks wholly out of every new token's
+    window) are skipped: FlashInfer's causal and window masks count from the end of the
+    keys, so dropping whole leading blocks only drops keys no query may see.
+    """
+    qo, kv_indptr, indices, last = [0], [0], [], []
+    for s, (q_len, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
+        pages = (ctx + block_size - 1) // block_size
+        table = batch.block_tables[group][s][:pages]
+        first = 0
+        while first < len(table) and table[first] == NO_BLOCK:
+            first += 1
+        if NO_BLOCK in table[first:]:
+            raise ValueError(f"{group} block table of sequence {s} has a NO_BLOCK hole inside its keys")
+        indices.extend(table[first:])
+        qo.append(qo[-1] + q_len)
+        kv_indptr.append(len(indices))
+        last.append(ctx - (pages - 1) * block_size)
+    as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    return as_i32(qo), as_i32(kv_indptr), as_i32(indices), as_i32(last)
+
+
+class SinkAttention:
+    """Plans once per step, then runs every layer of the step through FlashInfer."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        sliding_window: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        backend: str = "fa2",
+    ):
+        missing = missing_attention_packages()
+        if missing:
+            raise ImportError(f"FlashInfer attention needs {', '.join(missing)}: pip install -e .[gpu]")
+        import flashinfer
+
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.block_size, self.dtype = block_size, dtype
+        self.scale = head_dim**-0.5
+        self.windows = {"full": -1, "sliding": sliding_window - 1}
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.wrappers = {
+            group: flashinfer.BatchAttentionWithAttentionSinkWrapper(
+                workspace if group == "full" else torch.empty_like(workspace),
+                kv_layout="NHD",
+                backend=backend,
+                q_data_type=dtype,
+                kv_data_type=dtype,
+                head_dim_qk=head_dim,
+                head_dim_vo=head_dim,
+                window_left=window,
+            )
+            for group, window in self.windows.items()
+        }
+        self.device = torch.device(device)
+        self.slots: dict[str, torch.Tensor] = {}
+
+    def plan(self, batch: ForwardBatch, groups: tuple[str, ...] = ("full", "sliding")) -> None:
+        """Build each group's page metadata for this step (host work, once per step)."""
+        for group in groups:
+            qo, kv_indptr, indices, last = page_metadata(batch, group, self.block_size)
+            self.wrappers[group].plan(
+                qo, kv_indptr, indices, last,
+                self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
+                causal=True, sm_scale=self.scale, window_left=self.windows[group],
+                q_data_type=self.dtype, kv_data_type=self.dtype,
+            )
+            self.slots[group] = write_slots(batch, group, self.block_size).to(self.device, non_blocking=True)
+
+    def __call__(
+        self, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    ) -> torch.Tensor:
+        """Write k/v into the cache, then attend. q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]."""
+        slots = self.slots[group]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(k_cache.dtype)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
+        return self.run(group, q, k_cache, v_cache, sinks)
+
+    def run(self, group: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            sinks: torch.Tensor) -> torch.Tensor:
+        """Attention only (cache already written). q [T, heads, D] -> [T, heads, D] in q's dtype."""
+        return self.wrappers[group].run(q.to(self.dtype), (k_cache, v_cache), sinks.float(), self.scale)

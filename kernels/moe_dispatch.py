@@ -1,0 +1,208 @@
+"""MoE dispatch (permute token rows by expert) and combine (weighted un-permute).
+
+    route:    ids [T, k] -> counts [E], offsets [E+1], pos [T*k] (sorted slot of each
+              (token, choice)), src [T*k] (token row of each sorted slot)
+    dispatch: xs[p] = x[src[p]]                      -> [T*k, H], grouped by expert
+    combine:  y[t] = sum_j weights[t, j] * ys[pos[t*k + j]]   -> [T, H]
+
+Routing is one CTA: shared-memory atomics count tokens per expert (the returned old
+count is the token's rank in its group; the order within a group is whatever the
+atomics give, which no consumer depends on), one thread turns counts into offsets.
+Dispatch and combine move 16-byte vectors, one per thread; combine sums in float32.
+"""
+
+import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
+
+import torch
+
+from kernels._cute import VEC, as_cute, check_rows, cute_modules, current_stream, fake_fixed, fake_rows, fake_stream
+
+THREADS = 256
+ROUTE_THREADS = 1024
+
+
+def route_reference(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch. ids: [T, k] -> (counts [E] int32, offsets [E+1] int32)."""
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=num_experts).to(torch.int32)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return counts, offsets
+
+
+def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, expert_fn) -> torch.Tensor:
+    """Plain torch MoE around `expert_fn(e, rows [n, H]) -> [n, H]`: y[t] = sum_j w[t,j] * f(ids[t,j], x[t])."""
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for e in ids.unique().tolist():
+        tok, choice = (ids == e).nonzero(as_tuple=True)
+        y.index_add_(0, tok, weights[tok, choice, None].float() * expert_fn(e, x[tok]).float())
+    return y.to(x.dtype)
+
+
+@functools.cache
+def _route_compiled(num_experts: int, k: int):
+    cutlass, cute, _, _ = cute_modules()
+    Int32 = cutlass.Int32
+
+    @cute.kernel
+    def kernel(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        smem = cutlass.utils.SmemAllocator()
+        s_count = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
+        s_off = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
+        n = mIds.shape[0]
+        for e in cutlass.range(tidx, num_experts, ROUTE_THREADS):
+            s_count[e] = Int32(0)
+        cute.arch.sync_threads()
+        for i in cutlass.range(tidx, n, ROUTE_THREADS):
+            e = mIds[i]
+            mPos[i] = cute.arch.atomic_add((s_count.iterator + e).llvm_ptr, Int32(1), scope="cta")
+        cute.arch.sync_threads()
+        if tidx == 0:
+            running = Int32(0)
+            for e in cutlass.range(num_experts):
+                c = s_count[e]
+                mCounts[e] = c
+                mOffsets[e] = running
+                s_off[e] = running
+                running = running + c
+            mOffsets[num_experts] = running
+        cute.arch.sync_threads()
+        for i in cutlass.range(tidx, n, ROUTE_THREADS):
+            p = s_off[mIds[i]] + mPos[i]
+            mPos[i] = p
+            mSrc[p] = i // k
+
+    @cute.jit
+    def launch(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor,
+               stream):
+        kernel(mIds, mCounts, mOffsets, mPos, mSrc).launch(grid=[1, 1, 1], block=[ROUTE_THREADS, 1, 1], stream=stream)
+
+    flat = fake_rows(torch.int32, align=4)
+    return cute.compile(
+        launch, flat, fake_fixed(torch.int32, num_experts, align=4), fake_fixed(torch.int32, num_experts + 1, align=4),
+        flat, flat, fake_stream(),
+    )
+
+
+@functools.cache
+def _gather_compiled(hidden: int, dtype: torch.dtype):
+    """out[p] = x[src[p]] for p < len(src): the dispatch permutation (and the embedding gather)."""
+    cutlass, cute, _, _ = cute_modules()
+    nvec = hidden // VEC
+
+    @cute.kernel
+    def kernel(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        g = bidx * THREADS + tidx
+        row = g // nvec
+        col = g - row * nvec
+        if row < mOut.shape[0]:
+            mOut[row, col, None].store(mX[mSrc[row], col, None].load())
+
+    @cute.jit
+    def launch(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor, stream):
+        total = mOut.shape[0] * nvec
+        kernel(mX, mSrc, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
+
+    return cute.compile(
+        launch, fake_rows(dtype, nvec, VEC), fake_rows(torch.int32, align=4), fake_rows(dtype, nvec, VEC), fake_stream()
+    )
+
+
+@functools.cache
+def _combine_compiled(hidden: int, k: int, dtype: torch.dtype):
+    cutlass, cute, _, _ = cute_modules()
+    Float32 = cutlass.Float32
+    nvec = hidden // VEC
+    out_t = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}[dtype]
+
+    @cute.kernel
+    def kernel(mYs: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        g = bidx * THREADS + tidx
+        row = g // nvec
+        col = g - row * nvec
+        if row < mOut.shape[0]:
+            acc = cute.make_rmem_tensor((VEC,), Float32)
+            acc.fill(0.0)
+            for j in cutlass.range_constexpr(k):
+                acc.store(acc.load() + mYs[mPos[row, j], col, None].load().to(Float32) * mW[row, j].to(Float32))
+            mOut[row, col, None].store(acc.load().to(out_t))
+
+    @cute.jit
+    def launch(mYs: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream):
+        total = mOut.shape[0] * nvec
+        kernel(mYs, mPos, mW, mOut).launch(
+            grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream
+        )
+
+    return cute.compile(
+        launch, fake_rows(dtype, nvec, VEC), fake_rows(torch.int32, k, align=4), fake_rows(torch.float32, k, align=4),
+        fake_rows(dtype, nvec, VEC), fake_stream(),
+    )
+
+
+class Routing:
+    """Where each (token, choice) went: counts/offsets [E(+1)] int32, pos/src [T*k] int32."""
+
+    def __init__(self, counts: torch.Tensor, offsets: torch.Tensor, pos: torch.Tensor, src: torch.Tensor, k: int):
+        self.counts, self.offsets, self.pos, self.src, self.k = counts, offsets, pos, src, k
+
+
+def empty_routing(tokens: int, k: int, num_experts: int, device) -> Routing:
+    """Uninitialised routing buffers (reusable across steps of one size)."""
+    new = lambda n: torch.empty(n, dtype=torch.int32, device=device)  # noqa: E731
+    return Routing(new(num_experts), new(num_experts + 1), new(tokens * k), new(tokens * k), k)
+
+
+def route(ids: torch.Tensor, num_experts: int, out: Routing | None = None) -> Routing:
+    """CuTeDSL routing of ids [T, k] int32 (contiguous) into expert groups."""
+    tokens, k = ids.shape
+    n = tokens * k
+    routing = empty_routing(tokens, k, num_experts, ids.device) if out is None else out
+    counts, offsets, pos, src = routing.counts, routing.offsets, routing.pos, routing.src
+    flat = ids.reshape(-1).to(torch.int32).contiguous()
+    if n:
+        _route_compiled(num_experts, k)(
+            as_cute(flat, 4), as_cute(counts, 4), as_cute(offsets, 4), as_cute(pos, 4), as_cute(src, 4),
+            current_stream(),
+        )
+    else:
+        counts.zero_()
+        offsets.zero_()
+    return routing
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """CuTeDSL row gather: out[i] = x[rows[i]]. x: [N, H] contiguous; rows: [M] int32 -> [M, H]."""
+    hidden = x.shape[-1]
+    check_rows(x, hidden, "x")
+    m = rows.shape[0]
+    out = torch.empty(m, hidden, dtype=x.dtype, device=x.device) if out is None else out
+    if m:
+        fn = _gather_compiled(hidden, x.dtype)
+        fn(as_cute(x.view(x.shape[0], -1, VEC)), as_cute(rows.to(torch.int32).contiguous(), 4),
+           as_cute(out.view(m, -1, VEC)), current_stream())
+    return out
+
+
+def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Token rows permuted into expert order: [T*k, H], rows offsets[e]:offsets[e+1] go to expert e."""
+    return gather_rows(x, routing.src, out)
+
+
+def combine(
+    ys: torch.Tensor, routing: Routing, weights: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Weighted un-permute. ys: [T*k, H] in expert order; weights: [T, k] float32 -> [T, H]."""
+    hidden = ys.shape[-1]
+    check_rows(ys, hidden, "ys")
+    tokens, k = weights.shape
+    out = torch.empty(tokens, hidden, dtype=ys.dtype, device=ys.device) if out is None else out
+    if tokens:
+        fn = _combine_compiled(hidden, k, ys.dtype)
+        fn(as_cute(ys.view(ys.shape[0], -1, VEC)), as_cute(routing.pos.view(tokens, k), 4),
+           as_cute(weights.float().contiguous(), 4), as_cute(out.view(tokens, -1, VEC)), current_stream())
+    return out

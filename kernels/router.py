@@ -1,0 +1,109 @@
+"""Router top-k with a softmax over the chosen k (gpt-oss's MoE routing).
+
+    ids[t] = the k largest of logits[t] (ties: lowest expert first), in descending order
+    weights[t] = softmax(logits[t, ids[t]])
+
+One warp per token: lane l holds experts l, l+32, ...; each of the k rounds is a
+lane-local argmax and a 5-step butterfly (value, index) reduction, so every lane ends
+with the winner. The router's matrix product (hidden -> experts) stays in cuBLAS.
+"""
+
+import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
+
+import torch
+
+from kernels._cute import as_cute, cute_modules, current_stream, fake_rows, fake_stream
+
+ROWS_PER_CTA = 4
+
+
+def router_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch. logits: [T, E] -> (ids [T, k] int32, weights [T, k] float32)."""
+    values, ids = torch.topk(logits.float(), k, dim=-1, sorted=True)
+    return ids.to(torch.int32), torch.softmax(values, dim=-1)
+
+
+@functools.cache
+def _compiled(num_experts: int, k: int, dtype: torch.dtype):
+    cutlass, cute, _, _ = cute_modules()
+    Float32, Int32 = cutlass.Float32, cutlass.Int32
+    per_lane = (num_experts + 31) // 32
+    neg_inf = float("-inf")
+
+    @cute.kernel
+    def kernel(mL: cute.Tensor, mI: cute.Tensor, mW: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        lane = tidx % 32
+        row = bidx * ROWS_PER_CTA + tidx // 32
+        if row < mL.shape[0]:
+            vals = cute.make_rmem_tensor((per_lane,), Float32)
+            for j in cutlass.range_constexpr(per_lane):
+                vals[j] = Float32(neg_inf)
+                e = lane + 32 * j
+                if e < num_experts:
+                    vals[j] = mL[row, e].to(Float32)
+            top_v = cute.make_rmem_tensor((k,), Float32)
+            top_i = cute.make_rmem_tensor((k,), Int32)
+            for r in cutlass.range_constexpr(k):
+                bv = vals[0]
+                bi = lane
+                for j in cutlass.range_constexpr(1, per_lane):
+                    if vals[j] > bv:
+                        bv = vals[j]
+                        bi = lane + 32 * j
+                for s in cutlass.range_constexpr(5):
+                    ov = cute.arch.shuffle_sync_bfly(bv, offset=16 >> s)
+                    oi = cute.arch.shuffle_sync_bfly(bi, offset=16 >> s)
+                    if ov > bv or (ov == bv and oi < bi):
+                        bv = ov
+                        bi = oi
+                top_v[r] = bv
+                top_i[r] = bi
+                for j in cutlass.range_constexpr(per_lane):
+                    if lane + 32 * j == bi:
+                        vals[j] = Float32(neg_inf)
+            if lane == 0:
+                total = Float32(0.0)
+                for r in cutlass.range_constexpr(k):
+                    top_v[r] = cute.math.exp(top_v[r] - top_v[0], fastmath=True)
+                    total = total + top_v[r]
+                for r in cutlass.range_constexpr(k):
+                    mI[row, r] = top_i[r]
+                    mW[row, r] = top_v[r] / total
+
+    @cute.jit
+    def launch(mL: cute.Tensor, mI: cute.Tensor, mW: cute.Tensor, stream):
+        rows = mL.shape[0]
+        kernel(mL, mI, mW).launch(
+            grid=[(rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1], block=[32 * ROWS_PER_CTA, 1, 1], stream=stream
+        )
+
+    esize = torch.empty((), dtype=dtype).element_size()
+    return cute.compile(
+        launch,
+        fake_rows(dtype, num_experts, align=esize),
+        fake_rows(torch.int32, k, align=4),
+        fake_rows(torch.float32, k, align=4),
+        fake_stream(),
+    )
+
+
+def router_topk(
+    logits: torch.Tensor, k: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CuTeDSL top-k + softmax. logits: [T, E] contiguous -> (ids [T, k] int32, weights [T, k] float32)."""
+    rows, num_experts = logits.shape
+    if not logits.is_contiguous():
+        raise ValueError("logits must be contiguous")
+    if k > num_experts:
+        raise ValueError(f"k={k} > {num_experts} experts")
+    if out is None:
+        out = (torch.empty(rows, k, dtype=torch.int32, device=logits.device),
+               torch.empty(rows, k, dtype=torch.float32, device=logits.device))
+    ids, weights = out
+    if rows:
+        fn = _compiled(num_experts, k, logits.dtype)
+        esize = logits.element_size()
+        fn(as_cute(logits, esize), as_cute(ids, 4), as_cute(weights, 4), current_stream())
+    return ids, weights

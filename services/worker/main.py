@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from services.worker.engine import AsyncEngine, Engine, EngineInputError
 from shared import protocol
 from shared.config import Settings
 from shared.protocol import Abort, FrameError, Heartbeat, KvEvent, Register, Resync, Submit, TokenEvent
@@ -44,9 +45,7 @@ def default_worker_id() -> str:
 class WorkerService:
     """The worker process's ZeroMQ side around one AsyncEngine."""
 
-    def __init__(self, settings: Settings, engine, context: zmq.asyncio.Context | None = None):
-        from services.worker.engine.async_engine import AsyncEngine
-
+    def __init__(self, settings: Settings, engine: Engine, context: zmq.asyncio.Context | None = None):
         self.settings = settings
         self.worker_id = settings.worker_id or default_worker_id()
         self.engine = engine
@@ -79,10 +78,11 @@ class WorkerService:
             for task in tasks + list(self.running.values()):
                 task.cancel()
             await asyncio.gather(*tasks, *self.running.values(), return_exceptions=True)
+            self.async_engine.shutdown()
             self.sock.close(0)
 
     def _register(self, full_cache: bool) -> None:
-        stats = self.engine.stats()
+        stats = self.async_engine.stats()
         self._send(Register(
             worker_id=self.worker_id,
             model=self.settings.served_model_name,
@@ -128,8 +128,6 @@ class WorkerService:
 
     async def _generate(self, submit: Submit) -> None:
         """Stream one request's outputs as TokenEvents, one per engine step."""
-        from services.worker.engine.errors import EngineInputError
-
         request_id = submit.request_id
         span = self.tracer.start_span(
             "worker.generate",
@@ -175,7 +173,7 @@ class WorkerService:
 
     # ------------------------------------------------------------ to the scheduler
     def heartbeat(self) -> Heartbeat:
-        stats = self.engine.stats()
+        stats = self.async_engine.stats()
         return Heartbeat(
             worker_id=self.worker_id,
             running=stats.num_running,
@@ -199,7 +197,7 @@ class WorkerService:
 
     def flush_kv_events(self) -> None:
         """Send the prefix blocks stored and evicted since the last flush."""
-        stored, removed = self.engine.drain_kv_events()
+        stored, removed = self.async_engine.drain_kv_events()
         if not (stored or removed):
             return
         self.cached.difference_update(removed)
@@ -210,8 +208,6 @@ class WorkerService:
 # ---------------------------------------------------------------- rose worker
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
-    from services.worker.engine.engine import Engine
-
     setup_tracing("worker", settings)
     try:
         engine = Engine.from_settings(settings)
@@ -225,7 +221,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     return 0
 
 
-async def _serve(settings: Settings, engine) -> None:
+async def _serve(settings: Settings, engine: Engine) -> None:
     service = WorkerService(settings, engine)
     serving = asyncio.create_task(service.run())
     stop = asyncio.Event()

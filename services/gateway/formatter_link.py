@@ -1,0 +1,259 @@
+"""The gateway's links to the formatters: one DEALER per formatter address.
+
+`formatter_urls` lists endpoints (`tcp://host:port`, comma separated); a host name
+that resolves to several addresses (a Kubernetes headless Service) gives one link
+per address, re-resolved every `RESOLVE_INTERVAL` seconds. Every link is pinged
+each `heartbeat_interval`; a link that has not answered within `heartbeat_timeout`
+is not used, and the requests it carried end with an error Delta. Each request
+goes to the live, ready link with the fewest requests in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.asyncio
+
+from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, decode, encode
+
+log = logging.getLogger("rose.gateway.formatters")
+
+RESOLVE_INTERVAL = 5.0
+
+
+class NoFormatter(Exception):
+    """No live formatter can take the request."""
+
+
+def parse_endpoint(url: str) -> tuple[str, str, int]:
+    """`tcp://host:port` -> (scheme, host, port); ValueError when it is not one."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("tcp",) or not parts.hostname or parts.port is None:
+        raise ValueError(f"formatter endpoint must look like tcp://host:port, got {url!r}")
+    return parts.scheme, parts.hostname, parts.port
+
+
+def _format_endpoint(host: str, port: int) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
+
+
+def resolve_endpoint(url: str) -> list[str]:
+    """One connect address per IP the endpoint's host resolves to (IPv4 preferred)."""
+    _, host, port = parse_endpoint(url)
+    try:
+        ipaddress.ip_address(host)
+        return [_format_endpoint(host, port)]
+    except ValueError:
+        pass
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET})
+    v6 = sorted({i[4][0] for i in infos if i[0] == socket.AF_INET6})
+    return [_format_endpoint(ip, port) for ip in (v4 or v6)]
+
+
+@dataclass
+class Link:
+    """One DEALER to one formatter address."""
+
+    address: str
+    socket: zmq.asyncio.Socket
+    inflight: set[str] = field(default_factory=set)
+    heard_at: float = 0.0
+    ready: bool = False
+    models: list[str] = field(default_factory=list)
+    workers: int = 0
+    reader: asyncio.Task | None = None
+
+
+class RequestStream:
+    """The Deltas of one request, as they arrive."""
+
+    def __init__(self, request_id: str, link: Link, pool: "FormatterPool"):
+        self.request_id = request_id
+        self.link = link
+        self._pool = pool
+        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self.closed = False
+
+    async def next(self) -> Delta:
+        return await self.queue.get()
+
+    def close(self, abort: bool) -> None:
+        """Stop listening; with abort, tell the formatter to stop generating (safe when cancelled)."""
+        if self.closed:
+            return
+        self.closed = True
+        self._pool._forget(self.request_id, self.link)
+        if abort:
+            self._pool._send_nowait(self.link, Abort(self.request_id, "client"))
+
+
+class FormatterPool:
+    def __init__(self, settings, context: zmq.asyncio.Context | None = None):
+        self.settings = settings
+        self.urls = [u.strip() for u in settings.formatter_urls.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError("ROSE_FORMATTER_URLS is empty: the gateway needs at least one formatter endpoint")
+        for url in self.urls:
+            parse_endpoint(url)
+        self.context = context or zmq.asyncio.Context.instance()
+        self.links: dict[str, Link] = {}
+        self.streams: dict[str, RequestStream] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self._resolve()
+        self._tasks = [asyncio.create_task(self._ping_loop()), asyncio.create_task(self._resolve_loop())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for stream in list(self.streams.values()):
+            stream.close(abort=True)
+        for address in list(self.links):
+            self._drop_link(address)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ------------------------------------------------------------------ state
+    def live_links(self) -> list[Link]:
+        cutoff = time.monotonic() - self.settings.heartbeat_timeout
+        return [link for link in self.links.values() if link.heard_at > cutoff]
+
+    @property
+    def ready(self) -> bool:
+        return any(link.ready for link in self.live_links())
+
+    @property
+    def models(self) -> list[str]:
+        names: list[str] = []
+        for link in self.live_links():
+            names += [m for m in link.models if m not in names]
+        return names
+
+    @property
+    def inflight(self) -> int:
+        return len(self.streams)
+
+    def pick(self) -> Link:
+        live = self.live_links()
+        candidates = [link for link in live if link.ready] or live
+        if not candidates:
+            raise NoFormatter("no formatter is reachable")
+        return min(candidates, key=lambda link: len(link.inflight))
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request_id: str, endpoint: str, body: dict, trace: dict) -> RequestStream:
+        link = self.pick()
+        stream = RequestStream(request_id, link, self)
+        self.streams[request_id] = stream
+        link.inflight.add(request_id)
+        if not self._send_nowait(link, GenerateRequest(request_id, endpoint, body, trace)):
+            stream.close(abort=False)
+            raise NoFormatter("the formatter is not accepting requests")
+        return stream
+
+    def _forget(self, request_id: str, link: Link) -> None:
+        self.streams.pop(request_id, None)
+        link.inflight.discard(request_id)
+
+    def _send_nowait(self, link: Link, message) -> bool:
+        try:
+            # zmq.asyncio sends a NOBLOCK frame at once; the returned future is already done.
+            link.socket.send(encode(message), zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("cannot send to formatter %s: %s", link.address, exc)
+            return False
+
+    # ------------------------------------------------------------------ links
+    def _add_link(self, address: str) -> None:
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(address)
+        link = Link(address, sock)
+        link.reader = asyncio.create_task(self._read_loop(link))
+        self.links[address] = link
+        self._send_nowait(link, Ping(sent_at=time.time()))
+        log.info("formatter link %s added", address)
+
+    def _drop_link(self, address: str) -> None:
+        link = self.links.pop(address, None)
+        if link is None:
+            return
+        self._fail_inflight(link, "the formatter went away")
+        if link.reader is not None:
+            link.reader.cancel()
+        link.socket.close(0)
+        log.info("formatter link %s dropped", address)
+
+    def _fail_inflight(self, link: Link, why: str) -> None:
+        for request_id in list(link.inflight):
+            stream = self.streams.get(request_id)
+            if stream is not None:
+                stream.queue.put_nowait(Delta(request_id, error=why, status=503, finish_reason="error"))
+        link.inflight.clear()
+
+    async def _resolve(self) -> None:
+        loop = asyncio.get_running_loop()
+        wanted: set[str] = set()
+        for url in self.urls:
+            try:
+                wanted.update(await loop.run_in_executor(None, resolve_endpoint, url))
+            except OSError as exc:
+                # Keep what we had: a DNS hiccup must not drop working formatters.
+                log.warning("cannot resolve %s: %s", url, exc)
+                wanted.update(a for a in self.links if a.endswith(f":{parse_endpoint(url)[2]}"))
+        for address in sorted(wanted - set(self.links)):
+            self._add_link(address)
+        for address in set(self.links) - wanted:
+            self._drop_link(address)
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RESOLVE_INTERVAL)
+            try:
+                await self._resolve()
+            except Exception:
+                log.exception("re-resolving formatter endpoints failed")
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
+            cutoff = time.monotonic() - self.settings.heartbeat_timeout
+            for link in list(self.links.values()):
+                if link.inflight and 0 < link.heard_at < cutoff:
+                    log.warning("formatter %s silent for %.1fs; failing its requests", link.address, self.settings.heartbeat_timeout)
+                    self._fail_inflight(link, "the formatter stopped answering")
+                self._send_nowait(link, Ping(sent_at=time.time()))
+
+    async def _read_loop(self, link: Link) -> None:
+        while True:
+            try:
+                frame = await link.socket.recv()
+            except asyncio.CancelledError:
+                raise
+            except zmq.ZMQError as exc:
+                log.warning("formatter %s receive failed: %s", link.address, exc)
+                return
+            try:
+                message = decode(frame)
+            except FrameError as exc:
+                log.warning("dropping a bad frame from formatter %s: %s", link.address, exc)
+                continue
+            link.heard_at = time.monotonic()
+            if isinstance(message, Delta):
+                stream = self.streams.get(message.request_id)
+                if stream is not None and stream.link is link:
+                    stream.queue.put_nowait(message)
+            elif isinstance(message, Pong):
+                link.ready, link.models, link.workers = message.ready, list(message.models), message.workers
+            else:
+                log.warning("unexpected %s from formatter %s", type(message).__name__, link.address)

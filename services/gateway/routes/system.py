@@ -1,0 +1,58 @@
+"""GET /v1/models, /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..auth import authorize
+from ..errors import APIError
+from ..schemas import ModelList
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
+async def list_models(request: Request):
+    pool = request.app.state.pool
+    return {"object": "list", "data": [{"id": m, "object": "model", "created": _STARTED, "owned_by": "rose"} for m in pool.models]}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
+async def get_model(model_id: str, request: Request):
+    if model_id not in request.app.state.pool.models:
+        raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
+    return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": "rose"}
+
+
+async def _open_or_authorized(request: Request):
+    """Health routes are open unless ROSE_OPEN_HEALTH is off."""
+    if not request.app.state.settings.open_health:
+        await authorize(request)
+
+
+@router.get("/health", dependencies=[Depends(_open_or_authorized)])
+async def health():
+    """The process is up (liveness)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", dependencies=[Depends(_open_or_authorized)])
+async def ready(request: Request):
+    """A formatter reports a ready scheduler with a live worker (readiness)."""
+    pool = request.app.state.pool
+    if not pool.ready:
+        raise APIError(503, "no formatter reports a ready model yet", None, "not_ready", {"Retry-After": "1"})
+    live = pool.live_links()
+    return {"status": "ready", "models": pool.models, "formatters": len(live), "workers": max((l.workers for l in live), default=0)}
+
+
+@router.get("/metrics", dependencies=[Depends(_open_or_authorized)])
+async def metrics(request: Request):
+    state = request.app.state
+    state.metrics.formatters_live.set(len(state.pool.live_links()))
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,66 @@
+"""Server-sent events as OpenAI streams them: `data: <json>` blocks, then `data: [DONE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from .errors import APIError, error_body
+from .generation import Generation, GenerationFailed
+
+DONE = "data: [DONE]\n\n"
+
+
+def event(payload: dict) -> str:
+    return "data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+
+
+def stream_response(gen: Generation, chunks: Callable[[Generation], AsyncIterator[dict]]) -> StreamingResponse:
+    """The SSE response for a started generation; an error midway becomes an error event."""
+
+    async def body():
+        status = 200
+        try:
+            async for payload in chunks(gen):
+                yield event(payload)
+        except GenerationFailed as exc:
+            status = exc.status
+            yield event(error_body(exc.status, exc.message))
+        except asyncio.CancelledError:
+            status = 499  # the client went away; close() aborts the generation below
+            raise
+        finally:
+            gen.close(abort=not gen.done, status=status)
+        yield DONE
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": gen.request_id}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+async def collect(request: Request, gen: Generation, consume: Callable[[Generation], AsyncIterator[None]]) -> None:
+    """Run a non-streamed generation to its end, aborting it if the client disconnects."""
+    task = asyncio.ensure_future(_drain(consume(gen)))
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=1.0)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
+                gen.close(abort=True, status=499)
+                break
+        await task
+    except asyncio.CancelledError:
+        gen.close(abort=True, status=499)
+        raise
+    except GenerationFailed as exc:
+        gen.close(abort=True, status=exc.status)
+        raise APIError(exc.status, exc.message, None, None) from None
+    gen.close(status=200)
+
+
+async def _drain(iterator: AsyncIterator[None]) -> None:
+    async for _ in iterator:
+        pass

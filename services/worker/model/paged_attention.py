@@ -24,6 +24,7 @@ class AttentionPlan:
     query_index [S, Q]: row of `q` for each padded query (0 where padding).
     query_valid [S, Q] bool.
     key_slots [S, K]: flat cache slot of each gathered key (0 where padding).
+    key_valid [S, K] bool: False for padding keys (their slot may hold anything, even NaN).
     mask [S, Q, K] bool: True where the query may attend to the key.
     """
 
@@ -31,6 +32,7 @@ class AttentionPlan:
     query_index: torch.Tensor
     query_valid: torch.Tensor
     key_slots: torch.Tensor
+    key_valid: torch.Tensor
     mask: torch.Tensor
 
     @classmethod
@@ -92,7 +94,7 @@ class AttentionPlan:
         write_slots = token_blocks * block_size + token_pos % block_size
 
         move = lambda t: t.to(device, non_blocking=True)  # noqa: E731
-        return cls(move(write_slots), move(query_index), move(query_valid), move(key_slots), move(mask))
+        return cls(move(write_slots), move(query_index), move(query_valid), move(key_slots), move(key_valid), move(mask))
 
 
 def paged_attention(
@@ -123,7 +125,8 @@ def paged_attention(
     seqs, max_q = plan.query_index.shape
     queries = q.float()[plan.query_index].view(seqs, max_q, kv_heads, group_size, head_dim)
     keys = k_flat[plan.key_slots].float()  # [S, K, kv_heads, head_dim]
-    values = v_flat[plan.key_slots].float()
+    # padding keys read whatever sits in slot 0; a zero probability times NaN would still be NaN
+    values = v_flat[plan.key_slots].float().masked_fill(~plan.key_valid[:, :, None, None], 0.0)
     scores = torch.einsum("sqhgd,skhd->shgqk", queries, keys) * scale  # [S, kvh, g, Q, K]
     scores = scores.masked_fill(~plan.mask[:, None, None, :, :], float("-inf"))
     sink = sinks.float().view(1, kv_heads, group_size, 1, 1).expand(seqs, -1, -1, max_q, 1)

@@ -88,7 +88,7 @@ async def gateway(peer):
         heartbeat_interval=0.05,
         heartbeat_timeout=0.5,
         max_body_bytes=20_000,
-        request_timeout=3.0,
+        request_timeout=1.0,
         port=port,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))

@@ -84,8 +84,11 @@ def current_stream():
 
 
 def fake_stream():
-    cuda = cute_modules()[3]
-    return cuda.CUstream(0)
+    """A compile-time stand-in for the CUstream argument (the real one is passed per call)."""
+    cute_modules()
+    from cutlass.cute.runtime import make_fake_stream
+
+    return make_fake_stream()
 
 
 def check_rows(x: torch.Tensor, width: int, name: str) -> None:

@@ -40,7 +40,7 @@ def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
 
 @functools.cache
 def _route_compiled(num_experts: int, k: int):
-    cutlass, cute, _, _ = cute_modules()
+    cutlass, cute, _, cuda = cute_modules()
     Int32 = cutlass.Int32
 
     @cute.kernel
@@ -74,7 +74,7 @@ def _route_compiled(num_experts: int, k: int):
 
     @cute.jit
     def launch(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor,
-               stream):
+               stream: cuda.CUstream):
         kernel(mIds, mCounts, mOffsets, mPos, mSrc).launch(grid=[1, 1, 1], block=[ROUTE_THREADS, 1, 1], stream=stream)
 
     flat = fake_rows(torch.int32, align=4)
@@ -87,7 +87,7 @@ def _route_compiled(num_experts: int, k: int):
 @functools.cache
 def _gather_compiled(hidden: int, dtype: torch.dtype):
     """out[p] = x[src[p]] for p < len(src): the dispatch permutation (and the embedding gather)."""
-    cutlass, cute, _, _ = cute_modules()
+    cutlass, cute, _, cuda = cute_modules()
     nvec = hidden // VEC
 
     @cute.kernel
@@ -101,7 +101,7 @@ def _gather_compiled(hidden: int, dtype: torch.dtype):
             mOut[row, col, None].store(mX[mSrc[row], col, None].load())
 
     @cute.jit
-    def launch(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor, stream):
+    def launch(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
         total = mOut.shape[0] * nvec
         kernel(mX, mSrc, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
@@ -112,7 +112,7 @@ def _gather_compiled(hidden: int, dtype: torch.dtype):
 
 @functools.cache
 def _combine_compiled(hidden: int, k: int, dtype: torch.dtype):
-    cutlass, cute, _, _ = cute_modules()
+    cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
     nvec = hidden // VEC
     out_t = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}[dtype]
@@ -132,7 +132,7 @@ def _combine_compiled(hidden: int, k: int, dtype: torch.dtype):
             mOut[row, col, None].store(acc.load().to(out_t))
 
     @cute.jit
-    def launch(mYs: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream):
+    def launch(mYs: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
         total = mOut.shape[0] * nvec
         kernel(mYs, mPos, mW, mOut).launch(
             grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream

@@ -32,7 +32,7 @@ def rmsnorm_reference(
 @functools.cache
 def _compiled(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fused_residual: bool):
     """The kernel compiled for one (hidden, dtype, weight dtype, residual) specialization."""
-    cutlass, cute, _, _ = cute_modules()
+    cutlass, cute, _, cuda = cute_modules()
     Float32, Int32 = cutlass.Float32, cutlass.Int32
     nvec = hidden // VEC
     per_lane = (nvec + 31) // 32
@@ -69,7 +69,7 @@ def _compiled(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
 
     @cute.jit
     def launch(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, mH: cute.Tensor,
-               eps: Float32, stream):
+               eps: Float32, stream: cuda.CUstream):
         rows = mX.shape[0]
         kernel(mX, mR, mW, mY, mH, eps).launch(
             grid=[(rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1], block=[32 * ROWS_PER_CTA, 1, 1], stream=stream

@@ -25,7 +25,7 @@ def router_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 @functools.cache
 def _compiled(num_experts: int, k: int, dtype: torch.dtype):
-    cutlass, cute, _, _ = cute_modules()
+    cutlass, cute, _, cuda = cute_modules()
     Float32, Int32 = cutlass.Float32, cutlass.Int32
     per_lane = (num_experts + 31) // 32
     neg_inf = float("-inf")
@@ -73,7 +73,7 @@ def _compiled(num_experts: int, k: int, dtype: torch.dtype):
                     mW[row, r] = top_v[r] / total
 
     @cute.jit
-    def launch(mL: cute.Tensor, mI: cute.Tensor, mW: cute.Tensor, stream):
+    def launch(mL: cute.Tensor, mI: cute.Tensor, mW: cute.Tensor, stream: cuda.CUstream):
         rows = mL.shape[0]
         kernel(mL, mI, mW).launch(
             grid=[(rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1], block=[32 * ROWS_PER_CTA, 1, 1], stream=stream

@@ -26,7 +26,7 @@ def swiglu_reference(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) 
 
 @functools.cache
 def _compiled(inter: int, dtype: torch.dtype, alpha: float, limit: float):
-    cutlass, cute, _, _ = cute_modules()
+    cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
     nvo = inter // VEC
     out_t = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}[dtype]
@@ -50,7 +50,7 @@ def _compiled(inter: int, dtype: torch.dtype, alpha: float, limit: float):
             mY[row, col, None].store(out.load().to(out_t))
 
     @cute.jit
-    def launch(mX: cute.Tensor, mY: cute.Tensor, stream):
+    def launch(mX: cute.Tensor, mY: cute.Tensor, stream: cuda.CUstream):
         total = mX.shape[0] * nvo
         kernel(mX, mY).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
 

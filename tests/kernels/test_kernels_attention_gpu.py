@@ -5,7 +5,7 @@ import torch
 
 from services.worker.model.batch import NO_BLOCK, ForwardBatch
 from services.worker.model.paged_attention import AttentionPlan, paged_attention
-from tests.kernels.conftest import rel_err
+from kernel_checks import rel_err
 
 pytestmark = pytest.mark.gpu
 

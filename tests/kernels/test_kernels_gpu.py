@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.kernels.conftest import poisoned, rel_err
+from kernel_checks import poisoned, rel_err
 
 pytestmark = pytest.mark.gpu
 

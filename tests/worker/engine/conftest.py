@@ -10,10 +10,21 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from engine_helpers import MAX_MODEL_LEN, VOCAB, WINDOW, assert_all_blocks_free
 
 from services.worker.engine.engine import Engine
 from services.worker.model import load_model, make_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model's ops are too small to split; on a shared 2-core machine a second
+    intra-op thread only spins against other processes (10x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -48,15 +48,16 @@ class Result:
         return self.outputs[-1]
 
 
-def run_all(engine: Engine, results: dict[str, Result] | None = None, max_steps: int = 10_000) -> dict[str, Result]:
-    """Step until the engine is idle; the merged output of every request."""
+def run_all(engine: Engine, results: dict[str, Result] | None = None, max_steps: int = 0) -> dict[str, Result]:
+    """Step until the engine is idle (or max_steps steps); the merged output of every request."""
     results = {} if results is None else results
-    for _ in range(max_steps):
-        if not engine.has_work():
-            return results
+    steps = 0
+    while engine.has_work() and (not max_steps or steps < max_steps):
         for out in engine.step():
             results.setdefault(out.request_id, Result()).add(out)
-    raise AssertionError("the engine did not finish its work")
+        steps += 1
+        assert steps < 10_000, "the engine did not finish its work"
+    return results
 
 
 def generate_contiguous(model, token_ids: list[int], params: SamplingParams) -> Result:

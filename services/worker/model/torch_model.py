@@ -23,6 +23,7 @@ from services.worker.model.batch import ForwardBatch, PagedKVCache
 from services.worker.model.checkpoint import Checkpoint
 from services.worker.model.config import GptOssConfig
 from services.worker.model.errors import CheckpointError
+from services.worker.model.mxfp4 import dequantize
 from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import RotaryEmbedding, apply_rotary
 
@@ -112,37 +113,55 @@ class Experts(nn.Module):
 
     gate_up_proj [E, 2*inter, hidden] (row 2j gate j, row 2j+1 up j), gate_up_proj_bias [E, 2*inter],
     down_proj [E, hidden, inter], down_proj_bias [E, hidden].
+    With packed=True the matrices stay MXFP4 as stored (`*_blocks` [E, rows, cols/32, 16] uint8,
+    `*_scales` [E, rows, cols/32] uint8) and each expert is dequantized when a token picks it:
+    a quarter of the memory (gpt-oss-120b fits one GPU) for some speed.
     """
 
-    def __init__(self, config: GptOssConfig, experts: int, dtype: torch.dtype):
+    def __init__(self, config: GptOssConfig, experts: int, dtype: torch.dtype, packed: bool = False):
         super().__init__()
         h, i = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = _weight(experts, 2 * i, h, dtype=dtype)
+        self.packed, self.dtype = packed, dtype
+        if packed:
+            self.gate_up_proj_blocks = _weight(experts, 2 * i, h // 32, 16, dtype=torch.uint8)
+            self.gate_up_proj_scales = _weight(experts, 2 * i, h // 32, dtype=torch.uint8)
+            self.down_proj_blocks = _weight(experts, h, i // 32, 16, dtype=torch.uint8)
+            self.down_proj_scales = _weight(experts, h, i // 32, dtype=torch.uint8)
+        else:
+            self.gate_up_proj = _weight(experts, 2 * i, h, dtype=dtype)
+            self.down_proj = _weight(experts, h, i, dtype=dtype)
         self.gate_up_proj_bias = _weight(experts, 2 * i, dtype=dtype)
-        self.down_proj = _weight(experts, h, i, dtype=dtype)
         self.down_proj_bias = _weight(experts, h, dtype=dtype)
         self.alpha, self.limit = config.swiglu_alpha, config.swiglu_limit
+
+    def matrices(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2*inter, hidden], down [hidden, inter]) of one expert in the model dtype."""
+        if not self.packed:
+            return self.gate_up_proj[expert], self.down_proj[expert]
+        return (dequantize(self.gate_up_proj_blocks[expert], self.gate_up_proj_scales[expert], self.dtype),
+                dequantize(self.down_proj_blocks[expert], self.down_proj_scales[expert], self.dtype))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [T, hidden], weights [T, k] float32, ids [T, k] -> [T, hidden] in x's dtype."""
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for expert in torch.unique(ids).tolist():
             token, slot = torch.nonzero(ids == expert, as_tuple=True)
-            gate_up = F.linear(x[token], self.gate_up_proj[expert], self.gate_up_proj_bias[expert])
+            gate_up_w, down_w = self.matrices(expert)
+            gate_up = F.linear(x[token], gate_up_w, self.gate_up_proj_bias[expert])
             gate = gate_up[:, 0::2].clamp(max=self.limit)
             up = gate_up[:, 1::2].clamp(min=-self.limit, max=self.limit)
             hidden = (up + 1) * (gate * torch.sigmoid(self.alpha * gate))
-            y = F.linear(hidden, self.down_proj[expert], self.down_proj_bias[expert])
+            y = F.linear(hidden, down_w, self.down_proj_bias[expert])
             out.index_add_(0, token, y.float() * weights[token, slot, None])
         return out.to(x.dtype)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype, packed: bool):
         super().__init__()
         experts = config.experts_in(layer)
         self.router = Router(config, experts, dtype)
-        self.experts = Experts(config, experts, dtype)
+        self.experts = Experts(config, experts, dtype, packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.router(x)
@@ -150,12 +169,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype):
+    def __init__(self, config: GptOssConfig, layer: int, dtype: torch.dtype, packed: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer, dtype)
+        self.mlp = MLP(config, layer, dtype, packed)
 
     def forward(self, x, cos, sin, plan, k_cache, v_cache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, plan, k_cache, v_cache)
@@ -165,10 +184,10 @@ class DecoderLayer(nn.Module):
 class GptOssBody(nn.Module):
     """`model.*` of the checkpoint: embedding, layers, final norm."""
 
-    def __init__(self, config: GptOssConfig, dtype: torch.dtype):
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype, packed: bool):
         super().__init__()
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, dtype, packed) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -178,11 +197,12 @@ class GptOssForCausalLM(nn.Module):
     Built with empty (meta) parameters; `load_model` fills them from a checkpoint.
     """
 
-    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, config: GptOssConfig, dtype: torch.dtype = torch.float32, keep_mxfp4: bool = False):
         super().__init__()
         self.config = config
         self.dtype = dtype
-        self.model = GptOssBody(config, dtype)
+        self.keep_mxfp4 = keep_mxfp4
+        self.model = GptOssBody(config, dtype, keep_mxfp4)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, False, dtype)
         self.rotary = RotaryEmbedding(config)
         self.requires_grad_(False)
@@ -232,17 +252,28 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def load_model(
-    path: str, backend: str = "torch", device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32
+    path: str,
+    backend: str = "torch",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    keep_mxfp4: bool | None = None,
 ) -> GptOssForCausalLM:
-    """Build the model on device and fill it shard by shard from the checkpoint at path."""
+    """Build the model on device and fill it shard by shard from the checkpoint at path.
+
+    keep_mxfp4: hold the experts packed and dequantize per use (see Experts); None
+    decides by memory: packed only on a GPU where dequantized experts would not fit.
+    """
     if backend != "torch":
         raise ValueError(f"backend {backend!r} is not provided here; services.worker.model serves 'torch'")
     dtype = _as_dtype(dtype)
+    device = torch.device(device)
     checkpoint = Checkpoint(path)
     config = checkpoint.config
-    model = GptOssForCausalLM(config, dtype)  # parameters on the meta device until loaded
+    if keep_mxfp4 is None:
+        keep_mxfp4 = _experts_too_big(checkpoint, dtype, device)
+    model = GptOssForCausalLM(config, dtype, keep_mxfp4)  # parameters on the meta device until loaded
     loaded: set[str] = set()
-    for name, tensor in checkpoint.iter_tensors(dtype=dtype, device=device):
+    for name, tensor in checkpoint.iter_tensors(dtype=dtype, keep_mxfp4=keep_mxfp4, device=device):
         _assign(model, name, tensor)
         loaded.add(name)
     if config.tie_word_embeddings:
@@ -252,6 +283,15 @@ def load_model(
     if left:
         raise CheckpointError(f"tensor {left[0]} was not loaded from {path}")
     return model.to(device).eval()
+
+
+def _experts_too_big(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether dequantized experts would take more than half the GPU's free memory."""
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    values = sum(2 * s.nbytes for s in checkpoint.specs.values() if s.name.endswith("_blocks"))
+    return values * torch.empty((), dtype=dtype).element_size() > free // 2
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

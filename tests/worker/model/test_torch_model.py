@@ -248,3 +248,11 @@ def test_bad_batches_raise_clear_errors(model):
         model(batch(query_lens=[9], context_lens=[9]), kv)
     with pytest.raises(ValueError, match="one 'sliding' block table per sequence"):
         model(batch(block_tables={"full": [[0, 1]]}), kv)
+
+
+def test_packed_experts_give_the_same_logits(parity_path, model):
+    packed = load_model(parity_path, keep_mxfp4=True)
+    experts = packed.model.layers[0].mlp.experts
+    assert experts.gate_up_proj_blocks.dtype == torch.uint8 and not hasattr(experts, "gate_up_proj")
+    ids = _tokens(50, seed=11)
+    assert torch.equal(_run_one_shot(packed, ids), _run_one_shot(model, ids))

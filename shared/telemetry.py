@@ -68,6 +68,11 @@ def tracer(name: str = "rose") -> trace.Tracer:
     return trace.get_tracer(name)
 
 
+def use_span(span):
+    """Make `span` current inside a `with` block (without ending it on exit)."""
+    return trace.use_span(span, end_on_exit=False)
+
+
 def inject(carrier: dict[str, str]) -> dict[str, str]:
     """Write the current span's context into `carrier` (W3C traceparent); return it."""
     _propagator.inject(carrier, setter=DefaultSetter())

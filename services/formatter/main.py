@@ -25,6 +25,10 @@ from .request import InFlightRequest, split_sub_request_id
 
 log = logging.getLogger("rose.formatter")
 
+# A ROUTER drops (or, mandatory, refuses) frames past its high-water mark; token
+# events come in bursts, so leave plenty of room.
+HWM = 100_000
+
 
 @dataclass
 class Tracked:
@@ -40,10 +44,14 @@ class FormatterService:
         self.context = context or zmq.Context.instance()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.LINGER, 0)
+        self.frontend.setsockopt(zmq.SNDHWM, HWM)
+        self.frontend.setsockopt(zmq.RCVHWM, HWM)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, not vanishes
         self.frontend.bind(settings.formatter_bind)
         self.scheduler = self.context.socket(zmq.DEALER)
         self.scheduler.setsockopt(zmq.LINGER, 0)
+        self.scheduler.setsockopt(zmq.SNDHWM, HWM)
+        self.scheduler.setsockopt(zmq.RCVHWM, HWM)
         self.scheduler.connect(settings.scheduler_frontend)
         self.inflight: dict[str, Tracked] = {}
         self.scheduler_pong = Pong()

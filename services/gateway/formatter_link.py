@@ -26,6 +26,7 @@ from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pon
 log = logging.getLogger("rose.gateway.formatters")
 
 RESOLVE_INTERVAL = 5.0
+HWM = 100_000  # deltas arrive in bursts; the default 1000 would stall a busy link
 
 
 class NoFormatter(Exception):
@@ -177,6 +178,8 @@ class FormatterPool:
     def _add_link(self, address: str) -> None:
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, HWM)
+        sock.setsockopt(zmq.RCVHWM, HWM)
         sock.connect(address)
         link = Link(address, sock)
         link.reader = asyncio.create_task(self._read_loop(link))

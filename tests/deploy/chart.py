@@ -68,3 +68,39 @@ def merge_values(base: dict, override: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+def render(values: dict, release: str = "rose", namespace: str = "default") -> list[dict]:
+    """Every object the chart renders with these (already merged) values, via tests/deploy/gotemplate."""
+    from .gotemplate import Renderer, as_helm_numbers
+
+    with open(os.path.join(CHART, "Chart.yaml")) as f:
+        meta = yaml.safe_load(f)
+    files = {f"{meta['name']}/templates/{name}": source for name, source in templates().items()}
+    renderer = Renderer(files)
+    context = {
+        "Values": as_helm_numbers(values),
+        "Release": {"Name": release, "Namespace": namespace, "Service": "Helm", "IsInstall": True, "IsUpgrade": False},
+        "Chart": {"Name": meta["name"], "Version": meta["version"], "AppVersion": meta.get("appVersion", "")},
+        "Template": {"BasePath": f"{meta['name']}/templates"},
+    }
+    objects = []
+    for path in files:
+        name = path.rsplit("/", 1)[1]
+        if name.startswith("_") or not name.endswith((".yaml", ".yml")):
+            continue
+        text = renderer.render(path, {**context, "Template": {**context["Template"], "Name": path}})
+        for document in re.split(r"^---\s*$", text, flags=re.M):
+            obj = yaml.safe_load(document)
+            if obj:
+                objects.append(obj)
+    return objects
+
+
+def render_notes(values: dict) -> str:
+    from .gotemplate import Renderer, as_helm_numbers
+
+    files = {f"rose/templates/{name}": source for name, source in templates().items()}
+    context = {"Values": as_helm_numbers(values), "Release": {"Name": "rose", "Service": "Helm"},
+               "Chart": {"Name": "rose", "Version": "0.1.0", "AppVersion": "0.1.0"}, "Template": {"BasePath": "rose/templates"}}
+    return Renderer(files).render("rose/templates/NOTES.txt", context)

@@ -53,28 +53,33 @@ def cute_dtype(dtype: torch.dtype):
 
 
 def as_cute(t: torch.Tensor, align: int = 16):
-    """A CuTeDSL view of a contiguous torch tensor (no copy), base assumed `align`-byte aligned."""
+    """A CuTeDSL view of a contiguous torch tensor of static shape (no copy), `align`-byte aligned base."""
     from_dlpack = cute_modules()[2]
     return from_dlpack(t.detach(), assumed_align=align)
 
 
-def fake_rows(dtype: torch.dtype, *inner: int, align: int = 16):
-    """A compile-time stand-in for a contiguous [rows, *inner] tensor with rows dynamic."""
-    cutlass, cute, _, _ = cute_modules()
-    from cutlass.cute.runtime import make_fake_compact_tensor
-
-    shape = (cute.sym_int(),) + tuple(inner)
-    order = tuple(range(len(shape) - 1, -1, -1))  # row-major: last mode fastest
-    return make_fake_compact_tensor(cute_dtype(dtype), shape, stride_order=order, assumed_align=align)
+def as_rows(t: torch.Tensor, align: int = 16):
+    """As `as_cute`, with the leading (row) dim dynamic: one compiled kernel serves every row count."""
+    from_dlpack = cute_modules()[2]
+    return from_dlpack(t.detach(), assumed_align=align).mark_compact_shape_dynamic(
+        mode=0, stride_order=t.dim_order()
+    )
 
 
-def fake_fixed(dtype: torch.dtype, *shape: int, align: int = 16):
-    """A compile-time stand-in for a contiguous tensor of fully static shape."""
-    cute_modules()
-    from cutlass.cute.runtime import make_fake_compact_tensor
+_compiled: dict = {}
 
-    order = tuple(range(len(shape) - 1, -1, -1))
-    return make_fake_compact_tensor(cute_dtype(dtype), tuple(shape), stride_order=order, assumed_align=align)
+
+def compiled(key: tuple, jit_fn, *args):
+    """`cute.compile(jit_fn, *args)` once per specialization key; later calls reuse it.
+
+    The first call's arguments fix the argument types (static inner dims, dynamic rows),
+    so every later call must pass views made the same way (`as_cute` / `as_rows`).
+    """
+    fn = _compiled.get(key)
+    if fn is None:
+        cute = cute_modules()[1]
+        fn = _compiled[key] = cute.compile(jit_fn, *args)
+    return fn
 
 
 def current_stream():
@@ -82,13 +87,6 @@ def current_stream():
     cuda = cute_modules()[3]
     return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
 
-
-def fake_stream():
-    """A compile-time stand-in for the CUstream argument (the real one is passed per call)."""
-    cute_modules()
-    from cutlass.cute.runtime import make_fake_stream
-
-    return make_fake_stream()
 
 
 def check_rows(x: torch.Tensor, width: int, name: str) -> None:

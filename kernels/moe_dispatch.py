@@ -15,7 +15,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, as_cute, check_rows, cute_modules, current_stream, fake_fixed, fake_rows, fake_stream
+from kernels._cute import VEC, as_cute, as_rows, check_rows, compiled, cute_modules, current_stream
 
 THREADS = 256
 ROUTE_THREADS = 1024
@@ -39,7 +39,7 @@ def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
 
 
 @functools.cache
-def _route_compiled(num_experts: int, k: int):
+def _route_launcher(num_experts: int, k: int):
     cutlass, cute, _, cuda = cute_modules()
     Int32 = cutlass.Int32
 
@@ -77,15 +77,11 @@ def _route_compiled(num_experts: int, k: int):
                stream: cuda.CUstream):
         kernel(mIds, mCounts, mOffsets, mPos, mSrc).launch(grid=[1, 1, 1], block=[ROUTE_THREADS, 1, 1], stream=stream)
 
-    flat = fake_rows(torch.int32, align=4)
-    return cute.compile(
-        launch, flat, fake_fixed(torch.int32, num_experts, align=4), fake_fixed(torch.int32, num_experts + 1, align=4),
-        flat, flat, fake_stream(),
-    )
+    return launch
 
 
 @functools.cache
-def _gather_compiled(hidden: int, dtype: torch.dtype):
+def _gather_launcher(hidden: int, dtype: torch.dtype):
     """out[p] = x[src[p]] for p < len(src): the dispatch permutation (and the embedding gather)."""
     cutlass, cute, _, cuda = cute_modules()
     nvec = hidden // VEC
@@ -105,13 +101,11 @@ def _gather_compiled(hidden: int, dtype: torch.dtype):
         total = mOut.shape[0] * nvec
         kernel(mX, mSrc, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
-    return cute.compile(
-        launch, fake_rows(dtype, nvec, VEC), fake_rows(torch.int32, align=4), fake_rows(dtype, nvec, VEC), fake_stream()
-    )
+    return launch
 
 
 @functools.cache
-def _combine_compiled(hidden: int, k: int, dtype: torch.dtype):
+def _combine_launcher(hidden: int, k: int, dtype: torch.dtype):
     cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
     nvec = hidden // VEC
@@ -138,10 +132,7 @@ def _combine_compiled(hidden: int, k: int, dtype: torch.dtype):
             grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream
         )
 
-    return cute.compile(
-        launch, fake_rows(dtype, nvec, VEC), fake_rows(torch.int32, k, align=4), fake_rows(torch.float32, k, align=4),
-        fake_rows(dtype, nvec, VEC), fake_stream(),
-    )
+    return launch
 
 
 class Routing:
@@ -165,10 +156,9 @@ def route(ids: torch.Tensor, num_experts: int, out: Routing | None = None) -> Ro
     counts, offsets, pos, src = routing.counts, routing.offsets, routing.pos, routing.src
     flat = ids.reshape(-1).to(torch.int32).contiguous()
     if n:
-        _route_compiled(num_experts, k)(
-            as_cute(flat, 4), as_cute(counts, 4), as_cute(offsets, 4), as_cute(pos, 4), as_cute(src, 4),
-            current_stream(),
-        )
+        args = (as_rows(flat, 4), as_cute(counts, 4), as_cute(offsets, 4), as_rows(pos, 4), as_rows(src, 4),
+                current_stream())
+        compiled(("route", num_experts, k), _route_launcher(num_experts, k), *args)(*args)
     else:
         counts.zero_()
         offsets.zero_()
@@ -182,9 +172,9 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = 
     m = rows.shape[0]
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device) if out is None else out
     if m:
-        fn = _gather_compiled(hidden, x.dtype)
-        fn(as_cute(x.view(x.shape[0], -1, VEC)), as_cute(rows.to(torch.int32).contiguous(), 4),
-           as_cute(out.view(m, -1, VEC)), current_stream())
+        args = (as_rows(x.view(x.shape[0], -1, VEC)), as_rows(rows.to(torch.int32).contiguous(), 4),
+                as_rows(out.view(m, -1, VEC)), current_stream())
+        compiled(("gather", hidden, x.dtype), _gather_launcher(hidden, x.dtype), *args)(*args)
     return out
 
 
@@ -202,7 +192,7 @@ def combine(
     tokens, k = weights.shape
     out = torch.empty(tokens, hidden, dtype=ys.dtype, device=ys.device) if out is None else out
     if tokens:
-        fn = _combine_compiled(hidden, k, ys.dtype)
-        fn(as_cute(ys.view(ys.shape[0], -1, VEC)), as_cute(routing.pos.view(tokens, k), 4),
-           as_cute(weights.float().contiguous(), 4), as_cute(out.view(tokens, -1, VEC)), current_stream())
+        args = (as_rows(ys.view(ys.shape[0], -1, VEC)), as_rows(routing.pos.view(tokens, k), 4),
+                as_rows(weights.float().contiguous(), 4), as_rows(out.view(tokens, -1, VEC)), current_stream())
+        compiled(("combine", hidden, k, ys.dtype), _combine_launcher(hidden, k, ys.dtype), *args)(*args)
     return out

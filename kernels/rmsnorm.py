@@ -13,7 +13,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, as_cute, check_rows, cute_modules, current_stream, fake_fixed, fake_rows, fake_stream
+from kernels._cute import VEC, as_cute, as_rows, check_rows, compiled, cute_modules, current_stream
 
 ROWS_PER_CTA = 4  # 4 warps: 128 threads a CTA
 
@@ -30,8 +30,8 @@ def rmsnorm_reference(
 
 
 @functools.cache
-def _compiled(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fused_residual: bool):
-    """The kernel compiled for one (hidden, dtype, weight dtype, residual) specialization."""
+def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fused_residual: bool):
+    """The jit launcher for one (hidden, dtype, weight dtype, residual) specialization."""
     cutlass, cute, _, cuda = cute_modules()
     Float32, Int32 = cutlass.Float32, cutlass.Int32
     nvec = hidden // VEC
@@ -75,9 +75,7 @@ def _compiled(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
             grid=[(rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1], block=[32 * ROWS_PER_CTA, 1, 1], stream=stream
         )
 
-    row = fake_rows(dtype, nvec, VEC)
-    w = fake_fixed(w_dtype or dtype, nvec, VEC)
-    return cute.compile(launch, row, row, w, row, row, Float32(1e-5), fake_stream())
+    return launch
 
 
 def rmsnorm(
@@ -95,11 +93,13 @@ def rmsnorm(
     y = torch.empty_like(x2) if out is None else out.view(-1, hidden)
     h = torch.empty_like(x2) if residual is not None else None
     if rows:
-        fn = _compiled(hidden, x.dtype, None if weight is None else weight.dtype, residual is not None)
-        vx = as_cute(x2.view(rows, -1, VEC))
-        vr = as_cute(residual.reshape(rows, -1, VEC)) if residual is not None else vx
-        vh = as_cute(h.view(rows, -1, VEC)) if h is not None else vx
+        cutlass = cute_modules()[0]
+        key = ("rmsnorm", hidden, x.dtype, None if weight is None else weight.dtype, residual is not None)
+        vx = as_rows(x2.view(rows, -1, VEC))
+        vr = as_rows(residual.reshape(rows, -1, VEC)) if residual is not None else vx
+        vh = as_rows(h.view(rows, -1, VEC)) if h is not None else vx
         vw = as_cute(weight.view(-1, VEC)) if weight is not None else as_cute(x2[0].view(-1, VEC))
-        fn(vx, vr, vw, as_cute(y.view(rows, -1, VEC)), vh, eps, current_stream())
+        args = (vx, vr, vw, as_rows(y.view(rows, -1, VEC)), vh, cutlass.Float32(eps), current_stream())
+        compiled(key, _launcher(*key[1:]), *args)(*args)
     shape = x.shape
     return y.view(shape), (None if h is None else h.view(shape))

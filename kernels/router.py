@@ -12,7 +12,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import as_cute, cute_modules, current_stream, fake_rows, fake_stream
+from kernels._cute import as_rows, compiled, cute_modules, current_stream
 
 ROWS_PER_CTA = 4
 
@@ -24,7 +24,7 @@ def router_reference(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 
 @functools.cache
-def _compiled(num_experts: int, k: int, dtype: torch.dtype):
+def _launcher(num_experts: int, k: int, dtype: torch.dtype):
     cutlass, cute, _, cuda = cute_modules()
     Float32, Int32 = cutlass.Float32, cutlass.Int32
     per_lane = (num_experts + 31) // 32
@@ -79,14 +79,7 @@ def _compiled(num_experts: int, k: int, dtype: torch.dtype):
             grid=[(rows + ROWS_PER_CTA - 1) // ROWS_PER_CTA, 1, 1], block=[32 * ROWS_PER_CTA, 1, 1], stream=stream
         )
 
-    esize = torch.empty((), dtype=dtype).element_size()
-    return cute.compile(
-        launch,
-        fake_rows(dtype, num_experts, align=esize),
-        fake_rows(torch.int32, k, align=4),
-        fake_rows(torch.float32, k, align=4),
-        fake_stream(),
-    )
+    return launch
 
 
 def router_topk(
@@ -103,7 +96,7 @@ def router_topk(
                torch.empty(rows, k, dtype=torch.float32, device=logits.device))
     ids, weights = out
     if rows:
-        fn = _compiled(num_experts, k, logits.dtype)
-        esize = logits.element_size()
-        fn(as_cute(logits, esize), as_cute(ids, 4), as_cute(weights, 4), current_stream())
+        key = ("router", num_experts, k, logits.dtype)
+        args = (as_rows(logits, logits.element_size()), as_rows(ids, 4), as_rows(weights, 4), current_stream())
+        compiled(key, _launcher(*key[1:]), *args)(*args)
     return ids, weights

@@ -11,7 +11,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, as_cute, check_rows, cute_modules, current_stream, fake_rows, fake_stream
+from kernels._cute import VEC, as_rows, check_rows, compiled, cute_modules, current_stream
 
 THREADS = 256
 
@@ -25,7 +25,7 @@ def swiglu_reference(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0) 
 
 
 @functools.cache
-def _compiled(inter: int, dtype: torch.dtype, alpha: float, limit: float):
+def _launcher(inter: int, dtype: torch.dtype, alpha: float, limit: float):
     cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
     nvo = inter // VEC
@@ -54,7 +54,7 @@ def _compiled(inter: int, dtype: torch.dtype, alpha: float, limit: float):
         total = mX.shape[0] * nvo
         kernel(mX, mY).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
 
-    return cute.compile(launch, fake_rows(dtype, nvo, 2 * VEC), fake_rows(dtype, nvo, VEC), fake_stream())
+    return launch
 
 
 def swiglu(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +66,7 @@ def swiglu(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0, out: torch
     rows = x2.shape[0]
     y = torch.empty(rows, inter, dtype=x.dtype, device=x.device) if out is None else out.view(rows, inter)
     if rows:
-        fn = _compiled(inter, x.dtype, float(alpha), float(limit))
-        fn(as_cute(x2.view(rows, -1, 2 * VEC)), as_cute(y.view(rows, -1, VEC)), current_stream())
+        key = ("swiglu", inter, x.dtype, float(alpha), float(limit))
+        args = (as_rows(x2.view(rows, -1, 2 * VEC)), as_rows(y.view(rows, -1, VEC)), current_stream())
+        compiled(key, _launcher(*key[1:]), *args)(*args)
     return y.view(*x.shape[:-1], inter)

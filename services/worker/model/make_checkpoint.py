@@ -28,7 +28,8 @@ from services.worker.model.layout import TensorSpec, expected_tensors
 from services.worker.model.mxfp4 import quantize
 
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 16 * 1024 * 1024
+# Small shards for the tiny model so tests exercise several files; HF-sized ones otherwise.
+DEFAULT_MAX_SHARD_BYTES = {"tiny": 16 * 2**20, "20b": 4 * 2**30, "120b": 4 * 2**30}
 
 # The embedded default model: the real o200k_harmony vocabulary (so the tokenizer
 # fits), everything else small enough for CPU tests. A window of 32 lets tests
@@ -78,12 +79,12 @@ def make_checkpoint(
     path: str,
     seed: int = 0,
     preset: str = "tiny",
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    max_shard_bytes: int | None = None,
     **config_overrides,
 ) -> str:
     """Write (or keep, if already complete) a random checkpoint at path; returns path."""
     config = preset_config(preset, **config_overrides)
-    shards = plan_shards(expected_tensors(config), max_shard_bytes)
+    shards = plan_shards(expected_tensors(config), max_shard_bytes or DEFAULT_MAX_SHARD_BYTES[preset])
     index = build_index(shards, seed)
     if _is_complete(path, config, index):
         return path
@@ -189,8 +190,12 @@ def _generate(specs: list[TensorSpec], config: GptOssConfig, seed: int):
             if base not in floats:
                 experts, rows, groups = spec.shape[:3]
                 mean, std = _std_of(base, config)
-                values = torch.randn((experts, rows, groups * 32), generator=_generator(seed, base)) * std + mean
-                floats[base] = quantize(values)
+                generator = _generator(seed, base)
+                # one expert at a time keeps quantize's temporaries small on the 20b/120b shapes
+                packed = [quantize(torch.randn((rows, groups * 32), generator=generator) * std + mean)
+                          for _ in range(experts)]
+                floats[base] = (torch.stack([b for b, _ in packed]), torch.stack([s for _, s in packed]))
+                del packed
             blocks, scales = floats[base]
             yield spec, (blocks if spec.name.endswith("_blocks") else scales)
             continue
@@ -212,8 +217,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sliding-window", type=int, default=None, help="window of the sliding layers")
     parser.add_argument("--layer-types", default=None,
                         help="comma-separated 'sliding'/'full' per layer (default: alternating)")
-    parser.add_argument("--max-shard-mb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**20,
-                        help="largest shard file in MiB")
+    parser.add_argument("--max-shard-mb", type=float, default=None,
+                        help="largest shard file in MiB (default 16 for tiny, 4096 for 20b/120b)")
     parser.add_argument("--print-config", action="store_true", help="print config.json and write nothing")
 
 
@@ -247,6 +252,8 @@ def main(settings, args) -> int:
     from services.worker.model.errors import CheckpointError
 
     try:
+        if args.max_shard_mb is not None and args.max_shard_mb <= 0:
+            raise ValueError(f"--max-shard-mb must be positive, got {args.max_shard_mb}")
         overrides = overrides_from_args(args)
         config = preset_config(args.preset, **overrides)
     except (ValueError, CheckpointError) as exc:
@@ -256,7 +263,7 @@ def main(settings, args) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     out = args.out or settings.model_path
-    make_checkpoint(out, seed=args.seed, preset=args.preset,
-                    max_shard_bytes=int(args.max_shard_mb * 2**20), **overrides)
+    shard_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
+    make_checkpoint(out, seed=args.seed, preset=args.preset, max_shard_bytes=shard_bytes, **overrides)
     print(f"checkpoint written to {out}")
     return 0

@@ -43,8 +43,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._stats = engine.stats()
-        self._stored: list[int] = []
-        self._removed: list[int] = []
+        self._kv_events: dict[int, bool] = {}  # hash -> stored; netted as in BlockPool
         self._thread = threading.Thread(target=self._run, name="rose-engine", daemon=True)
         self._thread.start()
 
@@ -99,11 +98,10 @@ class AsyncEngine:
             return self._stats
 
     def drain_kv_events(self) -> tuple[list[int], list[int]]:
-        """(stored, removed) prefix-block hashes since the last call."""
+        """Net (stored, removed) prefix-block hashes since the last call (a hash in one list at most)."""
         with self._cond:
-            stored, removed = self._stored, self._removed
-            self._stored, self._removed = [], []
-        return stored, removed
+            events, self._kv_events = self._kv_events, {}
+        return [h for h, kept in events.items() if kept], [h for h, kept in events.items() if not kept]
 
     @property
     def running(self) -> bool:
@@ -143,8 +141,9 @@ class AsyncEngine:
             stored, removed = engine.drain_kv_events()
             with self._cond:
                 self._stats = engine.stats()
-                self._stored += stored
-                self._removed += removed
+                for h, kept in [(h, False) for h in removed] + [(h, True) for h in stored]:
+                    self._kv_events.pop(h, None)
+                    self._kv_events[h] = kept
             for out in outputs:
                 self._deliver(out.request_id, out)
         self._close_streams()

@@ -49,8 +49,8 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._by_hash: dict[int, int] = {}
         self._record_events = record_events
-        self._stored: list[int] = []
-        self._removed: list[int] = []
+        # hash -> True (stored) / False (removed); the last event of a hash wins
+        self._events: dict[int, bool] = {}
 
     @property
     def num_total(self) -> int:
@@ -107,18 +107,25 @@ class BlockPool:
             return
         block.hash = block_hash_
         self._by_hash[block_hash_] = block_id
-        if self._record_events:
-            self._stored.append(block_hash_)
+        self._note(block_hash_, True)
 
     def drain_events(self) -> tuple[list[int], list[int]]:
-        stored, removed = self._stored, self._removed
-        self._stored, self._removed = [], []
-        return stored, removed
+        """Net (stored, removed) hashes since the last drain; a hash is in at most one list.
+
+        A hash stored and evicted within one period is reported removed, so a receiver
+        applying removals then stores ends with exactly the pool's cached hashes.
+        """
+        events, self._events = self._events, {}
+        return [h for h, kept in events.items() if kept], [h for h, kept in events.items() if not kept]
+
+    def _note(self, block_hash_: int, stored: bool) -> None:
+        if self._record_events:
+            self._events.pop(block_hash_, None)
+            self._events[block_hash_] = stored
 
     def _forget(self, block: Block) -> None:
         del self._by_hash[block.hash]
-        if self._record_events:
-            self._removed.append(block.hash)
+        self._note(block.hash, False)
         block.hash = None
 
 
@@ -289,7 +296,7 @@ class BlockManager:
 
     # ------------------------------------------------------------------ events
     def drain_kv_events(self) -> tuple[list[int], list[int]]:
-        """(stored, removed) hashes since the last drain, of the indexed group."""
+        """Net (stored, removed) hashes since the last drain, of the indexed group."""
         stored, removed = [], []
         for pool in self.pools.values():
             s, r = pool.drain_events()

@@ -36,8 +36,11 @@ def test_pool_allocates_uncached_blocks_before_evicting_cached_ones():
     assert pool.lookup(111) == a
     assert pool.allocate() == a  # only now is the cached block evicted
     assert pool.lookup(111) is None
-    assert pool.drain_events() == ([111], [111])
+    assert pool.drain_events() == ([], [111])  # net: stored then evicted
     assert pool.drain_events() == ([], [])
+    pool.register(a, 111)
+    pool.register(b, 222)
+    assert pool.drain_events() == ([111, 222], [])
 
 
 def test_pool_evicts_least_recently_freed_first():

@@ -256,3 +256,16 @@ def test_packed_experts_give_the_same_logits(parity_path, model):
     assert experts.gate_up_proj_blocks.dtype == torch.uint8 and not hasattr(experts, "gate_up_proj")
     ids = _tokens(50, seed=11)
     assert torch.equal(_run_one_shot(packed, ids), _run_one_shot(model, ids))
+
+
+def test_malformed_batches_are_rejected(model):
+    kv = model.make_kv_cache({"full": 4, "sliding": 4}, BLOCK)
+    tables = {"full": [[0, 1]], "sliding": [[2, 3]]}
+    with pytest.raises(ValueError, match="no sequence"):
+        model(ForwardBatch(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), [], [], {}), kv)
+    with pytest.raises(ValueError, match="must both be"):
+        model(ForwardBatch(_tokens(10, 1), torch.arange(9), [10], [10], tables), kv)
+    with pytest.raises(ValueError, match="1 query_lens but 2 context_lens"):
+        model(ForwardBatch(_tokens(10, 1), torch.arange(10), [10], [10, 3], tables), kv)
+    with pytest.raises(ValueError, match="query_len <= context_len"):
+        model(ForwardBatch(_tokens(10, 1), torch.arange(10), [10], [5], tables), kv)

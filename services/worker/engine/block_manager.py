@@ -124,6 +124,7 @@ class BlockPool:
             self._events[block_hash_] = stored
 
     def _forget(self, block: Block) -> None:
+        """Drop a block's cache entry (it stays allocated if in use)."""
         del self._by_hash[block.hash]
         self._note(block.hash, False)
         block.hash = None
@@ -281,17 +282,22 @@ class BlockManager:
                 if table[i] != NO_BLOCK and pool.blocks[table[i]].hash is None:
                     pool.register(table[i], seq.hashes[i])
 
-    def free(self, seq: BlockTables) -> None:
+    def free(self, seq: BlockTables, keep_cached: bool = True) -> None:
         """Release every block of a sequence (finished, aborted, failed or preempted).
 
         Released back to front so a prefix's tail is evicted before its head, which
-        other prompts are likelier to share.
+        other prompts are likelier to share. keep_cached=False (a failed request)
+        also drops the cache entries of blocks no one else holds: their KV is suspect.
         """
         for group, pool in self.pools.items():
             table = seq.tables.get(group, [])
             for block_id in reversed(table):
-                if block_id != NO_BLOCK:
-                    pool.release(block_id)
+                if block_id == NO_BLOCK:
+                    continue
+                block = pool.blocks[block_id]
+                if not keep_cached and block.ref_count == 1 and block.hash is not None:
+                    pool._forget(block)
+                pool.release(block_id)
             table.clear()
 
     # ------------------------------------------------------------------ events

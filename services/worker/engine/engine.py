@@ -26,7 +26,7 @@ from services.worker.engine.kv_sizing import kv_blocks_per_group
 from services.worker.engine.sampler import SamplingRow, check_params, make_generator, sample
 from services.worker.engine.scheduler import Chunk, Scheduler
 from services.worker.engine.sequence import RequestOutput, Sequence, Status
-from services.worker.model.batch import GROUPS, ForwardBatch
+from services.worker.model.batch import GROUPS, ForwardBatch, PagedKVCache
 from shared.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class Engine:
             num_blocks = {g: num_blocks for g in groups}
         self.block_size = block_size
         self.blocks = BlockManager(groups, num_blocks, block_size, window=config.max_window)
-        self.kv = model.make_kv_cache(num_blocks, block_size)
+        self.kv = PagedKVCache.allocate(config.layer_groups, num_blocks, block_size, config.num_key_value_heads,
+                                        config.head_dim, model.dtype, model.device)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = model.device
@@ -263,7 +264,7 @@ class Engine:
         """End a request: free its blocks and keep it for the next output."""
         if seq.status is Status.FINISHED:
             return
-        self.scheduler.remove(seq)
+        self.scheduler.remove(seq, keep_cached=reason != "error")
         seq.finish_reason = reason
         seq.error = error
         self._done.append(seq)

@@ -48,18 +48,19 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: Sequence, keep_cached: bool = True) -> None:
         """Take a sequence out of the queues and free its blocks."""
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free(seq.blocks)
+        self.blocks.free(seq.blocks, keep_cached)
         seq.status = Status.FINISHED
 
     def schedule(self) -> list[Chunk]:
         """Plan one step and take the blocks it needs."""
         budget = self.max_num_batched_tokens
+        preemptions = self.num_preemptions
         chunks: list[Chunk] = []
         scheduled: set[int] = set()
         decoding = [s for s in self.running if s.num_uncomputed == 1]
@@ -74,7 +75,9 @@ class Scheduler:
                 chunks.append(chunk)
                 scheduled.add(id(seq))
                 budget -= chunk.end - chunk.start
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # After a preemption the blocks are short: admitting now would only thrash.
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.num_preemptions == preemptions):
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break

@@ -40,7 +40,7 @@ class RequestOutput:
         return self.finish_reason is not None
 
 
-@dataclass
+@dataclass(eq=False)  # identity: queues remove a sequence by who it is, not by its fields
 class Sequence:
     """A request's state; token_ids grows by one per decode step (prompt then output)."""
 

@@ -133,6 +133,11 @@ def test_non_finite_logits_fail_only_that_request(make_engine, small_model):
     assert "non-finite" in results["poisoned"][-1].error
     healthy = [t for o in results["healthy"] for t in o.token_ids]
     assert healthy == generate_contiguous(small_model, prompt(41, seed=41), greedy(8)).token_ids
+    # The failed request's blocks left the prefix cache: the same prompt is computed afresh.
+    engine.add_request("again", prompt(23, seed=23), greedy(8))
+    again = run_all(engine)["again"]
+    assert again.last.cached_tokens == 0
+    assert again.token_ids == generate_contiguous(small_model, prompt(23, seed=23), greedy(8)).token_ids
 
 
 def test_out_of_blocks_requests_wait_or_are_preempted_and_all_finish(make_engine, small_model):
@@ -152,6 +157,24 @@ def test_out_of_blocks_requests_wait_or_are_preempted_and_all_finish(make_engine
         assert results[name][-1].finish_reason == "length"
         got = [t for o in results[name] for t in o.token_ids]
         assert got == generate_contiguous(small_model, tokens, greedy(16)).token_ids, name
+
+
+def test_prefix_hit_shrinks_when_the_sliding_window_blocks_were_evicted(make_engine, small_model):
+    # Plenty of full blocks, few sliding ones: the full group keeps the whole prefix while
+    # other traffic evicts the sliding blocks its window needs.
+    engine = make_engine(num_blocks={"full": 64, "sliding": 8})
+    shared = prompt(37, seed=11)
+    engine.add_request("a", shared + prompt(6, seed=12), greedy(4))
+    run_all(engine)
+    engine.add_request("churn", prompt(30, seed=13), greedy(2))
+    run_all(engine)
+    before = engine.stats().prefill_tokens_computed
+    second = shared + prompt(9, seed=14)
+    engine.add_request("b", second, greedy(8))
+    result = run_all(engine)["b"]
+    assert result.last.cached_tokens < (37 // 4) * 4
+    assert engine.stats().prefill_tokens_computed - before == len(second) - result.last.cached_tokens
+    assert result.token_ids == generate_contiguous(small_model, second, greedy(8)).token_ids
 
 
 def test_limits_max_num_seqs_and_token_budget(make_engine):

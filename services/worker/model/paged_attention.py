@@ -15,6 +15,8 @@ import torch
 
 from services.worker.model.batch import NO_BLOCK, ForwardBatch
 
+SCORE_ELEMENTS = 1 << 26  # most attention scores held at once (256 MiB in float32)
+
 
 @dataclass
 class AttentionPlan:
@@ -127,9 +129,15 @@ def paged_attention(
     keys = k_flat[plan.key_slots].float()  # [S, K, kv_heads, head_dim]
     # padding keys read whatever sits in slot 0; a zero probability times NaN would still be NaN
     values = v_flat[plan.key_slots].float().masked_fill(~plan.key_valid[:, :, None, None], 0.0)
-    scores = torch.einsum("sqhgd,skhd->shgqk", queries, keys) * scale  # [S, kvh, g, Q, K]
-    scores = scores.masked_fill(~plan.mask[:, None, None, :, :], float("-inf"))
-    sink = sinks.float().view(1, kv_heads, group_size, 1, 1).expand(seqs, -1, -1, max_q, 1)
-    probs = torch.softmax(torch.cat((scores, sink), dim=-1), dim=-1)[..., :-1]
-    out = torch.einsum("shgqk,skhd->sqhgd", probs, values)  # [S, Q, kvh, g, head_dim]
+    sink = sinks.float().view(1, kv_heads, group_size, 1, 1)
+    # long prefills go in query slices so the score tensor stays bounded
+    step = max(1, SCORE_ELEMENTS // (seqs * num_heads * max(1, keys.shape[1])))
+    pieces = []
+    for q0 in range(0, max_q, step):
+        scores = torch.einsum("sqhgd,skhd->shgqk", queries[:, q0:q0 + step], keys) * scale  # [S, kvh, g, q, K]
+        scores = scores.masked_fill(~plan.mask[:, None, None, q0:q0 + step, :], float("-inf"))
+        sink_column = sink.expand(seqs, -1, -1, scores.shape[3], 1)
+        probs = torch.softmax(torch.cat((scores, sink_column), dim=-1), dim=-1)[..., :-1]
+        pieces.append(torch.einsum("shgqk,skhd->sqhgd", probs, values))  # [S, q, kvh, g, head_dim]
+    out = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
     return out.reshape(seqs, max_q, num_heads * head_dim)[plan.query_valid]

@@ -269,3 +269,12 @@ def test_malformed_batches_are_rejected(model):
         model(ForwardBatch(_tokens(10, 1), torch.arange(10), [10], [10, 3], tables), kv)
     with pytest.raises(ValueError, match="query_len <= context_len"):
         model(ForwardBatch(_tokens(10, 1), torch.arange(10), [10], [5], tables), kv)
+
+
+def test_query_slicing_of_long_prefills_changes_nothing(model, monkeypatch):
+    import services.worker.model.paged_attention as paged
+
+    ids = _tokens(90, seed=12)
+    whole = _run_one_shot(model, ids)
+    monkeypatch.setattr(paged, "SCORE_ELEMENTS", 4 * 90 * 7)  # slices of 7 queries
+    assert (_run_one_shot(model, ids) - whole).abs().max() <= 1e-5

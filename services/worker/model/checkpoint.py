@@ -14,6 +14,7 @@ model never holds two copies of the weights.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 
@@ -24,6 +25,8 @@ from services.worker.model.config import GptOssConfig
 from services.worker.model.errors import CheckpointError
 from services.worker.model.layout import TensorSpec, expected_tensors
 from services.worker.model.mxfp4 import dequantize
+
+log = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -48,6 +51,9 @@ class Checkpoint:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise CheckpointError(f"{path}: tensor {missing[0]} is missing{more}")
+        unused = sorted(set(self.weight_map) - set(self.specs))
+        if unused:
+            log.warning("%s: ignoring %d tensors gpt-oss does not use, e.g. %s", path, len(unused), unused[0])
 
     def _read_weight_map(self) -> dict[str, str]:
         index_file = os.path.join(self.path, INDEX_FILE)

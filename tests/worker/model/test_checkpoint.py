@@ -147,3 +147,18 @@ def test_per_layer_expert_counts_are_written_and_loaded(tmp_path):
     assert state["model.layers.0.mlp.experts.down_proj"].shape == (8, 64, 64)
     assert state["model.layers.1.mlp.experts.down_proj"].shape == (5, 64, 64)
     assert state["model.layers.1.mlp.router.bias"].shape == (5,)
+
+
+def test_a_single_file_checkpoint_loads_and_extra_tensors_are_ignored(small_checkpoint, tmp_path, caplog):
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(os.path.join(small_checkpoint, "config.json"), single / "config.json")
+    tensors = dict(Checkpoint(small_checkpoint).iter_raw())
+    tensors["model.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(tensors, str(single / "model.safetensors"), metadata={"format": "pt"})
+    with caplog.at_level("WARNING"):
+        state = Checkpoint(str(single)).load_state()
+    assert "model.rotary_emb.inv_freq" not in state and "ignoring 1 tensors" in caplog.text
+    reference = Checkpoint(small_checkpoint).load_state()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[n], reference[n]) for n in state)

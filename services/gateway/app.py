@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+
+import redis.asyncio as aioredis
 
 from fastapi import FastAPI
 
 from shared.apikeys import KeyRing
 
+from .auth import make_limiter
 from .errors import error_body, install_error_handlers
 from .formatter_link import FormatterPool
 from .metrics import Metrics
@@ -72,11 +76,17 @@ def create_app(settings, pool: FormatterPool | None = None) -> FastAPI:
             yield
         finally:
             await app.state.pool.stop()
+            await asyncio.gather(*app.state.background, return_exceptions=True)
+            await app.state.redis.aclose()
 
     app = FastAPI(title="rose", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.keyring = KeyRing.from_settings(settings)
+    # from_url connects lazily: without rate limits Redis is never contacted.
+    app.state.redis = aioredis.from_url(settings.redis_url)
+    app.state.limiter = make_limiter(settings, app.state.redis)
+    app.state.background = set()  # fire-and-forget tasks (token charges), kept referenced
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)

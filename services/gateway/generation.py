@@ -20,6 +20,7 @@ from fastapi import Request
 from shared import telemetry
 from shared.protocol import Delta
 
+from .auth import charge_usage
 from .errors import APIError
 from .formatter_link import FormatterPool, NoFormatter
 from .metrics import Metrics
@@ -61,7 +62,8 @@ class UsageTotals:
 
 
 class Generation:
-    def __init__(self, pool: FormatterPool, stream, endpoint: str, model: str, choices: int, timeout: float, metrics: Metrics, span):
+    def __init__(self, request: Request, pool: FormatterPool, stream, endpoint: str, model: str, choices: int, timeout: float, metrics: Metrics, span):
+        self.request = request
         self.pool = pool
         self.stream = stream
         self.endpoint = endpoint
@@ -98,7 +100,7 @@ class Generation:
         except NoFormatter as exc:
             span.end()
             raise APIError(503, str(exc), None, "not_ready", {"Retry-After": "1"}) from None
-        gen = cls(pool, stream, endpoint, body.model, body.choices, state.settings.request_timeout, state.metrics, span)
+        gen = cls(request, pool, stream, endpoint, body.model, body.choices, state.settings.request_timeout, state.metrics, span)
         state.metrics.in_flight.inc()
         try:
             first = await gen._next()
@@ -151,6 +153,7 @@ class Generation:
         usage = self.usage.as_dict()
         self.metrics.prompt_tokens.inc(usage["prompt_tokens"])
         self.metrics.completion_tokens.inc(usage["completion_tokens"])
+        charge_usage(self.request, usage["total_tokens"])
         self.span.set_attribute("http.status_code", self._status)
         self.span.set_attribute("rose.completion_tokens", usage["completion_tokens"])
         self.span.end()

@@ -129,11 +129,11 @@ class AsyncEngine:
             for request_id, token_ids, params in adds:
                 try:
                     engine.add_request(request_id, token_ids, params)
-                except EngineInputError as exc:
+                except Exception as exc:  # EngineInputError, or a bug: that stream raises it
                     self._deliver(request_id, exc)
-            for request_id in aborts:
-                engine.abort(request_id)
             try:
+                for request_id in aborts:
+                    engine.abort(request_id)
                 outputs = engine.step()
             except Exception as exc:  # a bug in the step: fail what is running, keep serving
                 log.exception("engine step failed")

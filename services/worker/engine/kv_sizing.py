@@ -16,7 +16,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CPU_KV_CAP_BYTES = 1 << 30
+# torch.zeros touches every page, so the CPU cache is resident from the start: keep it modest.
+CPU_KV_CAP_BYTES = 256 << 20
 CUDA_FREE_FRACTION = 0.85  # the rest stays for activations and the allocator's slack
 
 
@@ -36,8 +37,8 @@ def memory_budget(device: torch.device) -> int:
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        ram = 4 * CPU_KV_CAP_BYTES
-    return min(CPU_KV_CAP_BYTES, ram // 4)
+        ram = 8 * CPU_KV_CAP_BYTES
+    return min(CPU_KV_CAP_BYTES, ram // 8)
 
 
 def kv_blocks_per_group(model, settings, max_model_len: int) -> dict[str, int]:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 
 import torch
 from safetensors.torch import save_file
@@ -28,6 +29,7 @@ from services.worker.model.layout import TensorSpec, expected_tensors
 from services.worker.model.mxfp4 import quantize
 
 INDEX_FILE = "model.safetensors.index.json"
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 # Small shards for the tiny model so tests exercise several files; HF-sized ones otherwise.
 DEFAULT_MAX_SHARD_BYTES = {"tiny": 16 * 2**20, "20b": 4 * 2**30, "120b": 4 * 2**30}
 
@@ -89,11 +91,16 @@ def make_checkpoint(
     if _is_complete(path, config, index):
         return path
     os.makedirs(path, exist_ok=True)
+    # an index is the mark of a complete folder: drop it (and shards of an older plan) first
+    planned = {file_name for file_name, _ in shards}
+    for name in os.listdir(path):
+        if name == INDEX_FILE or (_SHARD_NAME.fullmatch(name) and name not in planned):
+            os.remove(os.path.join(path, name))
     _write_json(os.path.join(path, "config.json"), config.to_dict())
     _write_json(os.path.join(path, "generation_config.json"), _generation_config(config))
     for file_name, specs in shards:
         tensors = {spec.name: spec_tensor for spec, spec_tensor in _generate(specs, config, seed)}
-        tmp = os.path.join(path, file_name + ".tmp")
+        tmp = os.path.join(path, f"{file_name}.{os.getpid()}.tmp")  # unique: two writers may race
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, file_name))
         del tensors
@@ -148,7 +155,7 @@ def _generation_config(config: GptOssConfig) -> dict:
 
 
 def _write_json(file: str, data: dict) -> None:
-    tmp = file + ".tmp"
+    tmp = f"{file}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)
         fh.write("\n")

@@ -162,3 +162,14 @@ def test_a_single_file_checkpoint_loads_and_extra_tensors_are_ignored(small_chec
     reference = Checkpoint(small_checkpoint).load_state()
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[n], reference[n]) for n in state)
+
+
+def test_rewriting_with_another_plan_leaves_no_stale_shards(small_checkpoint, tmp_path):
+    folder = _copy(small_checkpoint, tmp_path / "replan")
+    make_checkpoint(folder, seed=3, max_shard_bytes=1 << 30, **SMALL)
+    shards = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))
+    assert shards == ["model-00001-of-00001.safetensors"]
+    assert not [f for f in os.listdir(folder) if f.endswith(".tmp")]
+    reference = Checkpoint(small_checkpoint).load_state()
+    state = Checkpoint(folder).load_state()
+    assert all(torch.equal(state[n], reference[n]) for n in reference)

@@ -73,12 +73,20 @@ def measure(fn_sets) -> tuple[float, str]:
         return _loop_time(fn_sets), "loop"
 
 
-def copy_bandwidth() -> float:
-    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written."""
+def copy_bandwidth() -> tuple[float, float]:
+    """Bytes/s of a 1 GiB device-to-device copy, counting bytes read plus written:
+    (torch's copy_, a 16-byte-vector CuTeDSL row copy). The larger is the ceiling."""
+    from kernels.moe_dispatch import gather_rows
+
     src = torch.randn(256 << 20, device="cuda")
     dst = torch.empty_like(src)
-    t, _ = measure([lambda: dst.copy_(src)])
-    return 2 * src.numel() * 4 / t
+    t_torch, _ = measure([lambda: dst.copy_(src)])
+    rows = src.view(torch.bfloat16).view(-1, 4096)
+    out = dst.view(torch.bfloat16).view(-1, 4096)
+    identity = torch.arange(rows.shape[0], device="cuda", dtype=torch.int32)
+    t_vec, _ = measure([lambda: gather_rows(rows, identity, out)])
+    assert torch.equal(out, rows)
+    return 2 * src.numel() * 4 / t_torch, 2 * src.numel() * 4 / t_vec
 
 
 def _copies(make, nbytes: int):
@@ -128,7 +136,7 @@ def cases(tokens: int):
     out.append(("moe route", tokens * K * 4 * 3, routed,
                 lambda ids, r, x, ys, w: moe_dispatch.route(ids, E, out=r),
                 lambda ids, r, x, ys, w: torch_route(ids), None))
-    out.append(("moe dispatch", 2 * tokens * K * H * 2, routed,
+    out.append(("moe dispatch", (tokens + tokens * K) * H * 2, routed,
                 lambda ids, r, x, ys, w: moe_dispatch.dispatch(x, r),
                 lambda ids, r, x, ys, w: x[r.src.long()], None))
     out.append(("moe combine", (tokens * K + tokens) * H * 2, routed,
@@ -185,8 +193,11 @@ def run_attention(batches: list[int], bw: float) -> list[dict]:
 
 
 def run(token_counts: list[int], attention: bool = False, kernels: bool = True) -> list[dict]:
-    bw = copy_bandwidth()
-    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth: {bw / 1e12:.2f} TB/s (read+write)")
+    bw_torch, bw_vec = copy_bandwidth()
+    bw = max(bw_torch, bw_vec)
+    print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write, 1 GiB): torch copy_ "
+          f"{bw_torch / 1e12:.2f} TB/s, 16-byte vector copy {bw_vec / 1e12:.2f} TB/s; % below are of "
+          f"{bw / 1e12:.2f}")
     rows = []
     if attention:
         rows += run_attention([1, 64], bw)

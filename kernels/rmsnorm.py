@@ -46,25 +46,43 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
         lane = tidx % 32
         row = bidx * ROWS_PER_CTA + tidx // 32
         if row < mX.shape[0]:
+            # Loads are unconditional (the tail lane re-reads the last vector) so all of a
+            # lane's vectors are in flight at once; only the tail's use and store are guarded.
             vals = cute.make_rmem_tensor((per_lane, VEC), Float32)
             sumsq = Float32(0.0)
             for j in cutlass.range_constexpr(per_lane):
                 v = lane + 32 * j
-                if v < nvec:
-                    h = mX[row, v, None].load().to(Float32)
+                if cutlass.const_expr(32 * (j + 1) > nvec):
+                    v = cutlass.min(v, nvec - 1)
+                h = mX[row, v, None].load().to(Float32)
+                if cutlass.const_expr(fused_residual):
+                    h = h + mR[row, v, None].load().to(Float32)
+                vals[j, None].store(h)
+            for j in cutlass.range_constexpr(per_lane):
+                h = vals[j, None].load()
+                part = (h * h).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                if cutlass.const_expr(32 * (j + 1) > nvec):
+                    if lane + 32 * j < nvec:
+                        sumsq = sumsq + part
+                        if cutlass.const_expr(fused_residual):
+                            mH[row, lane + 32 * j, None].store(h.to(out_t))
+                else:
+                    sumsq = sumsq + part
                     if cutlass.const_expr(fused_residual):
-                        h = h + mR[row, v, None].load().to(Float32)
-                        mH[row, v, None].store(h.to(out_t))
-                    vals[j, None].store(h)
-                    sumsq = sumsq + (h * h).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                        mH[row, lane + 32 * j, None].store(h.to(out_t))
             sumsq = cute.arch.warp_reduction_sum(sumsq)
             rstd = cute.math.rsqrt(sumsq / Float32(hidden) + eps, fastmath=True)
             for j in cutlass.range_constexpr(per_lane):
                 v = lane + 32 * j
-                if v < nvec:
-                    y = vals[j, None].load() * rstd
-                    if cutlass.const_expr(has_weight):
-                        y = y * mW[v, None].load().to(Float32)
+                if cutlass.const_expr(32 * (j + 1) > nvec):
+                    v = cutlass.min(v, nvec - 1)
+                y = vals[j, None].load() * rstd
+                if cutlass.const_expr(has_weight):
+                    y = y * mW[v, None].load().to(Float32)
+                if cutlass.const_expr(32 * (j + 1) > nvec):
+                    if lane + 32 * j < nvec:
+                        mY[row, v, None].store(y.to(out_t))
+                else:
                     mY[row, v, None].store(y.to(out_t))
 
     @cute.jit

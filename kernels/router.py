@@ -65,8 +65,9 @@ def _launcher(num_experts: int, k: int, dtype: torch.dtype):
                         vals[j] = Float32(neg_inf)
             if lane == 0:
                 total = Float32(0.0)
+                top = top_v[0]  # the largest: exp never overflows
                 for r in cutlass.range_constexpr(k):
-                    top_v[r] = cute.math.exp(top_v[r] - top_v[0], fastmath=True)
+                    top_v[r] = cute.math.exp(top_v[r] - top, fastmath=True)
                     total = total + top_v[r]
                 for r in cutlass.range_constexpr(k):
                     mI[row, r] = top_i[r]

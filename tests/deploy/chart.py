@@ -24,11 +24,13 @@ def load_values(name: str = "values.yaml") -> dict:
 
 
 def templates() -> dict[str, str]:
-    """template file name -> source (every file under templates/)."""
+    """template path under templates/ -> source (every file, tests/ included)."""
     out = {}
-    for path in sorted(glob.glob(os.path.join(CHART, "templates", "*"))):
-        with open(path) as f:
-            out[os.path.basename(path)] = f.read()
+    root = os.path.join(CHART, "templates")
+    for path in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        if os.path.isfile(path):
+            with open(path) as f:
+                out[os.path.relpath(path, root)] = f.read()
     return out
 
 

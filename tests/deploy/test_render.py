@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from services import healthcheck
 from services.cli import COMMANDS
 from shared.config import Settings
 
@@ -33,6 +34,8 @@ VALUE_SETS = {
         "apiKeys": {"create": True, "keys": [KEY_HASH, "plain-key"]},
         "redis": {"existingSecret": "managed-redis", "secretKey": "url"},
         "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+        "ingress": {"enabled": True, "className": "nginx", "host": "llm.example.com",
+                    "tls": [{"hosts": ["llm.example.com"], "secretName": "llm-tls"}]},
         "config": {"ROSE_REQUEST_TIMEOUT": "300", "ROSE_OTEL_EXPORTER": "otlp"},
         "gateway": {"autoscaling": {"enabled": False}, "replicas": 3, "env": {"ROSE_MAX_BODY_BYTES": "1048576"},
                     "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
@@ -45,7 +48,7 @@ VALUE_SETS = {
                                                           "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "worker"}}}}]}}},
     },
     "existing-api-keys-bundled-redis": {"apiKeys": {"existingSecret": "rose-keys", "secretKey": "keys.txt"},
-                                        "redis": {"enabled": True}},
+                                        "redis": {"enabled": True}, "ingress": {"enabled": True}},
 }
 
 
@@ -99,6 +102,9 @@ def test_expected_objects(rendered):
     assert kinds.count("StatefulSet") == (1 if values["redis"]["enabled"] else 0)
     assert kinds.count("HorizontalPodAutoscaler") == sum(values[c]["autoscaling"]["enabled"] for c in ("gateway", "formatter"))
     assert kinds.count("ServiceMonitor") == int(values["serviceMonitor"]["enabled"])
+    assert kinds.count("Ingress") == int(values["ingress"]["enabled"])
+    (test_pod,) = by_kind(objects, "Pod")
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     assert len({(o["kind"], o["metadata"]["name"]) for o in objects}) == len(objects), "duplicate object names"
 
 
@@ -178,6 +184,27 @@ def test_components_reach_each_other(rendered):
             assert redis["valueFrom"]["secretKeyRef"] == {"name": "managed-redis", "key": "url"}
         else:
             assert redis["value"] == values["redis"]["url"]
+
+
+def test_ingress_and_helm_test_reach_the_gateway(rendered):
+    _, values, objects = rendered
+    (gateway,) = [s for s in by_kind(objects, "Service") if s["metadata"]["name"].endswith("-gateway")]
+    port_names = {p["name"] for p in gateway["spec"]["ports"]}
+    for ingress in by_kind(objects, "Ingress"):
+        (rule,) = ingress["spec"]["rules"]
+        assert rule.get("host", "") == values["ingress"]["host"]
+        (path,) = rule["http"]["paths"]
+        assert path["backend"]["service"] == {"name": gateway["metadata"]["name"], "port": {"name": "http"}}
+        assert path["backend"]["service"]["port"]["name"] in port_names
+        assert ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    (test_pod,) = by_kind(objects, "Pod")
+    (container,) = test_pod["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["ROSE_HOST"] == gateway["metadata"]["name"]
+    assert int(env["ROSE_PORT"]) == gateway["spec"]["ports"][0]["port"]
+    assert container["command"][:3] == ["python", "-m", "services.healthcheck"]
+    parsed = healthcheck.build_parser().parse_args(container["command"][3:])
+    assert parsed.role == "gateway" and parsed.ready
 
 
 def test_gpu_workers_and_cpu_workers(rendered):

@@ -67,7 +67,14 @@ def kv_blocks_per_group(model, settings, max_model_len: int) -> dict[str, int]:
         raise ValueError(
             f"one sequence of max_model_len {max_model_len} needs {needed / 2**20:.0f} MiB of KV cache but "
             f"{budget / 2**20:.0f} MiB are available; lower --max-model-len or set --num-kv-blocks")
-    scale = budget / total
-    blocks = {g: max(least[g], int(wanted[g] * scale)) for g in groups}
+    # The sliding group's want is small (windows, not contexts): serve it first, then
+    # give the rest to the full group, which is what bounds concurrency at long context.
+    full_size, sliding_size = sizes.get("full", 0), sizes.get("sliding", 0)
+    blocks = {}
+    if "sliding" in sizes:
+        room = (budget - least.get("full", 0) * full_size) // sliding_size if "full" in sizes else budget // sliding_size
+        blocks["sliding"] = max(least["sliding"], min(wanted["sliding"], room))
+    if "full" in sizes:
+        blocks["full"] = max(least["full"], (budget - blocks.get("sliding", 0) * sliding_size) // full_size)
     log.info("KV cache bounded by memory: %s blocks of %d tokens", blocks, bs)
     return blocks

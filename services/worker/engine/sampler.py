@@ -111,8 +111,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
         scaled = _truncate(logits[idx] / temps[:, None], [rows[i].params for i in drawn])
         probs = torch.softmax(scaled, dim=-1)
         noise = torch.empty_like(probs)
+        shared = [j for j, i in enumerate(drawn) if rows[i].generator is None]
+        if shared:
+            noise[shared] = torch.empty((len(shared), probs.shape[-1]), dtype=probs.dtype,
+                                        device=probs.device).exponential_(generator=generator)
         for j, i in enumerate(drawn):
-            noise[j].exponential_(generator=rows[i].generator or generator)
+            if rows[i].generator is not None:  # a seeded row reads only its own stream
+                noise[j].exponential_(generator=rows[i].generator)
         # An exact 0 draw would make 0/0 = NaN on a masked token, and argmax picks NaN.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         chosen[idx] = (probs / noise).argmax(dim=-1)

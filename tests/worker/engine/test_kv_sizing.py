@@ -31,6 +31,8 @@ def test_long_context_is_bounded_by_memory(small_model):
     assert used <= kv_sizing.memory_budget(small_model.device)
     assert blocks["full"] >= 131072 // 16  # still one whole-context sequence
     assert blocks["full"] < 64 * (131072 // 16)
+    # the sliding group keeps a window for all 64 sequences plus a prefill chunk
+    assert blocks["sliding"] == 64 * (math.ceil(17 / 16) + 1) + 2048 // 16
 
 
 def test_impossible_context_is_a_clear_error(small_model, monkeypatch):

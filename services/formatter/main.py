@@ -18,7 +18,7 @@ import zmq
 
 from shared import telemetry
 from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, TokenEvent, decode, encode
-from shared.vocab import load_harmony_encoding
+from shared.vocab import VocabError, load_harmony_encoding
 
 from .render import RenderError
 from .request import InFlightRequest, split_sub_request_id
@@ -251,8 +251,12 @@ def main(settings, args=None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    telemetry.setup_tracing("formatter", settings)
-    service = FormatterService(settings)
+    try:
+        telemetry.setup_tracing("formatter", settings)
+        service = FormatterService(settings)
+    except (ValueError, zmq.ZMQError, VocabError) as exc:  # bad settings: say so, no traceback
+        log.error("cannot start the formatter: %s", exc)
+        return 2
     signal.signal(signal.SIGTERM, service.stop)
     signal.signal(signal.SIGINT, service.stop)
     try:

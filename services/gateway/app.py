@@ -68,9 +68,11 @@ class BodyLimit:
 def create_app(settings, pool: FormatterPool | None = None) -> FastAPI:
     """The app; its lifespan starts the formatter links (or the given pool)."""
 
+    # Made here, not in the lifespan, so a bad ROSE_FORMATTER_URLS fails at once.
+    pool = pool or FormatterPool(settings)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.pool = pool or FormatterPool(settings)
         await app.state.pool.start()
         try:
             yield
@@ -81,6 +83,7 @@ def create_app(settings, pool: FormatterPool | None = None) -> FastAPI:
 
     app = FastAPI(title="rose", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.pool = pool
     app.state.metrics = Metrics()
     app.state.keyring = KeyRing.from_settings(settings)
     # from_url connects lazily: without rate limits Redis is never contacted.

@@ -38,8 +38,8 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._cond = threading.Condition()
-        self._adds: list[tuple[str, list[int], SamplingParams]] = []
-        self._aborts: list[str] = []
+        # ("add", id, tokens, params) / ("abort", id), applied in the order they came
+        self._commands: list[tuple] = []
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
         self._stats = engine.stats()
@@ -64,7 +64,7 @@ class AsyncEngine:
             self.engine.check_request(request_id, token_ids, params)
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
             self._streams[request_id] = stream
-            self._adds.append((request_id, list(token_ids), params))
+            self._commands.append(("add", request_id, list(token_ids), params))
             self._cond.notify()
         finished = False
         try:
@@ -83,13 +83,13 @@ class AsyncEngine:
                 if self._streams.get(request_id) is stream:
                     del self._streams[request_id]
                 if not finished and not self._stopping:
-                    self._aborts.append(request_id)
+                    self._commands.append(("abort", request_id))
                     self._cond.notify()
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its stream ends with finish_reason "abort". Unknown ids are ignored."""
         with self._cond:
-            self._aborts.append(request_id)
+            self._commands.append(("abort", request_id))
             self._cond.notify()
 
     def stats(self) -> EngineStats:
@@ -120,20 +120,14 @@ class AsyncEngine:
         engine = self.engine
         while True:
             with self._cond:
-                while not (self._stopping or self._adds or self._aborts or engine.has_work()):
+                while not (self._stopping or self._commands or engine.has_work()):
                     self._cond.wait()
                 if self._stopping:
                     break
-                adds, self._adds = self._adds, []
-                aborts, self._aborts = self._aborts, []
-            for request_id, token_ids, params in adds:
-                try:
-                    engine.add_request(request_id, token_ids, params)
-                except Exception as exc:  # EngineInputError, or a bug: that stream raises it
-                    self._deliver(request_id, exc)
+                commands, self._commands = self._commands, []
+            for command in commands:
+                self._apply(command)
             try:
-                for request_id in aborts:
-                    engine.abort(request_id)
                 outputs = engine.step()
             except Exception as exc:  # a bug in the step: fail what is running, keep serving
                 log.exception("engine step failed")
@@ -147,6 +141,16 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out.request_id, out)
         self._close_streams()
+
+    def _apply(self, command: tuple) -> None:
+        """One add or abort; an add the engine refuses raises in that request's stream."""
+        try:
+            if command[0] == "add":
+                self.engine.add_request(*command[1:])
+            else:
+                self.engine.abort(command[1])
+        except Exception as exc:  # EngineInputError, or a bug: it must not end the loop
+            self._deliver(command[1], exc)
 
     def _fail_all(self, message: str) -> list[RequestOutput]:
         """End every request with an error after an unexpected failure of the step."""

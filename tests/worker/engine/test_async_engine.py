@@ -133,3 +133,17 @@ async def test_shutdown_ends_open_streams(make_engine):
         await engine.generate("late", [1, 2], greedy(2)).__anext__()
     stats = engine.stats()
     assert stats.free_blocks == stats.total_blocks
+
+
+async def test_abort_right_after_submit_then_the_id_is_reused(async_engine, small_model):
+    stream = async_engine.generate("quick", prompt(23, seed=4), greedy(60))
+    first = asyncio.create_task(stream.__anext__())
+    await asyncio.sleep(0)  # the stream is registered and its add queued
+    async_engine.abort("quick")
+    outs = [await first] + [o async for o in stream]
+    assert outs[-1].finish_reason == "abort"
+    assert sum(len(o.token_ids) for o in outs) < 60
+    await wait_all_free(async_engine)
+    again = await collect(async_engine, "quick", prompt(23, seed=4), greedy(6))
+    expected = generate_contiguous(small_model, prompt(23, seed=4), greedy(6)).token_ids
+    assert [t for o in again for t in o.token_ids] == expected

@@ -187,3 +187,29 @@ def test_errors_are_openai_errors(api):
     with pytest.raises(openai.BadRequestError) as err:
         api.completions.create(model=api.model_id, prompt="x " * 200_000, max_tokens=4)
     assert err.value.status_code == 400
+
+
+def test_one_request_is_one_trace_across_the_four_services(mesh):
+    import os
+    import re
+    import time
+
+    m = mesh(formatters=1, workers=1, env={"ROSE_OTEL_EXPORTER": "console", "OTEL_BSP_SCHEDULE_DELAY": "50"})
+    client = openai.OpenAI(base_url=m.base_url, api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": "trace me"}], max_tokens=3)
+    names = {"gateway": "rose-gateway", "formatter-0": "rose-formatter", "scheduler": "rose-scheduler", "worker-0": "rose-worker"}
+    traces: dict[str, set[str]] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        for child, service in names.items():
+            with open(os.path.join(m.log_dir, f"{child}.log"), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+            if f'"service.name": "{service}"' in text:
+                traces[child] = set(re.findall(r'"trace_id": "(0x[0-9a-f]{32})"', text))
+        common = set.intersection(*traces.values()) if len(traces) == len(names) else set()
+        if common:
+            break
+        time.sleep(0.2)
+    assert len(traces) == len(names), f"spans only from {sorted(traces)}"
+    assert common, "no trace id shared by gateway, formatter, scheduler and worker"

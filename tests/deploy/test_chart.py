@@ -180,3 +180,46 @@ def test_compose_and_chart_agree_on_ports(values):
     scheduler = environment(services["scheduler"])
     assert scheduler["ROSE_SCHEDULER_FRONTEND"].endswith(f":{values['scheduler']['frontendPort']}")
     assert scheduler["ROSE_SCHEDULER_BACKEND"].endswith(f":{values['scheduler']['backendPort']}")
+
+
+# ---------------------------------------------------------------- values.schema.json (helm checks it on install)
+def _schema_validator():
+    import json
+
+    import jsonschema
+
+    with open(os.path.join(CHART, "values.schema.json")) as f:
+        schema = json.load(f)
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_values_files_match_the_schema(values):
+    from .test_render import VALUE_SETS
+
+    validator = _schema_validator()
+    validator.validate(values)
+    for name, override in VALUE_SETS.items():
+        validator.validate(merge_values(values, override))
+
+
+def test_schema_names_every_setting_and_only_settings():
+    validator = _schema_validator()
+    assert set(validator.schema["definitions"]["roseEnvName"]["enum"]) == set(SETTING_BY_ENV)
+
+
+@pytest.mark.parametrize("override", [
+    {"gatway": {"replicas": 2}},  # a typo at the top
+    {"gateway": {"replicas": "two"}},
+    {"scheduler": {"replicas": 2}},  # one scheduler only
+    {"config": {"ROSE_LOGLEVEL": "debug"}},  # not a setting
+    {"worker": {"env": {"CUDA_VISIBLE_DEVICES": "0"}}},
+    {"formatter": {"readinessProbe": {"periodSeconds": 0}}},
+    {"redis": {"url": "localhost:6379"}},
+    {"image": {"pullPolicy": "Sometimes"}},
+])
+def test_schema_rejects_bad_values(values, override):
+    import jsonschema
+
+    with pytest.raises(jsonschema.ValidationError):
+        _schema_validator().validate(merge_values(values, override))

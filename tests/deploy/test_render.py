@@ -37,12 +37,15 @@ VALUE_SETS = {
         "ingress": {"enabled": True, "className": "nginx", "host": "llm.example.com",
                     "tls": [{"hosts": ["llm.example.com"], "secretName": "llm-tls"}]},
         "config": {"ROSE_REQUEST_TIMEOUT": "300", "ROSE_OTEL_EXPORTER": "otlp"},
+        "extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel-collector:4318"}],
         "gateway": {"autoscaling": {"enabled": False}, "replicas": 3, "env": {"ROSE_MAX_BODY_BYTES": "1048576"},
                     "service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
                     "podAnnotations": {"example.com/team": "llm"}},
         "formatter": {"nodeSelector": {"pool": "cpu"}},
         "scheduler": {"env": {"ROSE_MAX_QUEUE": "1024"}},
-        "worker": {"replicas": 4, "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "worker": {"replicas": 4, "extraEnv": [{"name": "NCCL_DEBUG", "value": "WARN"},
+                                               {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+                   "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                    "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{
                        "weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
                                                           "labelSelector": {"matchLabels": {"app.kubernetes.io/component": "worker"}}}}]}}},
@@ -128,11 +131,12 @@ def test_workloads_are_complete(rendered):
                 assert port is None or port in ports
             for source in container.get("envFrom", []):
                 assert source["configMapRef"]["name"] in configmaps
+            extra = values["extraEnv"] + values.get(component, {}).get("extraEnv", [])
             for env in container.get("env", []):
-                if component != "redis":
+                if component != "redis" and env not in extra:
                     assert env["name"] in SETTING_ENVS, f"{component}: {env['name']}"
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
-                assert ref is None or ref["name"] in secrets
+                assert ref is None or ref["name"] in secrets or env in extra
             if component != "redis":
                 assert container["args"][0] in COMMANDS
         for volume in pod["spec"].get("volumes", []):
@@ -238,6 +242,10 @@ def test_api_keys_and_config(rendered):
         assert configmap["data"]["ROSE_REQUEST_TIMEOUT"] == "300"
         assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
         assert env["ROSE_MAX_BODY_BYTES"]["value"] == "1048576"
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector:4318"
+        worker_env = _env(objects, "worker")
+        assert worker_env["OTEL_EXPORTER_OTLP_ENDPOINT"] and worker_env["NCCL_DEBUG"]["value"] == "WARN"
+        assert worker_env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf"
     elif name == "existing-api-keys-bundled-redis":
         assert not by_kind(objects, "Secret")
         assert env["ROSE_API_KEYS_FILE"]["value"] == "/etc/rose/api-keys/keys.txt"

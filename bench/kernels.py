@@ -85,7 +85,7 @@ def copy_bandwidth() -> tuple[float, float]:
     out = dst.view(torch.bfloat16).view(-1, 4096)
     identity = torch.arange(rows.shape[0], device="cuda", dtype=torch.int32)
     t_vec, _ = measure([lambda: gather_rows(rows, identity, out)])
-    assert torch.equal(out, rows)
+    assert torch.equal(out.view(torch.int16), rows.view(torch.int16))  # bitwise: random bits hold NaNs
     return 2 * src.numel() * 4 / t_torch, 2 * src.numel() * 4 / t_vec
 
 

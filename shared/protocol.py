@@ -179,6 +179,7 @@ class Pong:
     ready: bool = False
     models: list[str] = field(default_factory=list)
     workers: int = 0
+    max_model_len: int = 0  # the longest context among live workers; 0: unknown
 
 
 MESSAGE_TYPES: dict[str, type] = {

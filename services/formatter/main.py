@@ -133,6 +133,7 @@ class FormatterService:
                 ready=live and self.scheduler_pong.ready,
                 models=list(self.scheduler_pong.models) if live else [],
                 workers=self.scheduler_pong.workers if live else 0,
+                max_model_len=self.scheduler_pong.max_model_len if live else 0,
             )
             self._send_up(peer, pong)
         else:
@@ -150,7 +151,7 @@ class FormatterService:
         try:
             with telemetry.use_span(span):
                 carrier = telemetry.inject({})
-            request, submits = InFlightRequest.start(message, self.encoding, carrier)
+            request, submits = InFlightRequest.start(message, self.encoding, carrier, self.scheduler_pong.max_model_len)
         except RenderError as exc:
             span.set_attribute("rose.error", str(exc))
             span.end()

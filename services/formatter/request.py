@@ -21,7 +21,7 @@ from shared.protocol import Abort, Delta, GenerateRequest, SamplingParams, Submi
 from .parse import HarmonyStreamParser, Piece, StopStringWatcher, TextDecoder, token_bytes
 from .render import RenderError, render_chat, render_completion_prompts
 
-# Used when a request gives no max_tokens; the engine still clamps to its context.
+# Used when a request gives no max_tokens (bounded by the context left after the prompt).
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 MAX_CHOICES = 128
@@ -39,13 +39,21 @@ def split_sub_request_id(sub_id: str) -> tuple[str, int] | None:
     return request_id, int(index)
 
 
-def sampling_params(body: dict, endpoint: str, stop_token_ids: list[int]) -> SamplingParams:
+def default_max_tokens(endpoint: str, prompt_len: int, max_model_len: int) -> int:
+    """max_tokens for a request that names none: the rest of the context, within a cap."""
+    cap = DEFAULT_CHAT_MAX_TOKENS if endpoint == "chat" else DEFAULT_COMPLETION_MAX_TOKENS
+    if max_model_len > prompt_len:
+        return min(cap, max_model_len - prompt_len)
+    return cap  # context unknown (or already too long: the engine explains)
+
+
+def sampling_params(body: dict, endpoint: str, stop_token_ids: list[int], default_max: int) -> SamplingParams:
     """The request's sampling settings; `seed` is the base seed (choice i uses seed + i)."""
     if endpoint == "chat":
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_CHAT_MAX_TOKENS
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or default_max
         logprobs = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
     else:
-        max_tokens = body.get("max_tokens") or DEFAULT_COMPLETION_MAX_TOKENS
+        max_tokens = body.get("max_tokens") or default_max
         logprobs = body.get("logprobs")
     params = SamplingParams(
         max_tokens=int(max_tokens),
@@ -112,8 +120,14 @@ class InFlightRequest:
     choices: list[Choice] = field(default_factory=list)
 
     @classmethod
-    def start(cls, request: GenerateRequest, encoding: HarmonyEncoding, trace: dict | None = None) -> tuple["InFlightRequest", list[Submit]]:
-        """Render the request and make its Submits; RenderError for a request that cannot be served."""
+    def start(
+        cls, request: GenerateRequest, encoding: HarmonyEncoding, trace: dict | None = None, max_model_len: int = 0
+    ) -> tuple["InFlightRequest", list[Submit]]:
+        """Render the request and make its Submits; RenderError for a request that cannot be served.
+
+        max_model_len: the serving context as the scheduler last said (0: unknown),
+        bounding the default max_tokens.
+        """
         body = request.body if isinstance(request.body, dict) else {}
         n = 1 if body.get("n") is None else body["n"]
         if not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
@@ -127,7 +141,8 @@ class InFlightRequest:
         else:
             raise RenderError(f"unknown endpoint {request.endpoint!r}")
         try:
-            params = sampling_params(body, request.endpoint, stops)
+            default_max = default_max_tokens(request.endpoint, max(len(p) for p in prompts), max_model_len)
+            params = sampling_params(body, request.endpoint, stops, default_max)
         except (TypeError, ValueError) as exc:
             raise RenderError(f"bad sampling parameter: {exc}") from None
         words = stop_strings(body)

@@ -70,6 +70,7 @@ class Link:
     ready: bool = False
     models: list[str] = field(default_factory=list)
     workers: int = 0
+    max_model_len: int = 0
     reader: asyncio.Task | None = None
 
 
@@ -138,6 +139,11 @@ class FormatterPool:
         for link in self.live_links():
             names += [m for m in link.models if m not in names]
         return names
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The longest context a live formatter reports (None: unknown)."""
+        return max((link.max_model_len for link in self.live_links()), default=0) or None
 
     @property
     def inflight(self) -> int:
@@ -258,5 +264,6 @@ class FormatterPool:
                     stream.queue.put_nowait(message)
             elif isinstance(message, Pong):
                 link.ready, link.models, link.workers = message.ready, list(message.models), message.workers
+                link.max_model_len = message.max_model_len
             else:
                 log.warning("unexpected %s from formatter %s", type(message).__name__, link.address)

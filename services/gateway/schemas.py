@@ -267,6 +267,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "rose"
+    max_model_len: int | None = None
 
 
 class ModelList(BaseModel):

@@ -92,3 +92,15 @@ def test_completion_prompt_batch_and_token_ids(encoding):
 def test_bad_requests_are_render_errors(encoding, body):
     with pytest.raises(RenderError):
         start(encoding, **body)
+
+
+def test_default_max_tokens_fits_the_context(encoding):
+    _, submits = InFlightRequest.start(GenerateRequest("r", "chat", CHAT), encoding, max_model_len=100)
+    prompt = len(submits[0].token_ids)
+    assert submits[0].params.max_tokens == 100 - prompt
+    _, submits = InFlightRequest.start(GenerateRequest("r", "chat", CHAT), encoding, max_model_len=0)
+    assert submits[0].params.max_tokens == 4096  # context unknown: the cap
+    _, submits = InFlightRequest.start(GenerateRequest("r", "completion", {"prompt": "x"}), encoding, max_model_len=1000)
+    assert submits[0].params.max_tokens == 16
+    _, submits = InFlightRequest.start(GenerateRequest("r", "chat", {**CHAT, "max_tokens": 7}), encoding, max_model_len=100)
+    assert submits[0].params.max_tokens == 7

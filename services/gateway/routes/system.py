@@ -19,14 +19,19 @@ _STARTED = int(time.time())
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorize)])
 async def list_models(request: Request):
     pool = request.app.state.pool
-    return {"object": "list", "data": [{"id": m, "object": "model", "created": _STARTED, "owned_by": "rose"} for m in pool.models]}
+    return {"object": "list", "data": [_card(m, pool) for m in pool.models]}
+
+
+def _card(model: str, pool) -> dict:
+    return {"id": model, "object": "model", "created": _STARTED, "owned_by": "rose", "max_model_len": pool.max_model_len}
 
 
 @router.get("/v1/models/{model_id:path}", dependencies=[Depends(authorize)])
 async def get_model(model_id: str, request: Request):
-    if model_id not in request.app.state.pool.models:
+    pool = request.app.state.pool
+    if model_id not in pool.models:
         raise APIError(404, f"the model {model_id!r} does not exist", "model", "model_not_found")
-    return {"id": model_id, "object": "model", "created": _STARTED, "owned_by": "rose"}
+    return _card(model_id, pool)
 
 
 async def _open_or_authorized(request: Request):

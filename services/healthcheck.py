@@ -33,7 +33,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 
 from shared.config import Settings
 

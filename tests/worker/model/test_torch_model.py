@@ -278,3 +278,17 @@ def test_query_slicing_of_long_prefills_changes_nothing(model, monkeypatch):
     whole = _run_one_shot(model, ids)
     monkeypatch.setattr(paged, "SCORE_ELEMENTS", 4 * 90 * 7)  # slices of 7 queries
     assert (_run_one_shot(model, ids) - whole).abs().max() <= 1e-5
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(parity_path, model):
+    ids = _tokens(120, seed=13)
+    expected = _run_one_shot(model, ids)
+    on_gpu = load_model(parity_path, device="cuda", dtype=torch.float32)
+    assert on_gpu.device.type == "cuda"
+    got = _run_one_shot(on_gpu, ids.cuda())
+    assert got.device.type == "cuda"
+    # TF32 may be on for matmuls; the tolerance leaves room for it
+    assert (got.cpu() - expected).abs().max() <= 5e-2
+    packed = load_model(parity_path, device="cuda", dtype="bfloat16", keep_mxfp4=True)
+    assert torch.isfinite(_run_one_shot(packed, ids.cuda())).all()

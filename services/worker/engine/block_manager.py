@@ -153,10 +153,9 @@ class BlockManager:
         self.window = window if "sliding" in self.groups else 0
         if "sliding" in self.groups and self.window <= 0:
             raise ValueError("a sliding group needs a positive window")
-        self.pools = {g: BlockPool(num_blocks[g], record_events=(g == INDEXED_GROUP)) for g in self.groups}
-        # With no full group, the sliding group's hashes are the best index we have.
-        if INDEXED_GROUP not in self.pools:
-            self.pools[self.groups[0]]._record_events = True
+        # With no full group, the sliding group's hashes are the best index there is.
+        indexed = INDEXED_GROUP if INDEXED_GROUP in self.groups else self.groups[0]
+        self.pools = {g: BlockPool(num_blocks[g], record_events=(g == indexed)) for g in self.groups}
 
     # ------------------------------------------------------------------ sizes
     def first_needed_block(self, group: str, query_start: int) -> int:

@@ -45,8 +45,9 @@ class EngineStats:
     num_preemptions: int
     requests_finished: int
     steps: int
-    free_blocks: dict[str, int]
+    free_blocks: dict[str, int]  # allocatable now, evictable cached blocks included
     total_blocks: dict[str, int]
+    cached_blocks: dict[str, int]  # blocks findable by prefix hash (in use or evictable)
     block_size: int
     max_model_len: int
 
@@ -300,6 +301,7 @@ class Engine:
             steps=self._steps,
             free_blocks={g: p.num_free for g, p in self.blocks.pools.items()},
             total_blocks={g: p.num_total for g, p in self.blocks.pools.items()},
+            cached_blocks={g: p.num_cached for g, p in self.blocks.pools.items()},
             block_size=self.block_size,
             max_model_len=self.max_model_len,
         )

@@ -216,6 +216,7 @@ def test_kv_events_follow_the_prefix_cache(make_engine):
     stored, removed = engine.drain_kv_events()
     computed = (tokens + generated)[: len(tokens) + len(generated) - 1]
     assert stored == prefix_hashes(computed, 4) and removed == []
+    assert engine.stats().cached_blocks["full"] == len(stored)
     # A different request needing every block evicts the whole cached prefix.
     engine.add_request("b", prompt(44, seed=10), greedy(4))
     run_all(engine)

@@ -1,6 +1,7 @@
 """A request through the formatter's state: Submits out, TokenEvents in, Deltas back."""
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from services.formatter.render import RenderError, render_chat
 from services.formatter.request import InFlightRequest, split_sub_request_id
@@ -104,3 +105,26 @@ def test_default_max_tokens_fits_the_context(encoding):
     assert submits[0].params.max_tokens == 16
     _, submits = InFlightRequest.start(GenerateRequest("r", "chat", {**CHAT, "max_tokens": 7}), encoding, max_model_len=100)
     assert submits[0].params.max_tokens == 7
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ids=st.lists(st.integers(0, 201087), max_size=60),
+    cuts=st.lists(st.integers(1, 8), min_size=1, max_size=10),
+    stop=st.sampled_from([None, "a", " the", "\n", "<|end|>"]),
+    endpoint=st.sampled_from(["chat", "completion"]),
+)
+def test_any_token_stream_gives_deltas_and_ends(encoding, ids, cuts, stop, endpoint):
+    body = {**CHAT, "stop": stop} if endpoint == "chat" else {"model": "m", "prompt": "x", "stop": stop}
+    request, _ = InFlightRequest.start(GenerateRequest("r", endpoint, body), encoding)
+    pos, deltas = 0, []
+    for cut in cuts:
+        chunk, pos = ids[pos : pos + cut], pos + cut
+        out, _ = request.on_event(0, TokenEvent("r/0", chunk, [-1.0] * len(chunk)), encoding)
+        deltas += out
+    out, _ = request.on_event(0, TokenEvent("r/0", ids[pos:], finish_reason="length"), encoding)
+    deltas += out
+    assert request.done and [d.finish_reason for d in deltas if d.finish_reason] in (["length"], ["stop"])
+    text = "".join(d.content for d in deltas)
+    if stop:
+        assert stop not in text

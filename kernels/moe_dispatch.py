@@ -105,6 +105,33 @@ def _gather_launcher(hidden: int, dtype: torch.dtype):
 
 
 @functools.cache
+def _scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
+    """out[pos[t, j]] = x[t] for every choice j: dispatch reading each token row once."""
+    cutlass, cute, _, cuda = cute_modules()
+    nvec = hidden // VEC
+
+    @cute.kernel
+    def kernel(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+        tidx, _, _ = cute.arch.thread_idx()
+        bidx, _, _ = cute.arch.block_idx()
+        g = bidx * THREADS + tidx
+        row = g // nvec
+        col = g - row * nvec
+        if row < mX.shape[0]:
+            v = mX[row, col, None].load()
+            for j in cutlass.range_constexpr(k):
+                mOut[mPos[row, j], col, None].store(v)
+
+    @cute.jit
+    def launch(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
+        total = mX.shape[0] * nvec
+        kernel(mX, mPos, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1],
+                                      stream=stream)
+
+    return launch
+
+
+@functools.cache
 def _combine_launcher(hidden: int, k: int, dtype: torch.dtype):
     cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
@@ -179,8 +206,20 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = 
 
 
 def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Token rows permuted into expert order: [T*k, H], rows offsets[e]:offsets[e+1] go to expert e."""
-    return gather_rows(x, routing.src, out)
+    """Token rows permuted into expert order: [T*k, H], rows offsets[e]:offsets[e+1] go to expert e.
+
+    A scatter (each token row read once, written to its k slots) rather than a gather
+    by `src` (each token row read k times).
+    """
+    hidden = x.shape[-1]
+    check_rows(x, hidden, "x")
+    tokens, k = x.shape[0], routing.k
+    out = torch.empty(tokens * k, hidden, dtype=x.dtype, device=x.device) if out is None else out
+    if tokens:
+        args = (as_rows(x.view(tokens, -1, VEC)), as_rows(routing.pos.view(tokens, k), 4),
+                as_rows(out.view(tokens * k, -1, VEC)), current_stream())
+        compiled(("scatter", hidden, k, x.dtype), _scatter_launcher(hidden, k, x.dtype), *args)(*args)
+    return out
 
 
 def combine(

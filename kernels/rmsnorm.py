@@ -5,7 +5,8 @@
 
 One warp per row: each lane holds ceil(hidden / 256) 16-byte vectors of the row in
 registers, so the row is read once, the sum of squares is a warp shuffle reduction and
-no shared memory is used. bf16 in/out, float32 arithmetic.
+no shared memory is used. bf16 in/out, float32 arithmetic; h is rounded to the
+activation dtype before the norm, as the torch model's bf16 residual stream is.
 """
 
 
@@ -22,7 +23,7 @@ def rmsnorm_reference(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Plain torch: (y, h). x, residual: [T, H]; weight: [H]; y, h in x's dtype; h is None without residual."""
-    h = x.float() if residual is None else x.float() + residual.float()
+    h = x.float() if residual is None else (x.float() + residual.float()).to(x.dtype).float()
     y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
@@ -39,6 +40,12 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
     has_weight = w_dtype is not None
     out_t = {torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16, torch.float32: cutlass.Float32}[dtype]
 
+    w_t = {None: out_t, torch.bfloat16: cutlass.BFloat16, torch.float16: cutlass.Float16,
+           torch.float32: cutlass.Float32}[w_dtype]
+
+    def tail(j):  # does chunk j run past the row (compile time)?
+        return 32 * (j + 1) > nvec
+
     @cute.kernel
     def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, mH: cute.Tensor, eps: Float32):
         tidx, _, _ = cute.arch.thread_idx()
@@ -46,44 +53,48 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
         lane = tidx % 32
         row = bidx * ROWS_PER_CTA + tidx // 32
         if row < mX.shape[0]:
-            # Loads are unconditional (the tail lane re-reads the last vector) so all of a
-            # lane's vectors are in flight at once; only the tail's use and store are guarded.
-            vals = cute.make_rmem_tensor((per_lane, VEC), Float32)
-            sumsq = Float32(0.0)
+            # Every load is unconditional (a tail lane re-reads the row's last vector), so a
+            # lane's vectors and weights are all in flight at once; only uses are guarded.
+            # h is kept in the activation dtype: the residual sum is rounded as the torch
+            # model rounds it, and half the registers of float32 keep occupancy up.
+            vals = cute.make_rmem_tensor((per_lane, VEC), out_t)
+            wts = cute.make_rmem_tensor((per_lane, VEC), w_t)
             for j in cutlass.range_constexpr(per_lane):
                 v = lane + 32 * j
-                if cutlass.const_expr(32 * (j + 1) > nvec):
+                if cutlass.const_expr(tail(j)):
                     v = cutlass.min(v, nvec - 1)
-                h = mX[row, v, None].load().to(Float32)
                 if cutlass.const_expr(fused_residual):
-                    h = h + mR[row, v, None].load().to(Float32)
-                vals[j, None].store(h)
+                    vals[j, None].store(
+                        (mX[row, v, None].load().to(Float32) + mR[row, v, None].load().to(Float32)).to(out_t)
+                    )
+                else:
+                    vals[j, None].store(mX[row, v, None].load())
+                if cutlass.const_expr(has_weight):
+                    wts[j, None].store(mW[v, None].load())
+            sumsq = Float32(0.0)
             for j in cutlass.range_constexpr(per_lane):
-                h = vals[j, None].load()
+                h = vals[j, None].load().to(Float32)
                 part = (h * h).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-                if cutlass.const_expr(32 * (j + 1) > nvec):
+                if cutlass.const_expr(tail(j)):
                     if lane + 32 * j < nvec:
                         sumsq = sumsq + part
                         if cutlass.const_expr(fused_residual):
-                            mH[row, lane + 32 * j, None].store(h.to(out_t))
+                            mH[row, lane + 32 * j, None].store(vals[j, None].load())
                 else:
                     sumsq = sumsq + part
                     if cutlass.const_expr(fused_residual):
-                        mH[row, lane + 32 * j, None].store(h.to(out_t))
+                        mH[row, lane + 32 * j, None].store(vals[j, None].load())
             sumsq = cute.arch.warp_reduction_sum(sumsq)
             rstd = cute.math.rsqrt(sumsq / Float32(hidden) + eps, fastmath=True)
             for j in cutlass.range_constexpr(per_lane):
-                v = lane + 32 * j
-                if cutlass.const_expr(32 * (j + 1) > nvec):
-                    v = cutlass.min(v, nvec - 1)
-                y = vals[j, None].load() * rstd
+                y = vals[j, None].load().to(Float32) * rstd
                 if cutlass.const_expr(has_weight):
-                    y = y * mW[v, None].load().to(Float32)
-                if cutlass.const_expr(32 * (j + 1) > nvec):
+                    y = y * wts[j, None].load().to(Float32)
+                if cutlass.const_expr(tail(j)):
                     if lane + 32 * j < nvec:
-                        mY[row, v, None].store(y.to(out_t))
+                        mY[row, lane + 32 * j, None].store(y.to(out_t))
                 else:
-                    mY[row, v, None].store(y.to(out_t))
+                    mY[row, lane + 32 * j, None].store(y.to(out_t))
 
     @cute.jit
     def launch(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, mH: cute.Tensor,

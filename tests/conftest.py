@@ -10,6 +10,11 @@ import os
 
 import pytest
 
+# CI and dev machines here have 2 cores shared by the test process and the mesh's
+# processes; torch's default of one thread per core makes the tiny model 20x slower
+# under that contention. Child processes (the mesh) inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     """GPU tests run only where CUDA is present (`pytest -m gpu` on a GPU host)."""

@@ -237,7 +237,7 @@ class Engine:
         for c in chunks:
             tokens += c.seq.token_ids[c.start : c.end]
             positions += range(c.start, c.end)
-        tables = {g: [list(c.seq.blocks.tables[g]) for c in chunks] for g in self.blocks.pools}
+        tables = {g: [c.seq.blocks.tables[g] for c in chunks] for g in self.blocks.pools}
         for g in GROUPS:
             tables.setdefault(g, [[] for _ in chunks])
         return ForwardBatch(

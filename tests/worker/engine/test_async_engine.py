@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 
 import pytest
@@ -147,3 +148,30 @@ async def test_abort_right_after_submit_then_the_id_is_reused(async_engine, smal
     again = await collect(async_engine, "quick", prompt(23, seed=4), greedy(6))
     expected = generate_contiguous(small_model, prompt(23, seed=4), greedy(6)).token_ids
     assert [t for o in again for t in o.token_ids] == expected
+
+
+async def test_many_streams_with_random_cancellations(make_engine, small_model):
+    engine = AsyncEngine(make_engine(num_blocks=30, max_num_seqs=6, max_num_batched_tokens=24))
+    rng = random.Random(0)
+    plans = {f"c{i}": (prompt(rng.randrange(3, 30), seed=200 + i), rng.choice([None, 1, 3])) for i in range(16)}
+
+    async def consume(name: str):
+        tokens, leave_after = plans[name]
+        outs = []
+        async for out in engine.generate(name, tokens, greedy(8)):
+            outs.append(out)
+            if leave_after is not None and len(outs) >= leave_after:
+                break
+        return outs
+
+    try:
+        results = await asyncio.wait_for(asyncio.gather(*(consume(n) for n in plans)), 60)
+        await wait_all_free(engine)
+        for name, outs in zip(plans, results):
+            tokens, leave_after = plans[name]
+            if leave_after is None:
+                assert outs[-1].finish_reason == "length"
+                got = [t for o in outs for t in o.token_ids]
+                assert got == generate_contiguous(small_model, tokens, greedy(8)).token_ids, name
+    finally:
+        engine.shutdown()

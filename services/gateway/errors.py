@@ -68,12 +68,19 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can raise answers in OpenAI's shape (400 instead of FastAPI's 422)."""
 
+    def count(request: Request, status: int) -> None:
+        metrics = getattr(request.app.state, "metrics", None)
+        if metrics is not None:
+            metrics.rejected.labels(str(status)).inc()
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
+        count(request, exc.status)
         return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        count(request, 400)
         message, param = _validation_message(exc)
         return error_response(400, message, param, "invalid_request")
 

@@ -18,4 +18,4 @@ class Metrics:
         self.completion_tokens = Counter("rose_gateway_completion_tokens", "generated tokens of finished requests", registry=r)
         self.in_flight = Gauge("rose_gateway_requests_in_flight", "requests being generated", registry=r)
         self.formatters_live = Gauge("rose_gateway_formatters_live", "formatters that answered their last ping in time", registry=r)
-        self.rejected = Counter("rose_gateway_rejected_requests", "requests refused before generation, by HTTP status", ["status"], registry=r)
+        self.rejected = Counter("rose_gateway_rejected_requests", "requests answered with an error before or instead of generation, by HTTP status", ["status"], registry=r)

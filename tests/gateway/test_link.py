@@ -152,8 +152,10 @@ async def test_models_health_metrics(client):
     assert (await client.get("/v1/models/tiny")).json()["id"] == "tiny"
     assert (await client.get("/health")).json() == {"status": "ok"}
     await client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
+    assert (await client.post("/v1/completions", json={"model": "tiny"})).status_code == 400
     text = (await client.get("/metrics")).text
     assert 'rose_gateway_requests_total{endpoint="completion",status="200"}' in text
     assert "rose_gateway_time_to_first_token_seconds_bucket" in text
     assert "rose_gateway_requests_in_flight 0.0" in text
     assert "rose_gateway_formatters_live 1.0" in text
+    assert 'rose_gateway_rejected_requests_total{status="400"}' in text

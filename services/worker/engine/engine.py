@@ -53,7 +53,14 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous batching over one model and its paged KV cache (not thread-safe)."""
+    """Continuous batching over one model and its paged KV cache (not thread-safe).
+
+    The model is any backend with `config` (GptOssConfig), `dtype`, `device` and
+    `model(batch: ForwardBatch, kv: PagedKVCache) -> [num_seqs, vocab] float32`.
+    num_blocks: KV blocks per attention group (an int gives every group the same).
+    max_model_len 0 takes the model's max_position_embeddings. seed: the stream of
+    requests without their own seed (None: nondeterministic).
+    """
 
     def __init__(
         self,

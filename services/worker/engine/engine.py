@@ -227,7 +227,7 @@ class Engine:
         try:
             sampled = sample(
                 logits[good],
-                [SamplingRow(s.params, s.prompt_ids, s.output_ids, s.generator) for s in seqs],
+                [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs],
                 self.generator,
             )
         except Exception as exc:
@@ -265,7 +265,7 @@ class Engine:
         p = seq.params
         if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
             self._finish(seq, "stop")
-        elif len(seq.output_ids) >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        elif seq.num_tokens - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:

@@ -83,9 +83,17 @@ class SamplingRow:
     """What the sampler needs to know of one sequence."""
 
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
+    token_ids: list[int]  # prompt then output; read (sliced) only when a penalty needs it
+    num_prompt_tokens: int
     generator: torch.Generator | None = None  # None: the engine's shared stream
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None = None) -> SampledTokens:
@@ -151,11 +159,11 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         p = row.params
         if p.repetition_penalty != 1.0:
             # vLLM/HF: over prompt and output, shrink positive logits and grow negative ones.
-            seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), dtype=torch.long, device=logits.device)
+            seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long, device=logits.device)
             if seen.numel():
                 values = logits[i, seen]
                 logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
+        if (p.frequency_penalty or p.presence_penalty) and len(row.token_ids) > row.num_prompt_tokens:
             # OpenAI: mu[j] - c[j] * frequency - (c[j] > 0) * presence, over generated tokens.
             ids, counts = torch.tensor(row.output_ids, dtype=torch.long).unique(return_counts=True)
             ids, counts = ids.to(logits.device), counts.to(logits.device, logits.dtype)

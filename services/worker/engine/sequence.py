@@ -62,14 +62,6 @@ class Sequence:
     pending_top: list[list[list]] = field(default_factory=list)
 
     @property
-    def prompt_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 

@@ -16,7 +16,7 @@ VOCAB = 8
 
 def row(prompt=(0,), output=(), seed=None, **params) -> SamplingRow:
     generator = make_generator(seed, torch.device("cpu")) if seed is not None else None
-    return SamplingRow(SamplingParams(**params), list(prompt), list(output), generator)
+    return SamplingRow(SamplingParams(**params), list(prompt) + list(output), len(prompt), generator)
 
 
 def logits_of(*rows: list[float]) -> torch.Tensor:

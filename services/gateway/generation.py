@@ -26,6 +26,9 @@ from .formatter_link import FormatterPool, NoFormatter
 from .metrics import Metrics
 
 
+CLIENT_POLL_S = 0.5  # how often a request still waiting for its first token checks its client
+
+
 class GenerationFailed(Exception):
     def __init__(self, message: str, status: int):
         super().__init__(message)
@@ -103,7 +106,8 @@ class Generation:
         gen = cls(request, pool, stream, endpoint, body.model, body.choices, state.settings.request_timeout, state.metrics, span)
         state.metrics.in_flight.inc()
         try:
-            first = await gen._next()
+            # A queued request whose client left must not wait for a slot.
+            first = await gen._next(watch_client=True)
         except GenerationFailed as exc:
             gen.close(abort=True, status=exc.status)
             headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
@@ -119,12 +123,18 @@ class Generation:
     def done(self) -> bool:
         return len(self.finished) >= self.choices
 
-    async def _next(self) -> Delta:
-        remaining = self.deadline - time.monotonic()
-        try:
-            delta = await asyncio.wait_for(self.stream.next(), timeout=max(remaining, 0.001))
-        except asyncio.TimeoutError:
-            raise GenerationFailed(f"the request did not finish within {self.pool.settings.request_timeout:g}s", 504) from None
+    async def _next(self, watch_client: bool = False) -> Delta:
+        """The next Delta; with watch_client, notice a client that left while we wait."""
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise GenerationFailed(f"the request did not finish within {self.pool.settings.request_timeout:g}s", 504)
+            try:
+                delta = await asyncio.wait_for(self.stream.next(), timeout=min(remaining, CLIENT_POLL_S) if watch_client else remaining)
+                break
+            except asyncio.TimeoutError:
+                if watch_client and await self.request.is_disconnected():
+                    raise GenerationFailed("the client closed the request", 499) from None
         if delta.error:
             raise GenerationFailed(delta.error, delta.status or 500)
         self.usage.add(delta)

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -159,3 +160,16 @@ async def test_models_health_metrics(client):
     assert "rose_gateway_requests_in_flight 0.0" in text
     assert "rose_gateway_formatters_live 1.0" in text
     assert 'rose_gateway_rejected_requests_total{status="400"}' in text
+
+
+async def test_client_leaving_before_the_first_token_aborts(peer, gateway):
+    peer.respond = lambda req: None  # queued: nothing comes back
+    before = len(peer.aborts)
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=gateway, timeout=0.3) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            await c.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    while len(peer.aborts) == before and time.monotonic() - started < 2:
+        await asyncio.sleep(0.01)
+    assert peer.aborts[-1].request_id == peer.requests[-1].request_id
+    assert time.monotonic() - started < 0.9  # noticed the client, not the 1 s request timeout

@@ -225,7 +225,10 @@ class FormatterService:
         for abort in aborts:
             self._send_down(abort)
         for delta in deltas:
-            self._send_up(tracked.peer, delta)
+            if not self._send_up(tracked.peer, delta):
+                # The gateway that asked is gone: stop generating for nobody.
+                self._abort_request(parsed[0], "gateway gone")
+                return
         if tracked.request.done:
             del self.inflight[parsed[0]]
             tracked.span.set_attribute(
@@ -234,11 +237,13 @@ class FormatterService:
             tracked.span.end()
 
     # ------------------------------------------------------------------ sending
-    def _send_up(self, peer: bytes, message) -> None:
+    def _send_up(self, peer: bytes, message) -> bool:
         try:
             self.frontend.send_multipart([peer, encode(message)], zmq.NOBLOCK)
+            return True
         except zmq.ZMQError as exc:  # the gateway went away or is not reading
             log.warning("cannot reach gateway %r: %s", peer, exc)
+            return False
 
     def _send_down(self, message) -> bool:
         try:

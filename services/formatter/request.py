@@ -25,6 +25,7 @@ from .render import RenderError, render_chat, render_completion_prompts
 DEFAULT_CHAT_MAX_TOKENS = 4096
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 MAX_CHOICES = 128
+MAX_SUB_REQUESTS = 1024  # prompts x n of one request
 ENDOFTEXT = 199999
 
 
@@ -145,6 +146,8 @@ class InFlightRequest:
             params = sampling_params(body, request.endpoint, stops, default_max)
         except (TypeError, ValueError) as exc:
             raise RenderError(f"bad sampling parameter: {exc}") from None
+        if len(prompts) * n > MAX_SUB_REQUESTS:
+            raise RenderError(f"{len(prompts)} prompts x n={n} is more than {MAX_SUB_REQUESTS} generations in one request")
         words = stop_strings(body)
         state = cls(request.request_id, request.endpoint, prompt_tokens=sum(len(p) for p in prompts))
         submits = []

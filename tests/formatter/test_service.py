@@ -105,6 +105,7 @@ def wait_ready(ends):
         pong = ends.to_gateway()
         if isinstance(pong, Pong) and pong.ready:
             return pong
+        assert ends.from_formatter(timeout=0.05) is None  # answers the formatter's pings
     raise AssertionError("the formatter never reported ready")
 
 
@@ -179,3 +180,18 @@ def test_silent_scheduler_fails_in_flight_requests(ends):
     ends.gateway.send(encode(Ping(2.0)))
     assert ends.to_gateway().ready is False
     ends.answer_pings = True
+
+
+def test_a_gone_gateway_gets_its_requests_aborted(ends):
+    wait_ready(ends)
+    other = zmq.Context.instance().socket(zmq.DEALER)
+    other.setsockopt(zmq.LINGER, 0)
+    other.connect(ends.service.settings.formatter_bind)
+    other.send(encode(GenerateRequest("req-6", "chat", CHAT)))
+    submit = ends.from_formatter()
+    assert submit.request_id == "req-6/0"
+    other.close(0)  # the gateway goes away mid-request
+    time.sleep(0.2)
+    ends.to_formatter(TokenEvent("req-6/0", [1, 2, 3]))
+    abort = ends.from_formatter()
+    assert isinstance(abort, Abort) and abort.request_id == "req-6/0"

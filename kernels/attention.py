@@ -4,7 +4,7 @@ gpt-oss's sink is one extra logit per query head in the softmax denominator, wit
 value. FlashInfer's plain paged wrapper ignores `sinks`; the sink is an attention
 *variant* compiled in, so this uses `flashinfer.BatchAttentionWithAttentionSinkWrapper`
 (its kernel adds `exp(sink)` to the row sum, the sink in natural-log units: the raw
-checkpoint value, not scaled by sm_scale). One wrapper per layer group: the sliding
+checkpoint value, not scaled by sm_scale). One wrapper per (group, window): a sliding
 one is built with `window_left = window - 1` (FlashInfer keeps keys with
 q_pos - k_pos <= window_left; gpt-oss keeps q_pos - k_pos < window).
 
@@ -65,7 +65,11 @@ def page_metadata(batch: ForwardBatch, group: str, block_size: int) -> tuple[tor
 
 
 class SinkAttention:
-    """Plans once per step, then runs every layer of the step through FlashInfer."""
+    """Plans once per step, then runs every layer of the step through FlashInfer.
+
+    One FlashInfer wrapper per (group, window) pair, made at first use: window None is
+    full attention; a window of w keeps the w newest keys (FlashInfer window_left w - 1).
+    """
 
     def __init__(
         self,
@@ -73,7 +77,6 @@ class SinkAttention:
         num_kv_heads: int,
         head_dim: int,
         block_size: int,
-        sliding_window: int,
         dtype: torch.dtype,
         device: torch.device | str,
         backend: str = "fa2",
@@ -81,52 +84,59 @@ class SinkAttention:
         missing = missing_attention_packages()
         if missing:
             raise ImportError(f"FlashInfer attention needs {', '.join(missing)}: pip install -e .[gpu]")
-        import flashinfer
-
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.block_size, self.dtype = block_size, dtype
+        self.block_size, self.dtype, self.backend = block_size, dtype, backend
         self.scale = head_dim**-0.5
-        self.windows = {"full": -1, "sliding": sliding_window - 1}
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.wrappers = {
-            group: flashinfer.BatchAttentionWithAttentionSinkWrapper(
-                workspace if group == "full" else torch.empty_like(workspace),
-                kv_layout="NHD",
-                backend=backend,
-                q_data_type=dtype,
-                kv_data_type=dtype,
-                head_dim_qk=head_dim,
-                head_dim_vo=head_dim,
-                window_left=window,
-            )
-            for group, window in self.windows.items()
-        }
         self.device = torch.device(device)
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.wrappers: dict[tuple[str, int | None], object] = {}
         self.slots: dict[str, torch.Tensor] = {}
 
-    def plan(self, batch: ForwardBatch, groups: tuple[str, ...] = ("full", "sliding")) -> None:
-        """Build each group's page metadata for this step (host work, once per step)."""
-        for group in groups:
+    def _wrapper(self, group: str, window: int | None):
+        key = (group, window)
+        if key not in self.wrappers:
+            import flashinfer
+
+            # each wrapper keeps plan state in its workspace: one buffer per wrapper
+            workspace = self.workspace if not self.wrappers else torch.empty_like(self.workspace)
+            self.wrappers[key] = flashinfer.BatchAttentionWithAttentionSinkWrapper(
+                workspace, kv_layout="NHD", backend=self.backend, q_data_type=self.dtype, kv_data_type=self.dtype,
+                head_dim_qk=self.head_dim, head_dim_vo=self.head_dim, window_left=_window_left(window),
+            )
+        return self.wrappers[key]
+
+    def plan(self, batch: ForwardBatch, keys) -> None:
+        """Page metadata for this step of every (group, window) in keys (host work, once per step)."""
+        for group, window in keys:
             qo, kv_indptr, indices, last = page_metadata(batch, group, self.block_size)
-            self.wrappers[group].plan(
+            self._wrapper(group, window).plan(
                 qo, kv_indptr, indices, last,
                 self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
-                causal=True, sm_scale=self.scale, window_left=self.windows[group],
+                causal=True, sm_scale=self.scale, window_left=_window_left(window),
                 q_data_type=self.dtype, kv_data_type=self.dtype,
             )
-            self.slots[group] = write_slots(batch, group, self.block_size).to(self.device, non_blocking=True)
+            if group not in self.slots:
+                self.slots[group] = write_slots(batch, group, self.block_size).to(self.device, non_blocking=True)
+
+    def reset(self) -> None:
+        """Forget the last step's cache slots (call before planning a new step)."""
+        self.slots.clear()
 
     def __call__(
-        self, group: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
     ) -> torch.Tensor:
         """Write k/v into the cache, then attend. q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]."""
         slots = self.slots[group]
         k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(k_cache.dtype)
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
-        return self.run(group, q, k_cache, v_cache, sinks)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
 
-    def run(self, group: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def run(self, group: str, window: int | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             sinks: torch.Tensor) -> torch.Tensor:
         """Attention only (cache already written). q [T, heads, D] -> [T, heads, D] in q's dtype."""
-        return self.wrappers[group].run(q.to(self.dtype), (k_cache, v_cache), sinks.float(), self.scale)
+        return self.wrappers[(group, window)].run(q.to(self.dtype), (k_cache, v_cache), sinks.float(), self.scale)
+
+
+def _window_left(window: int | None) -> int:
+    return -1 if window is None else window - 1

@@ -61,9 +61,9 @@ def test_sink_attention_matches_torch(case, group):
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
     ref = paged_attention(q, k, v, kc_ref, vc_ref, plan, sinks, HEAD_DIM**-0.5).view(t, HEADS, HEAD_DIM)
 
-    attn = SinkAttention(HEADS, KV_HEADS, HEAD_DIM, BLOCK, WINDOW, dt, "cuda")
-    attn.plan(batch, (group,))
-    out = attn(group, q, k, v, k_cache, v_cache, sinks)
+    attn = SinkAttention(HEADS, KV_HEADS, HEAD_DIM, BLOCK, dt, "cuda")
+    attn.plan(batch, [(group, window)])
+    out = attn(group, window, q, k, v, k_cache, v_cache, sinks)
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)  # same cache writes
     assert rel_err(out, ref) <= 1e-2
 

@@ -275,8 +275,12 @@ def load_model(
     keep_mxfp4: hold the experts packed and dequantize per use (see Experts); None
     decides by memory: packed only on a GPU where dequantized experts would not fit.
     """
+    if backend == "cuda":  # kernels + FlashInfer on top of this loader (services/worker/model/cuda_backend.py)
+        from services.worker.model.cuda_backend import load_cuda_model
+
+        return load_cuda_model(path, device=device if str(device).startswith("cuda") else "cuda")
     if backend != "torch":
-        raise ValueError(f"backend {backend!r} is not provided here; services.worker.model serves 'torch'")
+        raise ValueError(f"backend {backend!r} is not provided here; services.worker.model serves 'torch' and 'cuda'")
     dtype = _as_dtype(dtype)
     device = torch.device(device)
     checkpoint = Checkpoint(path)

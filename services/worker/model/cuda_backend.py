@@ -1,0 +1,151 @@
+"""The `cuda` backend: the gpt-oss forward pass on CuTeDSL kernels, cuBLAS and FlashInfer.
+
+    model = load_cuda_model(path)           # bf16 on the current CUDA device
+    logits = model(batch, kv)               # same contract as the torch backend
+
+It reuses the torch backend's loader and weights (`load_model(..., backend="torch")`)
+and replaces the per-op code: embedding gather, RMSNorm fused with the residual add,
+QKV as one cuBLAS GEMM, FlashInfer paged attention with sinks and sliding windows,
+router top-k, MoE dispatch, grouped expert GEMMs, SwiGLU and combine (cuda_moe.py).
+Rotary embedding stays in torch. Attention for head dims FlashInfer does not build
+(it does 64, 128, 256; the tiny test checkpoint has 16) runs the torch paged attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.worker.model.batch import ForwardBatch, PagedKVCache
+from services.worker.model.paged_attention import AttentionPlan, paged_attention
+from services.worker.model.rope import apply_rotary
+
+FLASHINFER_HEAD_DIMS = (64, 128, 256)
+
+
+def missing_cuda_requirements() -> list[str]:
+    """What the cuda backend needs and this host lacks (empty when it can run)."""
+    from kernels._cute import missing_gpu_packages
+    from kernels.attention import missing_attention_packages
+
+    missing = missing_gpu_packages() + missing_attention_packages()
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    return missing
+
+
+def require_cuda_backend() -> None:
+    """RuntimeError naming every missing piece, before any weight is loaded."""
+    missing = missing_cuda_requirements()
+    if missing:
+        raise RuntimeError(
+            "backend 'cuda' needs " + "; ".join(missing) + ". Install the GPU extra (pip install -e .[gpu], "
+            "see docs/GPU.md) on a CUDA host, or use --backend torch."
+        )
+
+
+class CudaGptOss(nn.Module):
+    """Wraps a loaded bf16 torch GptOssForCausalLM; the engine calls it like the torch model."""
+
+    def __init__(self, model, block_size: int = 16):
+        super().__init__()
+        from kernels.attention import SinkAttention
+        from services.worker.model.cuda_moe import GroupedExperts
+
+        c = model.config
+        if model.dtype != torch.bfloat16 or model.device.type != "cuda":
+            raise ValueError("the cuda backend runs a bfloat16 model on a CUDA device")
+        self.config, self.dtype = c, model.dtype
+        self._device = model.device
+        self.rotary = model.rotary
+        self.embed = model.model.embed_tokens.weight
+        self.lm_head = model.lm_head.weight
+        self.final_norm = model.model.norm.weight
+        self.eps = c.rms_norm_eps
+        self.layers = []
+        for i, layer in enumerate(model.model.layers):
+            a = layer.self_attn
+            self.layers.append(dict(
+                norm1=layer.input_layernorm.weight,
+                norm2=layer.post_attention_layernorm.weight,
+                qkv_w=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                qkv_b=torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                o_w=a.o_proj.weight, o_b=a.o_proj.bias, sinks=a.sinks.float(),
+                group=c.layer_groups[i], window=a.window,
+                moe=GroupedExperts(layer.mlp, c),
+            ))
+        self.flash = c.head_dim in FLASHINFER_HEAD_DIMS
+        self.attention = (
+            SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
+                          self._device)
+            if self.flash else None
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def make_kv_cache(self, num_blocks: dict[str, int], block_size: int, dtype: torch.dtype | None = None):
+        c = self.config
+        return PagedKVCache.allocate(c.layer_groups, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
+                                     dtype or self.dtype, self._device)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+        """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits."""
+        from kernels.embedding import embedding
+        from kernels.rmsnorm import rmsnorm
+        from services.worker.model.torch_model import _check_batch
+
+        c = self.config
+        if kv.layer_groups != c.layer_groups:
+            raise ValueError(f"KV cache groups {kv.layer_groups} do not match the model's {c.layer_groups}")
+        _check_batch(batch, c.vocab_size)
+        dev = self._device
+        cos, sin = self.rotary.cos_sin(batch.positions.to(dev))
+        keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
+        if self.flash:
+            self.attention.block_size = kv.block_size
+            self.attention.reset()
+            self.attention.plan(batch, keys)
+            plans = None
+        else:
+            plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in keys}
+
+        resid = embedding(self.embed, batch.token_ids.to(dev))
+        y, _ = rmsnorm(resid, self.layers[0]["norm1"], self.eps)
+        for i, L in enumerate(self.layers):
+            attn = self._attention(L, y, cos, sin, kv.k[i], kv.v[i], plans)
+            y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
+            mlp = L["moe"](y)
+            if i + 1 < len(self.layers):
+                y, resid = rmsnorm(mlp, self.layers[i + 1]["norm1"], self.eps, residual=resid)
+        if not all_logits:
+            last = (torch.cumsum(torch.tensor(batch.query_lens), 0) - 1).to(dev)
+            mlp, resid = mlp[last].contiguous(), resid[last].contiguous()
+        y, _ = rmsnorm(mlp, self.final_norm, self.eps, residual=resid)
+        return F.linear(y, self.lm_head).float()
+
+    def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, plans) -> torch.Tensor:
+        c = self.config
+        t = x.shape[0]
+        qkv = F.linear(x, L["qkv_w"], L["qkv_b"])
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, c.num_attention_heads, c.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, c.num_key_value_heads, c.head_dim), cos, sin)
+        v = v.reshape(t, c.num_key_value_heads, c.head_dim)
+        if self.flash:
+            out = self.attention(L["group"], L["window"], q, k, v, k_cache, v_cache, L["sinks"])
+        else:
+            plan = plans[(L["group"], L["window"])]
+            out = paged_attention(q, k, v, k_cache, v_cache, plan, L["sinks"], c.head_dim**-0.5)
+        return F.linear(out.reshape(t, c.q_size).to(x.dtype), L["o_w"], L["o_b"])
+
+
+def load_cuda_model(path: str, device: torch.device | str = "cuda", block_size: int = 16) -> CudaGptOss:
+    """The cuda backend for the checkpoint at path (bf16; raises first if a GPU package is missing)."""
+    from services.worker.model.torch_model import load_model
+
+    require_cuda_backend()
+    return CudaGptOss(load_model(path, backend="torch", device=device, dtype=torch.bfloat16), block_size)

@@ -1,0 +1,71 @@
+"""The cuda backend's MoE block: router top-k, dispatch, grouped expert GEMMs, SwiGLU, combine.
+
+    logits = x W_r^T + b_r                       cuBLAS               [T, E]
+    ids, weights = top-k + softmax                CuTeDSL router       [T, k]
+    xs = x permuted into expert groups            CuTeDSL route/dispatch [T*k, H]
+    h = swiglu(xs W_gu[e]^T + b_gu[e])            torch._grouped_mm + CuTeDSL swiglu [T*k, I]
+    ys = h W_d[e]^T + b_d[e]                      torch._grouped_mm    [T*k, H]
+    y = sum_j weights[t, j] ys[pos(t, j)]         CuTeDSL combine      [T, H]
+
+The grouped GEMMs take the per-expert row offsets on the device (no host sync), so
+the step stays capturable. Expert weights are bf16 [E, out, in] as the checkpoint
+stores rows = outputs; `_grouped_mm` reads them transposed in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.moe_dispatch import combine, dispatch, route
+from kernels.router import router_topk
+from kernels.swiglu import swiglu
+
+
+class GroupedExperts:
+    """One layer's router and experts as plain tensors (taken from the torch model's modules)."""
+
+    def __init__(self, mlp, config):
+        experts = mlp.experts
+        self.num_experts = mlp.router.weight.shape[0]
+        self.top_k = config.num_experts_per_tok
+        self.router_w, self.router_b = mlp.router.weight, mlp.router.bias
+        if experts.packed:
+            # MXFP4 experts are dequantized once here: a bf16 grouped GEMM needs bf16 weights
+            gate_up, down = zip(*(experts.matrices(e) for e in range(self.num_experts)))
+            self.gate_up, self.down = torch.stack(gate_up), torch.stack(down)
+        else:
+            self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+        self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
+        self.alpha, self.limit = experts.alpha, experts.limit
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] bf16 -> [T, H] bf16."""
+        logits = F.linear(x, self.router_w, self.router_b)
+        ids, weights = router_topk(logits.contiguous(), self.top_k)
+        routing = route(ids, self.num_experts)
+        xs = dispatch(x, routing)
+        n = xs.shape[0]
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(self.num_experts, device=x.device), routing.counts, output_size=n
+        )
+        ends = routing.offsets[1:]
+        gate_up = grouped_linear(xs, self.gate_up, ends) + self.gate_up_b[expert_of_row]
+        hidden = swiglu(gate_up, self.alpha, self.limit)
+        ys = grouped_linear(hidden, self.down, ends) + self.down_b[expert_of_row]
+        return combine(ys, routing, weights)
+
+
+def grouped_linear(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Rows [ends[e-1], ends[e]) of x times weights[e]^T. x [N, in]; weights [E, out, in]; ends [E] int32."""
+    return torch._grouped_mm(x, weights.transpose(1, 2), offs=ends)
+
+
+def grouped_linear_reference(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """The same as a loop of per-expert matmuls (host sync on ends): the torch reference."""
+    out = torch.empty(x.shape[0], weights.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, end in enumerate(ends.tolist()):
+        out[start:end] = x[start:end] @ weights[e].T
+        start = end
+    return out

@@ -33,6 +33,10 @@ class NoFormatter(Exception):
     """No live formatter can take the request."""
 
 
+class BadRequestBody(ValueError):
+    """The body cannot be put on the wire (an integer beyond 64 bits, say)."""
+
+
 def parse_endpoint(url: str) -> tuple[str, str, int]:
     """`tcp://host:port` -> (scheme, host, port); ValueError when it is not one."""
     parts = urlsplit(url.strip())
@@ -158,11 +162,15 @@ class FormatterPool:
 
     # ------------------------------------------------------------------ requests
     def submit(self, request_id: str, endpoint: str, body: dict, trace: dict) -> RequestStream:
+        try:
+            frame = encode(GenerateRequest(request_id, endpoint, body, trace))
+        except (OverflowError, ValueError, TypeError) as exc:  # msgpack holds 64-bit integers at most
+            raise BadRequestBody(f"the request cannot be sent on: {exc}") from None
         link = self.pick()
         stream = RequestStream(request_id, link, self)
         self.streams[request_id] = stream
         link.inflight.add(request_id)
-        if not self._send_nowait(link, GenerateRequest(request_id, endpoint, body, trace)):
+        if not self._send_frame(link, frame):
             stream.close(abort=False)
             raise NoFormatter("the formatter is not accepting requests")
         return stream
@@ -172,9 +180,12 @@ class FormatterPool:
         link.inflight.discard(request_id)
 
     def _send_nowait(self, link: Link, message) -> bool:
+        return self._send_frame(link, encode(message))
+
+    def _send_frame(self, link: Link, frame: bytes) -> bool:
         try:
             # zmq.asyncio sends a NOBLOCK frame at once; the returned future is already done.
-            link.socket.send(encode(message), zmq.NOBLOCK)
+            link.socket.send(frame, zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             log.warning("cannot send to formatter %s: %s", link.address, exc)

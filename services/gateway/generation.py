@@ -22,7 +22,7 @@ from shared.protocol import Delta
 
 from .auth import charge_usage
 from .errors import APIError
-from .formatter_link import FormatterPool, NoFormatter
+from .formatter_link import BadRequestBody, FormatterPool, NoFormatter
 from .metrics import Metrics
 
 
@@ -103,6 +103,9 @@ class Generation:
         except NoFormatter as exc:
             span.end()
             raise APIError(503, str(exc), None, "not_ready", {"Retry-After": "1"}) from None
+        except BadRequestBody as exc:
+            span.end()
+            raise APIError(400, str(exc), None, "invalid_request") from None
         gen = cls(request, pool, stream, endpoint, body.model, body.choices, state.settings.request_timeout, state.metrics, span)
         state.metrics.in_flight.inc()
         try:

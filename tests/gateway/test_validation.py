@@ -82,3 +82,12 @@ async def test_body_too_large_is_413(client, peer):
         r = await direct.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
     assert_openai_error(r, 413)
     assert not peer.requests
+
+
+async def test_integers_beyond_the_wire_are_400(client, peer):
+    huge = 2**70
+    assert_openai_error(await client.post("/v1/chat/completions", json={**CHAT, "seed": huge}), 400, "seed")
+    assert_openai_error(await client.post("/v1/completions", json={"model": "tiny", "prompt": [huge]}), 400)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "integer", "maximum": huge}}}
+    assert_openai_error(await client.post("/v1/chat/completions", json={**CHAT, "tools": [tool]}), 400)
+    assert not peer.requests

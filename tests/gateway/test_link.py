@@ -16,6 +16,12 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
 
 
+async def until(check, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def sse_events(text: str) -> list:
     events = []
     for block in text.strip().split("\n\n"):
@@ -115,10 +121,7 @@ async def test_client_disconnect_sends_abort(client, peer, gateway):
             async for line in r.aiter_lines():
                 if "first" in line:
                     break
-    for _ in range(100):
-        if peer.aborts:
-            break
-        await asyncio.sleep(0.02)
+    await until(lambda: peer.aborts)
     assert [a.request_id for a in peer.aborts] == [peer.requests[-1].request_id]
 
 
@@ -126,6 +129,7 @@ async def test_request_timeout_aborts(client, peer):
     peer.respond = lambda req: None  # the formatter takes it and never answers
     r = await client.post("/v1/chat/completions", json=CHAT)  # request_timeout is 1 s here
     assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+    await until(lambda: peer.aborts)  # the Abort frame may still be on its way
     assert [a.request_id for a in peer.aborts] == [peer.requests[-1].request_id]
 
 

@@ -1,0 +1,557 @@
+"""Serving benchmark: load on the gateway's OpenAI API, the same prompts through references, a roofline.
+
+    python -m bench.serve [--workloads random:1024:1024,sharegpt] [--concurrency 1,4,16,64,256]
+                          [--request-rate 2,8] [--references engine,hf] [--goodput ttft:500 tpot:50]
+                          [--base-url http://host:8000] [rose settings: --model --device --backend ...]
+
+Workloads: `random:IN:OUT` sends token-id prompts of exactly IN tokens (uniform
+random ids from the o200k ordinary range) asking for OUT tokens; `sharegpt` draws
+per-request lengths from lognormal fits to ShareGPT's conversation lengths (input
+median 180, output median 200 tokens, sigma 1; seeded, generated here: no dataset
+is downloaded). Every request streams through POST /v1/completions with
+ignore_eos, so outputs run to max_tokens unless a stop token the formatter adds for
+completions (<|return|>, <|call|>, <|endoftext|>) is sampled; the report counts the
+tokens really generated (usage) either way.
+
+Load: a fixed concurrency (closed loop: a new request as soon as one ends) or a
+Poisson request rate (`--request-rate`, optionally capped by --max-concurrency).
+Each (workload, level) gets its own prompts, so the prefix cache never helps, and
+the same prompts go through each target:
+- mesh: a rose mesh started here with services.launcher (or --base-url);
+- engine: AsyncEngine in this process, same settings, no mesh (what the mesh costs);
+- hf: transformers' GptOssForCausalLM.generate, static batches of the concurrency.
+Metrics per run: TTFT, TPOT, ITL, E2E latency (mean, p50, p90, p99), requests/s,
+output tokens/s, goodput under the SLOs, and request-level efficiency (tokens
+really generated per token asked for, requests/s counted in full-length requests,
+the per-request stream speed, the cost of one output token at that load). Next to
+each level: the memory-bound decode limit of the checkpoint at that batch
+(bench.roofline) over the copy bandwidth measured in this run.
+
+Writes <out>/serve.json and <out>/serve.png and prints one table per workload and
+the ours/reference ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.roofline import copy_bandwidth, decode_bound
+from bench.streaming import RequestRecord, stream_completion, stream_engine
+from shared.config import Settings
+
+ORDINARY_TOKENS = 199998  # o200k ranks below the special tokens
+SHAREGPT_INPUT_MEDIAN, SHAREGPT_OUTPUT_MEDIAN, SHAREGPT_SIGMA = 180, 200, 1.0
+PERCENTILES = (50, 90, 99)
+TARGETS = ("mesh", "engine", "hf")
+
+
+# ---------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    name: str
+    input_len: int | None  # None: drawn per request (sharegpt)
+    output_len: int | None
+
+    @classmethod
+    def parse(cls, spec: str, max_len: int) -> "Workload":
+        parts = spec.split(":")
+        if parts[0] == "random" and len(parts) == 3:
+            return cls(f"random-{parts[1]}-{parts[2]}", int(parts[1]), int(parts[2]))
+        if parts[0] == "sharegpt" and len(parts) == 1:
+            return cls("sharegpt", None, None)
+        raise ValueError(f"unknown workload {spec!r}: use random:IN:OUT or sharegpt")
+
+    def requests(self, count: int, rng: np.random.Generator, max_len: int) -> list[tuple[list[int], int]]:
+        """(prompt token ids, max_tokens) for `count` requests; lengths clipped to max_len."""
+        if self.input_len is None:
+            ins = np.exp(rng.normal(math.log(SHAREGPT_INPUT_MEDIAN), SHAREGPT_SIGMA, count))
+            outs = np.exp(rng.normal(math.log(SHAREGPT_OUTPUT_MEDIAN), SHAREGPT_SIGMA, count))
+            lens = [(int(np.clip(i, 4, max_len // 2)), int(np.clip(o, 4, max_len // 2))) for i, o in zip(ins, outs)]
+        else:
+            lens = [(self.input_len, self.output_len)] * count
+        return [(rng.integers(0, ORDINARY_TOKENS, n_in).tolist(), n_out) for n_in, n_out in lens]
+
+
+@dataclass(frozen=True)
+class Level:
+    concurrency: int | None  # None: unbounded (rate mode)
+    request_rate: float | None  # None: closed loop
+
+    @property
+    def label(self) -> str:
+        if self.request_rate is None:
+            return f"c={self.concurrency}"
+        cap = f",c<={self.concurrency}" if self.concurrency else ""
+        return f"rate={self.request_rate:g}/s{cap}"
+
+    @property
+    def batch(self) -> int:
+        """The batch the roofline and the HF reference assume at this level."""
+        return self.concurrency or 1
+
+
+# ---------------------------------------------------------------- load generation
+async def drive(send, items: list[tuple[list[int], int]], level: Level, seed: int) -> tuple[list[RequestRecord], float]:
+    """Run every item through `send(index, prompt, max_tokens)` at this level; (records, wall s)."""
+    gate = asyncio.Semaphore(level.concurrency) if level.concurrency else None
+    rng = random.Random(seed)
+
+    async def one(i: int, prompt: list[int], max_tokens: int) -> RequestRecord:
+        if gate is None:
+            return await send(i, prompt, max_tokens)
+        async with gate:
+            return await send(i, prompt, max_tokens)
+
+    start = time.perf_counter()
+    tasks = []
+    for i, (prompt, max_tokens) in enumerate(items):
+        if level.request_rate is not None and i:
+            await asyncio.sleep(rng.expovariate(level.request_rate))
+        tasks.append(asyncio.ensure_future(one(i, prompt, max_tokens)))
+    records = await asyncio.gather(*tasks)
+    return list(records), time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- metrics
+def _stats(values: list[float], scale: float = 1000.0) -> dict:
+    if not values:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    arr = np.asarray(values) * scale
+    return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
+
+
+def summarize(records: list[RequestRecord], duration: float, slo_ms: dict[str, float],
+              decoded_tokens: int | None = None) -> dict:
+    """The run's metrics (times in ms); decoded_tokens: tokens the target computed, when known."""
+    ok = [r for r in records if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    requested = sum(r.requested_tokens for r in records)
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    good = [r for r in ok if all(_metric_ms(r, name) <= limit for name, limit in slo_ms.items())]
+    summary = {
+        "completed": len(ok),
+        "failed": len(records) - len(ok),
+        "errors": sorted({r.error for r in records if r.error})[:5],
+        "duration_s": duration,
+        "input_tokens": sum(r.prompt_tokens for r in ok),
+        "output_tokens": out_tokens,
+        "requested_output_tokens": requested,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": out_tokens / duration,
+        "total_token_throughput": (out_tokens + sum(r.prompt_tokens for r in ok)) / duration,
+        "ttft_ms": _stats([r.ttft for r in ok]),
+        "tpot_ms": _stats(tpots),
+        "itl_ms": _stats([gap for r in ok for gap in r.itls]),
+        "e2el_ms": _stats([r.latency for r in ok]),
+        "slo_ms": slo_ms,
+        "goodput": len(good) / duration,
+        "goodput_fraction": len(good) / len(records) if records else 0.0,
+        "efficiency": {
+            "generated_fraction": out_tokens / requested if requested else 0.0,
+            "full_length_requests_per_s": out_tokens / (requested / len(records)) / duration if requested else 0.0,
+            "per_request_tokens_per_s": float(np.mean([r.output_tokens / r.latency for r in ok])) if ok else 0.0,
+            "ms_per_output_token": 1000 * duration / out_tokens if out_tokens else None,
+            "useful_decode_fraction": out_tokens / decoded_tokens if decoded_tokens else None,
+        },
+        "finish_reasons": {k: sum(1 for r in records if r.finish_reason == k) for k in sorted({str(r.finish_reason) for r in records})},
+    }
+    return summary
+
+
+def _metric_ms(record: RequestRecord, name: str) -> float:
+    value = {"ttft": record.ttft, "tpot": record.tpot or 0.0, "e2el": record.latency}[name]
+    return 1000 * value
+
+
+def record_dict(r: RequestRecord) -> dict:
+    return {"prompt_tokens": r.prompt_tokens, "requested_tokens": r.requested_tokens, "output_tokens": r.output_tokens,
+            "streamed_tokens": r.streamed_tokens, "chunks": len(r.chunk_times), "ttft_ms": 1000 * r.ttft if r.chunk_times else None,
+            "latency_ms": 1000 * r.latency, "finish_reason": r.finish_reason, "error": r.error}
+
+
+# ---------------------------------------------------------------- targets
+def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
+    """Every planned level through the mesh's gateway (started here unless --base-url)."""
+    import httpx
+
+    mesh = None
+    base_url = args.base_url
+    if base_url is None:
+        from services.launcher import Mesh, with_free_ports
+
+        log_dir = os.path.join(args.out, "mesh-logs")
+        mesh = Mesh(with_free_ports(settings), formatters=args.formatters, workers=args.workers, log_dir=log_dir)
+        print(f"mesh: starting {args.workers} worker(s), {args.formatters} formatter(s), backend {settings.backend} "
+              f"on {settings.device} (logs in {log_dir})", file=sys.stderr)
+        mesh.start(args.ready_timeout)
+        base_url = mesh.url
+    try:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        timeout = httpx.Timeout(settings.request_timeout + 60, connect=30)  # the gateway's deadline ends it first
+
+        async def sweep():
+            async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http:
+                model = (await http.get("/v1/models")).json()["data"][0]["id"]
+
+                async def send(i, prompt, max_tokens):
+                    return await stream_completion(http, model, prompt, max_tokens, stream_logprobs=args.stream_logprobs)
+
+                await drive(send, warmup_items(), Level(2, None), 0)
+                for entry in plan:
+                    records, duration = await drive(send, entry["items"], entry["level"], args.seed)
+                    entry["runs"]["mesh"] = (records, duration, None)
+                    _progress("mesh", entry, records, duration)
+
+        asyncio.run(sweep())
+    finally:
+        if mesh is not None:
+            crashed = [mesh.describe_crash(c) for c in mesh.crashed()]
+            mesh.stop()
+            if crashed:
+                print("mesh children crashed:\n" + "\n".join(crashed), file=sys.stderr)
+
+
+def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[int]) -> None:
+    """Every planned level through AsyncEngine in this process (the same settings as the worker)."""
+    from services.worker.engine import AsyncEngine, Engine
+    from shared.protocol import SamplingParams
+
+    engine = AsyncEngine(Engine.from_settings(settings))
+    counter = iter(range(10**9))
+
+    async def send(i, prompt, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=list(stop_token_ids))
+        return await stream_engine(engine, f"bench-{next(counter)}", prompt, params)
+
+    async def sweep():
+        await drive(send, warmup_items(), Level(2, None), 0)
+        for entry in plan:
+            before = engine.stats()
+            records, duration = await drive(send, entry["items"], entry["level"], args.seed)
+            after = engine.stats()
+            entry["runs"]["engine"] = (records, duration, after.generated_tokens - before.generated_tokens)
+            _progress("engine", entry, records, duration)
+
+    try:
+        asyncio.run(sweep())
+    finally:
+        engine.shutdown()
+        del engine
+        _free_device_memory()
+
+
+def run_hf(args, settings: Settings, plan: list[dict]) -> None:
+    """Closed-loop levels through transformers' generate (static batches of the concurrency)."""
+    from bench.hf_reference import generate_records, load_hf_model
+
+    model = load_hf_model(settings.model_path, settings.device, settings.dtype)
+    pad = model.generation_config.pad_token_id
+    pad = pad if isinstance(pad, int) else 0
+    generate_records(model, [p for p, _ in warmup_items()], [n for _, n in warmup_items()], 2, pad)
+    for entry in plan:
+        level = entry["level"]
+        if level.request_rate is not None:
+            continue  # static batches have no arrival process to follow
+        items = entry["items"][: args.hf_batches * level.batch] if args.hf_batches else entry["items"]
+        records, duration = generate_records(model, [p for p, _ in items], [n for _, n in items], level.batch, pad)
+        groups = [items[i:i + level.batch] for i in range(0, len(items), level.batch)]
+        decoded = sum(len(g) * max(n for _, n in g) for g in groups)
+        entry["runs"]["hf"] = (records, duration, decoded)
+        _progress("hf", entry, records, duration)
+    del model
+    _free_device_memory()
+
+
+def warmup_items() -> list[tuple[list[int], int]]:
+    return [(list(range(1000 + 17 * i, 1016 + 17 * i)), 4) for i in range(2)]
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _progress(target: str, entry: dict, records: list[RequestRecord], duration: float) -> None:
+    tokens = sum(r.output_tokens for r in records if r.ok)
+    failed = sum(1 for r in records if not r.ok)
+    print(f"  {target:6s} {entry['workload'].name} {entry['level'].label}: {len(records)} requests, "
+          f"{tokens / duration:.1f} output tok/s, {failed} failed, {duration:.1f}s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- report
+RATIO_KEYS = (("output_throughput", None), ("request_throughput", None), ("ttft_ms", "p50"), ("tpot_ms", "p50"),
+              ("itl_ms", "p50"), ("e2el_ms", "p50"))
+
+
+def ratios(ours: dict, reference: dict) -> dict:
+    """ours / reference for throughputs and median latencies (None where undefined)."""
+    out = {}
+    for key, sub in RATIO_KEYS:
+        a, b = ours[key], reference[key]
+        if sub:
+            a, b = a[sub], b[sub]
+        out[key + (f"_{sub}" if sub else "")] = a / b if a is not None and b else None
+    return out
+
+
+def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, config, kv_itemsize: int) -> dict:
+    workloads = {}
+    for entry in plan:
+        wl, level = entry["workload"], entry["level"]
+        items = entry["items"]
+        context = int(np.mean([len(p) + n / 2 for p, n in items]))  # mean context over a decode
+        block = workloads.setdefault(wl.name, {
+            "workload": dataclasses.asdict(wl),
+            "roofline_batch1": decode_bound(config, bandwidth, 1, context, kv_itemsize).as_dict(),
+            "levels": [],
+        })
+        runs = {}
+        for target, (records, duration, decoded) in entry["runs"].items():
+            summary = summarize(records, duration, args.slo_ms, decoded)
+            summary["requests"] = [record_dict(r) for r in records]
+            runs[target] = summary
+        bound = decode_bound(config, bandwidth, level.batch, context, kv_itemsize)
+        level_out = {
+            "concurrency": level.concurrency,
+            "request_rate": level.request_rate,
+            "label": level.label,
+            "num_prompts": len(items),
+            "roofline": bound.as_dict(),
+            "runs": runs,
+            "ratios": {},
+        }
+        for ours in ("mesh", "engine"):
+            for ref in TARGETS[TARGETS.index(ours) + 1:]:
+                if ours in runs and ref in runs:
+                    level_out["ratios"][f"{ours}/{ref}"] = ratios(runs[ours], runs[ref])
+        block["levels"].append(level_out)
+    return {
+        "meta": run_meta(settings, bandwidth, config),
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "workloads": list(workloads.values()),
+    }
+
+
+def run_meta(settings: Settings, bandwidth: float, config) -> dict:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    if settings.device.startswith("cuda") and torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "command": "python -m bench.serve " + " ".join(sys.argv[1:]),
+        "device": device,
+        "torch": torch.__version__,
+        "model": settings.model_path,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "experts": config.num_local_experts,
+        "backend": settings.backend,
+        "torch_device": settings.device,
+        "dtype": settings.dtype,
+        "max_num_seqs": settings.max_num_seqs,
+    }
+
+
+def _fmt(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_tables(report: dict) -> None:
+    print(f"\n{report['meta']['device']} | {report['meta']['model']} ({report['meta']['layers']} layers) | "
+          f"backend {report['meta']['backend']} on {report['meta']['torch_device']} | copy bandwidth "
+          f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s")
+    for wl in report["workloads"]:
+        b1 = wl["roofline_batch1"]
+        print(f"\n## {wl['workload']['name']}  (batch-1 decode bound: {1000 * b1['step_s']:.3f} ms/token, "
+              f"{b1['tokens_per_s']:.0f} tok/s; {(b1['weight_bytes'] + b1['kv_bytes']) / 2**20:.1f} MiB read per token)")
+        head = ("target", "level", "ok/fail", "req/s", "out tok/s", "roofline tok/s", "TTFT p50/p99 ms",
+                "TPOT p50/p99 ms", "ITL p50/p99 ms", "goodput req/s", "gen frac", "tok/s per req")
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for level in wl["levels"]:
+            for target, s in level["runs"].items():
+                row = (target, level["label"], f"{s['completed']}/{s['failed']}", _fmt(s["request_throughput"], 2),
+                       _fmt(s["output_throughput"]), _fmt(level["roofline"]["tokens_per_s"], 0),
+                       f"{_fmt(s['ttft_ms']['p50'])}/{_fmt(s['ttft_ms']['p99'])}",
+                       f"{_fmt(s['tpot_ms']['p50'], 2)}/{_fmt(s['tpot_ms']['p99'], 2)}",
+                       f"{_fmt(s['itl_ms']['p50'], 2)}/{_fmt(s['itl_ms']['p99'], 2)}", _fmt(s["goodput"], 2),
+                       _fmt(s["efficiency"]["generated_fraction"], 3), _fmt(s["efficiency"]["per_request_tokens_per_s"]))
+                print("| " + " | ".join(row) + " |")
+        for level in wl["levels"]:
+            for pair, r in level["ratios"].items():
+                parts = ", ".join(f"{k} {_fmt(v, 2)}x" for k, v in r.items())
+                print(f"ratio {pair} at {level['label']}: {parts}")
+
+
+def plot(report: dict, path: str) -> None:
+    """Output tokens/s against median TPOT per target, one panel per workload, roofline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    workloads = report["workloads"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5.5 * len(workloads), 4.5), squeeze=False)
+    for ax, wl in zip(axes[0], workloads):
+        levels = wl["levels"]
+        roof = [(1000 * lv["roofline"]["step_s"], lv["roofline"]["tokens_per_s"]) for lv in levels]
+        ax.plot([x for x, _ in roof], [y for _, y in roof], "k--", label="memory-bound roofline")
+        b1 = wl["roofline_batch1"]
+        ax.plot([1000 * b1["step_s"]], [b1["tokens_per_s"]], "k*", markersize=10, label="batch-1 bound")
+        for target in TARGETS:
+            points = [(lv["runs"][target]["tpot_ms"]["p50"], lv["runs"][target]["output_throughput"], lv["label"])
+                      for lv in levels if target in lv["runs"] and lv["runs"][target]["tpot_ms"]["p50"]]
+            if not points:
+                continue
+            ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=target)
+            for x, y, label in points:
+                ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("TPOT p50 (ms)")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(wl["workload"]["name"])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    meta = report["meta"]
+    fig.suptitle(f"{meta['device']} - {os.path.basename(meta['model'])} ({meta['layers']} layers), "
+                 f"{meta['backend']} on {meta['torch_device']}, {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from services.launcher import add_arguments as add_mesh_arguments
+
+    parser = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="random:1024:1024,random:8192:1024,random:128:2048,sharegpt",
+                        help="comma-separated random:IN:OUT or sharegpt")
+    parser.add_argument("--concurrency", default="1,4,16,64,256", help="comma-separated closed-loop concurrencies")
+    parser.add_argument("--request-rate", default="", help="comma-separated Poisson rates (req/s); replaces --concurrency")
+    parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight in rate mode")
+    parser.add_argument("--num-prompts", type=int, default=0, help="requests per level (0: max(8, 4 x concurrency); 64 per rate)")
+    parser.add_argument("--references", default="engine,hf", help="comma-separated: engine, hf (empty: none)")
+    parser.add_argument("--hf-batches", type=int, default=0,
+                        help="static batches the hf reference runs per level (0: all the level's prompts)")
+    parser.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
+                        help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
+    parser.add_argument("--stream-logprobs", action="store_true",
+                        help="ask for logprobs=0 so the tokens of every streamed chunk are counted")
+    parser.add_argument("--base-url", default=None, help="benchmark a running gateway instead of starting a mesh")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/out/serve", help="folder for serve.json and serve.png")
+    add_mesh_arguments(parser)
+    Settings.add_arguments(parser, "run")
+    parser.set_defaults(formatters=1)
+    args = parser.parse_args(argv)
+    args.slo_ms = {}
+    for item in args.goodput:
+        name, _, value = item.partition(":")
+        if name not in ("ttft", "tpot", "e2el") or not value:
+            parser.error(f"--goodput takes ttft:MS, tpot:MS or e2el:MS, got {item!r}")
+        args.slo_ms[name] = float(value)
+    return args
+
+
+def plan_levels(args) -> list[Level]:
+    if args.request_rate:
+        return [Level(args.max_concurrency, float(r)) for r in args.request_rate.split(",") if r]
+    return [Level(int(c), None) for c in args.concurrency.split(",") if c]
+
+
+def stop_tokens_for_completions(settings: Settings) -> list[int]:
+    """The stop ids the formatter adds to every completion (the engine reference uses the same)."""
+    from services.formatter.request import ENDOFTEXT
+    from shared.vocab import ensure_vocab, load_harmony_encoding
+
+    ensure_vocab(settings.vocab_dir)
+    return list(load_harmony_encoding(settings.vocab_dir).stop_tokens_for_assistant_actions()) + [ENDOFTEXT]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = Settings.from_args(args)
+    levels = plan_levels(args)
+    most = max(level.concurrency or 0 for level in levels)
+    settings = dataclasses.replace(settings, max_queue=max(settings.max_queue, 4 * most + 16),
+                                   log_level=args.log_level or "warning")
+    references = [r for r in args.references.split(",") if r]
+    unknown = set(references) - {"engine", "hf"}
+    if unknown:
+        print(f"bench.serve: unknown reference {sorted(unknown)[0]!r} (engine, hf)", file=sys.stderr)
+        return 2
+    from services.setup import setup
+    from services.worker.model.config import GptOssConfig
+
+    setup(settings)
+    config = GptOssConfig.from_pretrained(settings.model_path)
+    max_len = settings.max_model_len or config.max_position_embeddings
+    workloads = [Workload.parse(s, max_len) for s in args.workloads.split(",") if s]
+    rng = np.random.default_rng(args.seed)
+    plan = []
+    for wl in workloads:
+        for level in levels:
+            count = args.num_prompts or (max(8, 4 * level.concurrency) if level.request_rate is None else 64)
+            plan.append({"workload": wl, "level": level, "items": wl.requests(count, rng, max_len), "runs": {}})
+    os.makedirs(args.out, exist_ok=True)
+    bandwidth = copy_bandwidth(settings.device)
+    _free_device_memory()
+    print(f"copy bandwidth on {settings.device}: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
+
+    run_mesh(args, settings, plan)
+    if "engine" in references:
+        print("engine: in process, no mesh", file=sys.stderr)
+        run_engine(args, settings, plan, stop_tokens_for_completions(settings))
+    if "hf" in references:
+        print("hf: transformers GptOssForCausalLM.generate", file=sys.stderr)
+        run_hf(args, settings, plan)
+
+    import torch
+
+    kv_itemsize = torch.empty((), dtype=getattr(torch, settings.dtype)).element_size()
+    report = build_report(args, settings, plan, bandwidth, config, kv_itemsize)
+    json_path = os.path.join(args.out, "serve.json")
+    with open(json_path, "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    png_path = os.path.join(args.out, "serve.png")
+    plot(report, png_path)
+    print_tables(report)
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

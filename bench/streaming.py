@@ -1,0 +1,119 @@
+"""One streamed request, timed: over the OpenAI API (SSE) or an in-process AsyncEngine.
+
+Both give a `RequestRecord`: when each chunk of output arrived (seconds after the
+request was sent) and how many tokens it carried, the token count the server
+reported, and how the request ended. bench/serve.py turns records into TTFT, TPOT
+and ITL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestRecord:
+    """One request's timeline; times are seconds after it was sent."""
+
+    prompt_tokens: int
+    requested_tokens: int  # max_tokens asked for
+    sent_at: float = 0.0  # perf_counter when sent
+    chunk_times: list[float] = field(default_factory=list)  # arrivals of chunks with output
+    chunk_tokens: list[int | None] = field(default_factory=list)  # tokens per chunk; None when unknown
+    output_tokens: int = 0  # the server's count (usage), or the tokens received in process
+    latency: float = 0.0  # until the stream ended
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.output_tokens > 0
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] if self.chunk_times else float("nan")
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first (vLLM's definition); None for one token."""
+        if self.output_tokens < 2 or not self.chunk_times:
+            return None
+        return (self.latency - self.ttft) / (self.output_tokens - 1)
+
+    @property
+    def itls(self) -> list[float]:
+        """Gaps between consecutive output chunks."""
+        return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
+
+    @property
+    def streamed_tokens(self) -> int | None:
+        """Tokens counted in the stream itself; None when some chunk did not say."""
+        if any(n is None for n in self.chunk_tokens):
+            return None
+        return sum(self.chunk_tokens)
+
+
+async def stream_completion(http, model: str, prompt: list[int], max_tokens: int, *,
+                            ignore_eos: bool = True, stream_logprobs: bool = False,
+                            extra: dict | None = None) -> RequestRecord:
+    """POST /v1/completions with stream=true on an httpx.AsyncClient; errors end up in the record.
+
+    stream_logprobs asks for logprobs=0 so every chunk lists its tokens: the tokens
+    streamed can then be counted (chunk_tokens), not only read from usage.
+    """
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}, **(extra or {})}
+    if stream_logprobs:
+        body["logprobs"] = 0
+    record = RequestRecord(prompt_tokens=len(prompt), requested_tokens=max_tokens)
+    record.sent_at = start = time.perf_counter()
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                record.error = f"HTTP {response.status_code}: {text[:300]}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                now = time.perf_counter() - start
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    record.error = f"stream error: {chunk['error']}"
+                    continue
+                if chunk.get("usage"):
+                    record.output_tokens = int(chunk["usage"]["completion_tokens"])
+                for choice in chunk.get("choices", []):
+                    logprobs = choice.get("logprobs")
+                    tokens = len(logprobs["tokens"]) if stream_logprobs and logprobs else None
+                    if choice.get("text") or tokens:
+                        record.chunk_times.append(now)
+                        record.chunk_tokens.append(tokens)
+                    if choice.get("finish_reason"):
+                        record.finish_reason = choice["finish_reason"]
+    except Exception as exc:  # noqa: BLE001 - a failed request is data, not a crash of the benchmark
+        record.error = f"{type(exc).__name__}: {exc}"
+    record.latency = time.perf_counter() - start
+    return record
+
+
+async def stream_engine(engine, request_id: str, prompt: list[int], params) -> RequestRecord:
+    """The same request through an AsyncEngine in this process (no mesh)."""
+    record = RequestRecord(prompt_tokens=len(prompt), requested_tokens=params.max_tokens)
+    record.sent_at = start = time.perf_counter()
+    try:
+        async for out in engine.generate(request_id, prompt, params):
+            if out.token_ids:
+                record.chunk_times.append(time.perf_counter() - start)
+                record.chunk_tokens.append(len(out.token_ids))
+                record.output_tokens += len(out.token_ids)
+            if out.error:
+                record.error = out.error
+            if out.finish_reason:
+                record.finish_reason = out.finish_reason
+    except Exception as exc:  # noqa: BLE001
+        record.error = f"{type(exc).__name__}: {exc}"
+    record.latency = time.perf_counter() - start
+    return record

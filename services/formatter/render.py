@@ -57,8 +57,10 @@ def _tool_descriptions(body: dict) -> list[ToolDescription]:
     if choice == "none":
         return []
     descriptions = []
-    for tool in tools:
-        function = tool.get("function") or {}
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RenderError(f"tools[{i}].function.name: required")
         descriptions.append(
             ToolDescription.new(function["name"], function.get("description") or "", function.get("parameters"))
         )

@@ -133,6 +133,7 @@ def test_tool_choice_none_drops_tools(encoding):
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "only text parts"),
         ({"messages": [{"role": "assistant", "content": ""}]}, "content or tool_calls"),
         ({"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "function.name"),
     ],
 )
 def test_bad_conversations_are_render_errors(encoding, body, match):

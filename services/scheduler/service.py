@@ -147,7 +147,8 @@ class Scheduler:
 
     def pong(self, sent_at: float) -> Pong:
         models = sorted({w.model for w in self.workers.values()})
-        return Pong(sent_at=sent_at, ready=bool(self.workers), models=models, workers=len(self.workers))
+        longest = max((w.max_model_len for w in self.workers.values()), default=0)
+        return Pong(sent_at=sent_at, ready=bool(self.workers), models=models, workers=len(self.workers), max_model_len=longest)
 
     async def _on_submit(self, identity: bytes, msg: Submit) -> None:
         span = self.tracer.start_span(

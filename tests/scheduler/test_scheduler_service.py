@@ -29,7 +29,7 @@ async def test_pong_says_ready_only_with_a_live_worker(scheduler_factory):
     await register(worker(), "w0", model="gpt-oss-tiny")
     await asyncio.sleep(0.1)
     await f.send(Ping(sent_at=2.0))
-    assert await f.recv() == Pong(sent_at=2.0, ready=True, models=["gpt-oss-tiny"], workers=1)
+    assert await f.recv() == Pong(sent_at=2.0, ready=True, models=["gpt-oss-tiny"], workers=1, max_model_len=4096)
 
 
 async def test_no_worker_answers_503_at_once(scheduler_factory):

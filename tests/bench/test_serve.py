@@ -1,0 +1,91 @@
+"""bench/serve.py end to end: a real mesh (tiny model, CPU), a few requests, a consistent report."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from bench import serve
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 24, 8
+
+
+@pytest.fixture(scope="module")
+def report(rose_home, vocab_dir, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("serve")
+    code = serve.main([
+        "--workloads", f"random:{INPUT_LEN}:{OUTPUT_LEN}",
+        "--concurrency", "1,3",
+        "--num-prompts", str(PROMPTS),
+        "--references", "engine",
+        "--stream-logprobs",
+        "--goodput", "ttft:60000", "tpot:60000",
+        "--home", rose_home, "--model", tiny_checkpoint, "--tiktoken-encodings-base", vocab_dir,
+        "--out", str(out),
+    ])
+    assert code == 0
+    assert os.path.getsize(out / "serve.png") > 0
+    with open(out / "serve.json", encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _runs(report):
+    for workload in report["workloads"]:
+        for level in workload["levels"]:
+            for target, run in level["runs"].items():
+                yield level, target, run
+
+
+def test_every_level_ran_every_target(report):
+    (workload,) = report["workloads"]
+    assert workload["workload"] == {"name": f"random-{INPUT_LEN}-{OUTPUT_LEN}", "input_len": INPUT_LEN, "output_len": OUTPUT_LEN}
+    assert [lv["concurrency"] for lv in workload["levels"]] == [1, 3]
+    for level in workload["levels"]:
+        assert set(level["runs"]) == {"mesh", "engine"}
+        assert set(level["ratios"]) == {"mesh/engine"}
+        assert level["num_prompts"] == PROMPTS
+
+
+def test_counts_add_up(report):
+    for level, target, run in _runs(report):
+        requests = run["requests"]
+        assert len(requests) == PROMPTS == run["completed"] + run["failed"]
+        assert run["failed"] == 0, run["errors"]
+        assert run["output_tokens"] == sum(r["output_tokens"] for r in requests)
+        assert run["input_tokens"] == sum(r["prompt_tokens"] for r in requests) == PROMPTS * INPUT_LEN
+        assert run["requested_output_tokens"] == PROMPTS * OUTPUT_LEN
+        for r in requests:
+            # what the server counted is what arrived in the stream, chunk by chunk
+            assert r["streamed_tokens"] == r["output_tokens"], (target, r)
+            assert 1 <= r["output_tokens"] <= OUTPUT_LEN
+            if r["finish_reason"] == "length":
+                assert r["output_tokens"] == OUTPUT_LEN
+        assert run["efficiency"]["generated_fraction"] == pytest.approx(run["output_tokens"] / (PROMPTS * OUTPUT_LEN))
+        assert run["output_throughput"] == pytest.approx(run["output_tokens"] / run["duration_s"])
+        assert run["request_throughput"] == pytest.approx(PROMPTS / run["duration_s"])
+        assert run["goodput"] == pytest.approx(run["request_throughput"])  # SLOs of a minute: all requests meet them
+
+
+def test_percentiles_are_ordered(report):
+    for level, target, run in _runs(report):
+        for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            stats = run[metric]
+            assert 0 < stats["p50"] <= stats["p90"] <= stats["p99"], (target, metric, stats)
+        assert run["ttft_ms"]["p99"] <= run["e2el_ms"]["p99"]
+
+
+def test_roofline_and_ratios(report):
+    assert report["copy_bandwidth_bytes_per_s"] > 0
+    (workload,) = report["workloads"]
+    b1 = workload["roofline_batch1"]
+    assert b1["batch"] == 1 and b1["weight_bytes"] > 0 and b1["kv_bytes"] > 0
+    assert b1["step_s"] == pytest.approx((b1["weight_bytes"] + b1["kv_bytes"]) / report["copy_bandwidth_bytes_per_s"])
+    three = workload["levels"][1]
+    assert three["roofline"]["batch"] == 3 and three["roofline"]["tokens_per_s"] > b1["tokens_per_s"]
+    ratio = three["ratios"]["mesh/engine"]
+    mesh, engine = three["runs"]["mesh"], three["runs"]["engine"]
+    assert ratio["output_throughput"] == pytest.approx(mesh["output_throughput"] / engine["output_throughput"])

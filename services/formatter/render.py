@@ -53,6 +53,8 @@ def message_text(content: Any, where: str) -> str:
 
 def _tool_descriptions(body: dict) -> list[ToolDescription]:
     tools = body.get("tools") or []
+    if not isinstance(tools, list):
+        raise RenderError("tools must be a list")
     choice = body.get("tool_choice")
     if choice == "none":
         return []
@@ -76,7 +78,8 @@ def _tool_descriptions(body: dict) -> list[ToolDescription]:
 def build_conversation(body: dict, today: dt.date | None = None) -> Conversation:
     """The Harmony conversation for a chat request body (validated by the gateway)."""
     today = today or dt.datetime.now(dt.timezone.utc).date()
-    effort = REASONING_EFFORTS.get((body.get("reasoning_effort") or "medium").lower())
+    effort_name = body.get("reasoning_effort") or "medium"
+    effort = REASONING_EFFORTS.get(effort_name.lower()) if isinstance(effort_name, str) else None
     if effort is None:
         raise RenderError(f"reasoning_effort must be one of low, medium, high, got {body.get('reasoning_effort')!r}")
     system = (
@@ -85,14 +88,16 @@ def build_conversation(body: dict, today: dt.date | None = None) -> Conversation
         .with_knowledge_cutoff(KNOWLEDGE_CUTOFF)
         .with_conversation_start_date(today.isoformat())
     )
-    messages = body.get("messages") or []
-    if not messages:
-        raise RenderError("messages must hold at least one message")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RenderError("messages must be a list of at least one message")
     instructions = []
     turns: list[Message] = []
     call_names: dict[str, str] = {}  # tool_call_id -> function name, for the tool results
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise RenderError(f"{where}: expected an object")
         role = msg.get("role")
         if role in ("system", "developer"):
             instructions.append(message_text(msg.get("content"), where))
@@ -124,9 +129,12 @@ def _assistant_messages(msg: dict, where: str, call_names: dict[str, str]) -> li
     text = message_text(msg.get("content"), where)
     if text:
         out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("final"))
-    for j, call in enumerate(msg.get("tool_calls") or []):
-        function = call.get("function") or {}
-        name = function.get("name")
+    calls = msg.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise RenderError(f"{where}.tool_calls: expected a list")
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
             raise RenderError(f"{where}.tool_calls[{j}].function.name: required")
         arguments = function.get("arguments") or "{}"

@@ -133,6 +133,14 @@ class InFlightRequest:
         n = 1 if body.get("n") is None else body["n"]
         if not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
             raise RenderError(f"n must be an integer from 1 to {MAX_CHOICES}")
+        try:
+            return cls._start(request, body, n, encoding, trace, max_model_len)
+        except (AttributeError, TypeError, KeyError) as exc:
+            # The gateway validates bodies; this is for any other sender of a malformed one.
+            raise RenderError(f"malformed request body: {exc}") from None
+
+    @classmethod
+    def _start(cls, request: GenerateRequest, body: dict, n: int, encoding: HarmonyEncoding, trace, max_model_len: int):
         if request.endpoint == "chat":
             prompts = [render_chat(encoding, body)]
             stops = encoding.stop_tokens_for_assistant_actions()

@@ -128,3 +128,22 @@ def test_any_token_stream_gives_deltas_and_ends(encoding, ids, cuts, stop, endpo
     text = "".join(d.content for d in deltas)
     if stop:
         assert stop not in text
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(["role", "content", "type", "text", "function", "name", "tool_calls", "tool_call_id"]), inner, max_size=4),
+    max_leaves=12,
+)
+FIELDS = ["messages", "prompt", "n", "tools", "tool_choice", "stop", "seed", "max_tokens", "temperature", "logprobs", "reasoning_effort"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.fixed_dictionaries({}, optional={f: JSON for f in FIELDS}), endpoint=st.sampled_from(["chat", "completion"]))
+def test_any_body_renders_or_is_a_render_error(encoding, body, endpoint):
+    """A sender other than the gateway may send anything: only RenderError (a 400) may come out."""
+    try:
+        InFlightRequest.start(GenerateRequest("r", endpoint, body), encoding)
+    except RenderError as exc:
+        assert str(exc)

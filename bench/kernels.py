@@ -197,15 +197,109 @@ def run_attention(batches: list[int], bw: float) -> list[dict]:
     return rows
 
 
-def run(token_counts: list[int], attention: bool = False, kernels: bool = True) -> list[dict]:
+def run_experts(token_counts: list[int]) -> list[dict]:
+    """The MoE expert GEMMs (gate_up then down, 20b: 32 experts, top-4) by three paths.
+
+    grouped: torch._grouped_mm over bf16 experts with device offsets (the cuda backend's path);
+    loop: one cuBLAS matmul per expert (host sync on the counts: the eager reference);
+    mxfp4+grouped: the MXFP4 checkpoint experts dequantized every step, then grouped (what
+    keeping experts packed costs without a fused MXFP4 GEMM).
+    Reported: time, TFLOP/s of the useful products, and the share of the copy ceiling the
+    active experts' bf16 weights would take to stream once.
+    """
+    from services.worker.model.cuda_moe import grouped_linear, grouped_linear_reference
+    from services.worker.model.mxfp4 import dequantize, quantize
+
+    w_gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 50
+    w_d = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 50
+    q_gu, q_d = quantize(w_gu.float()), quantize(w_d.float())
+    rows = []
+    inputs = []  # every random input before any graph capture (an aborted capture upsets the RNG)
+    for tokens in token_counts:
+        n = tokens * K
+        counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
+        inputs.append((tokens, n, counts, torch.cumsum(counts, 0).to(torch.int32).cuda(),
+                       torch.randn(n, H, device="cuda", dtype=torch.bfloat16),
+                       torch.randn(n, I, device="cuda", dtype=torch.bfloat16)))
+    for tokens, n, counts, ends, xs, hs in inputs:
+        active = int((counts > 0).sum())
+        flops = 2 * n * (2 * I * H + H * I)
+        wbytes = active * (2 * I * H + H * I) * 2
+
+        def grouped():
+            grouped_linear(xs, w_gu, ends)
+            grouped_linear(hs, w_d, ends)
+
+        def loop():
+            grouped_linear_reference(xs, w_gu, ends)
+            grouped_linear_reference(hs, w_d, ends)
+
+        def mxfp4():
+            grouped_linear(xs, dequantize(*q_gu, torch.bfloat16), ends)
+            grouped_linear(hs, dequantize(*q_d, torch.bfloat16), ends)
+
+        for name, fn in (("grouped", grouped), ("loop", loop), ("mxfp4+grouped", mxfp4)):
+            t, how = measure([fn])
+            row = {"kernel": f"experts {name}", "tokens": tokens, "us": t * 1e6, "how": how,
+                   "tflops": flops / t / 1e12, "weight_bw_pct": 100 * wbytes / t / COPY_BW[0]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+COPY_BW = [0.0]
+
+
+def run_model(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> list[dict]:
+    """One forward step of a 2-layer model with gpt-oss-20b shapes: torch bf16 vs the cuda backend.
+
+    Steps: decode of 64 sequences at 1024 cached tokens, and a 4096-token prefill of one
+    sequence. Timed as the engine sees it (host planning included), median of 5 loop runs.
+    """
+    from services.worker.model import ForwardBatch, load_model, make_checkpoint
+
+    make_checkpoint(path, seed=1, preset="20b", num_hidden_layers=2)
+    block = 16
+    steps = {}
+    for name, seqs, ctx, q in (("decode 64x1k", 64, 1024, 1), ("prefill 4096", 1, 4096, 4096)):
+        pages = ctx // block
+        steps[name] = ForwardBatch(
+            token_ids=torch.randint(0, 200000, (seqs * q,)),
+            positions=torch.cat([torch.arange(ctx - q, ctx) for _ in range(seqs)]),
+            query_lens=[q] * seqs, context_lens=[ctx] * seqs,
+            block_tables={g: [list(range(s * pages, (s + 1) * pages)) for s in range(seqs)] for g in ("full", "sliding")},
+        ), seqs * pages
+    rows, times = [], {}
+    for backend in ("torch", "cuda"):
+        model = load_model(path, backend=backend, device="cuda", dtype=torch.bfloat16)
+        for name, (batch, blocks) in steps.items():
+            kv = model.make_kv_cache({"full": blocks, "sliding": blocks}, block)
+            times[backend, name] = _loop_time([lambda: model(batch, kv)], reps=5)
+        del model
+        torch.cuda.empty_cache()
+    for name in steps:
+        row = {"kernel": f"model step {name}", "tokens": steps[name][0].token_ids.numel(),
+               "us": times["cuda", name] * 1e6, "how": "loop", "x_eager": times["torch", name] / times["cuda", name]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def run(token_counts: list[int], attention: bool = False, kernels: bool = True, experts: bool = False,
+        model: bool = False) -> list[dict]:
     bw_torch, bw_vec = copy_bandwidth()
     bw = max(bw_torch, bw_vec)
+    COPY_BW[0] = bw
     print(f"device: {torch.cuda.get_device_name()}  copy bandwidth (read+write, 1 GiB): torch copy_ "
           f"{bw_torch / 1e12:.2f} TB/s, 16-byte vector copy {bw_vec / 1e12:.2f} TB/s; % below are of "
           f"{bw / 1e12:.2f}")
     rows = []
     if attention:
         rows += run_attention([1, 64], bw)
+    if experts:
+        rows += run_experts(token_counts)
+    if model:
+        rows += run_model()
     for tokens in token_counts if kernels else []:
         for name, nbytes, make, ours, ref, quack_fn in cases(tokens):
             sets = _copies(make, nbytes)
@@ -237,7 +331,12 @@ def table(rows: list[dict]) -> str:
     lines = ["| kernel | tokens | time (us) | timed by | % copy BW | x eager | x compile | x quack |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | {r['bw_pct']:.0f} | "
+        if "tflops" in r:
+            lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | "
+                         f"{r['tflops']:.1f} TFLOP/s, weights {r['weight_bw_pct']:.0f}% | - | - | - |")
+            continue
+        bw_pct = f"{r['bw_pct']:.0f}" if "bw_pct" in r else "-"
+        lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | {bw_pct} | "
                      f"{fmt(r['x_eager'])} | {fmt(r.get('x_compile'))} | {fmt(r.get('x_quack'))} |")
     return "\n".join(lines)
 
@@ -247,9 +346,12 @@ def main() -> None:
     parser.add_argument("--tokens", default="1,64,4096")
     parser.add_argument("--json", default="")
     parser.add_argument("--attention", action="store_true", help="also time FlashInfer decode attention")
+    parser.add_argument("--experts", action="store_true", help="also time the MoE expert GEMM paths")
+    parser.add_argument("--model", action="store_true", help="also time a 2-layer 20b-shaped model step")
     parser.add_argument("--no-kernels", action="store_true", help="skip the CuTeDSL kernels")
     args = parser.parse_args()
-    rows = run([int(t) for t in args.tokens.split(",")], attention=args.attention, kernels=not args.no_kernels)
+    rows = run([int(t) for t in args.tokens.split(",")], attention=args.attention, kernels=not args.no_kernels,
+               experts=args.experts, model=args.model)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from fastapi import Request
+from opentelemetry.trace import SpanKind
 
 from shared import telemetry
 from shared.protocol import Delta
@@ -93,8 +94,13 @@ class Generation:
         if body.model not in models:
             raise APIError(404, f"the model {body.model!r} does not exist; serving {', '.join(models)}", "model", "model_not_found")
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        # A caller that sends a W3C traceparent header gets the request inside its own trace.
+        incoming = {k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")}
         span = telemetry.tracer("rose.gateway").start_span(
-            "gateway.request", attributes={"rose.request_id": request_id, "rose.endpoint": endpoint}
+            "gateway.request",
+            context=telemetry.extract(incoming),
+            kind=SpanKind.SERVER,
+            attributes={"rose.request_id": request_id, "rose.endpoint": endpoint},
         )
         with telemetry.use_span(span):
             carrier = telemetry.inject({})

@@ -177,3 +177,11 @@ async def test_client_leaving_before_the_first_token_aborts(peer, gateway):
         await asyncio.sleep(0.01)
     assert peer.aborts[-1].request_id == peer.requests[-1].request_id
     assert time.monotonic() - started < 0.9  # noticed the client, not the 1 s request timeout
+
+
+async def test_caller_trace_context_is_continued(client, peer):
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    assert (await client.post("/v1/chat/completions", json=CHAT, headers={"traceparent": parent})).status_code == 200
+    carried = peer.requests[-1].trace
+    # the services below join the caller's trace (same trace id)
+    assert carried["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"

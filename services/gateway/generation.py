@@ -146,6 +146,8 @@ class Generation:
                     raise GenerationFailed("the client closed the request", 499) from None
         if delta.error:
             raise GenerationFailed(delta.error, delta.status or 500)
+        if not 0 <= delta.index < self.choices:
+            raise GenerationFailed(f"the formatter sent choice {delta.index} of {self.choices}", 502)
         self.usage.add(delta)
         if delta.finish_reason is not None:
             self.finished.add(delta.index)

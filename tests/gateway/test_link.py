@@ -156,6 +156,7 @@ async def test_models_health_metrics(client):
     assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny"]
     assert (await client.get("/v1/models/tiny")).json()["id"] == "tiny"
     assert (await client.get("/health")).json() == {"status": "ok"}
+    assert (await client.get("/version")).json()["version"]
     await client.post("/v1/completions", json={"model": "tiny", "prompt": "x"})
     assert (await client.post("/v1/completions", json={"model": "tiny"})).status_code == 400
     text = (await client.get("/metrics")).text
@@ -185,3 +186,9 @@ async def test_caller_trace_context_is_continued(client, peer):
     carried = peer.requests[-1].trace
     # the services below join the caller's trace (same trace id)
     assert carried["traceparent"].split("-")[1] == "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+async def test_a_choice_beyond_n_is_a_gateway_error(client, peer):
+    peer.respond = lambda req: [Delta(req.request_id, index=3, content="x", finish_reason="stop")]
+    r = await client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 502 and r.json()["error"]["type"] == "server_error"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as package_version
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
@@ -38,6 +40,14 @@ async def _open_or_authorized(request: Request):
     """Health routes are open unless ROSE_OPEN_HEALTH is off."""
     if not request.app.state.settings.open_health:
         await authorize(request)
+
+
+@router.get("/version", dependencies=[Depends(_open_or_authorized)])
+async def version():
+    try:
+        return {"version": package_version("rose")}
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return {"version": "unknown"}
 
 
 @router.get("/health", dependencies=[Depends(_open_or_authorized)])

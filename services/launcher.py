@@ -161,18 +161,18 @@ class Mesh:
             os.makedirs(self.log_dir, exist_ok=True)
         try:
             if self.redis_url is None:
-                self.redis_url = self._start_redis()
+                self.redis_url = self.start_redis()
             self.settings = dataclasses.replace(self.settings, redis_url=self.redis_url)
             binds = self.formatter_binds()
             connect_urls = ",".join(b.replace("//0.0.0.0:", "//127.0.0.1:") for b in binds)
             self.settings = dataclasses.replace(self.settings, formatter_urls=connect_urls)
-            self._spawn("scheduler", "scheduler", {})
+            self.spawn("scheduler", "scheduler", {})
             for i in range(self.workers):
                 worker_id = f"{self.settings.worker_id or 'worker'}-{i}"
-                self._spawn(f"worker-{i}", "worker", {"ROSE_WORKER_ID": worker_id})
+                self.spawn(f"worker-{i}", "worker", {"ROSE_WORKER_ID": worker_id})
             for i, bind in enumerate(binds):
-                self._spawn(f"formatter-{i}", "formatter", {"ROSE_FORMATTER_BIND": bind})
-            self._spawn("gateway", "gateway", {})
+                self.spawn(f"formatter-{i}", "formatter", {"ROSE_FORMATTER_BIND": bind})
+            self.spawn("gateway", "gateway", {})
             self.wait_ready(ready_timeout)
         except BaseException:
             self.stop()
@@ -240,7 +240,8 @@ class Mesh:
         self.stop()
 
     # ------------------------------------------------------------ children
-    def _spawn(self, name: str, role: str, overrides: dict[str, str], argv: list[str] | None = None) -> Child:
+    def spawn(self, name: str, role: str, overrides: dict[str, str], argv: list[str] | None = None) -> Child:
+        """Start one child: `rose <role>` with this mesh's settings plus `overrides` (env), or `argv`."""
         env = dict(os.environ)
         env.update(self.settings.to_env())
         env.update(self.env)
@@ -250,6 +251,7 @@ class Mesh:
         argv = argv or [sys.executable, "-m", "services.cli", role]
         log_path, out = None, None
         if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
             log_path = os.path.join(self.log_dir, f"{name}.log")
             out = open(log_path, "ab")
         try:
@@ -270,11 +272,11 @@ class Mesh:
         self.children.append(child)
         return child
 
-    def _start_redis(self) -> str:
+    def start_redis(self) -> str:
         """A private, non-persistent redis-server on a free port; its URL."""
         binary = ensure_redis_server()
         port = free_port()
-        child = self._spawn(
+        child = self.spawn(
             "redis",
             "redis",
             {},

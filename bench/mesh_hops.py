@@ -1,0 +1,373 @@
+"""What each hop of the mesh costs per token, without the engine in the way.
+
+One real service process at a time (`rose scheduler`, `rose formatter`, `rose
+gateway`) between two load peers in this process that speak its protocol: the
+upstream peer streams tokens for N requests in rounds (one token per request per
+round, like an engine step, paced at --step-ms), the downstream peer timestamps
+each token as it comes out. Per hop and concurrency it reports offered and
+delivered tokens/s and the per-token latency through the hop (p50/p99), then
+the same with no pacing (the hop's capacity).
+
+    python -m bench.mesh_hops [--concurrency 1,16,64] [--rounds 200] [--step-ms 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import zmq
+import zmq.asyncio
+
+from services.launcher import Mesh, with_free_ports
+from shared import protocol
+from shared.config import Settings
+from shared.protocol import (
+    Delta,
+    GenerateRequest,
+    Ping,
+    Pong,
+    Register,
+    SamplingParams,
+    Submit,
+    TokenEvent,
+)
+
+MODEL = "gpt-oss-tiny"
+TOKEN = 1000  # an ordinary text token of o200k
+
+
+@dataclass
+class HopRun:
+    offered: float  # tokens/s the source aimed at (0: unpaced)
+    sent_at: dict[tuple[str, int], float] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    first_send: float = 0.0
+    last_recv: float = 0.0
+
+    def received(self, stream: str, index: int) -> None:
+        now = time.perf_counter()
+        sent = self.sent_at.get((stream, index))
+        if sent is not None:
+            self.latencies.append(now - sent)
+        self.last_recv = now
+
+    @property
+    def delivered(self) -> float:
+        span = self.last_recv - self.first_send
+        return len(self.latencies) / span if span > 0 else 0.0
+
+    def pct(self, q: float) -> float:
+        if not self.latencies:
+            return float("nan")
+        ordered = sorted(self.latencies)
+        return 1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def pace(streams: list[str], rounds: int, step_s: float, send, run: HopRun) -> None:
+    """Send one token per stream per round; record each token's send time."""
+    run.first_send = time.perf_counter()
+    next_round = run.first_send
+    for k in range(rounds):
+        for s in streams:
+            run.sent_at[(s, k)] = time.perf_counter()
+            send(s, k)
+        if step_s:
+            next_round += step_s
+            await asyncio.sleep(max(0.0, next_round - time.perf_counter()))
+        else:
+            await asyncio.sleep(0)  # let the receiver drain
+
+
+def dealer(endpoint: str) -> zmq.asyncio.Socket:
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def router(endpoint: str) -> zmq.asyncio.Socket:
+    sock = zmq.asyncio.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.bind(endpoint)
+    return sock
+
+
+async def wait_all(received: dict[str, int], streams, want: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while any(received.get(s, 0) < want for s in streams):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tokens missing: got {sum(received.values())} of {want * len(streams)}")
+        await asyncio.sleep(0.01)
+
+
+class Hop:
+    """Load peers around one service; they live across measurements (ports stay bound)."""
+
+    def __init__(self):
+        self.tasks: list[asyncio.Task] = []
+        self.run: HopRun | None = None
+        self.received: dict[str, int] = {}
+
+    def count(self, stream: str, tokens: int) -> None:
+        for _ in range(tokens):
+            k = self.received.get(stream, 0)
+            self.run.received(stream, k)
+            self.received[stream] = k + 1
+
+    def background(self, coro) -> None:
+        self.tasks.append(asyncio.create_task(coro))
+
+    async def measure(self, streams: list[str], rounds: int, step_s: float, send) -> HopRun:
+        self.run = HopRun(offered=len(streams) / step_s if step_s else 0.0)
+        self.received = {}
+        await pace(streams, rounds, step_s, send, self.run)
+        await wait_all(self.received, streams, rounds)
+        return self.run
+
+    def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+
+
+async def answer_pings(sock: zmq.asyncio.Socket, on_other) -> None:
+    """A ROUTER peer that says ready to every Ping and hands other messages on."""
+    while True:
+        ident, frame = await sock.recv_multipart()
+        msg = protocol.decode(frame)
+        if isinstance(msg, Ping):
+            await sock.send_multipart([ident, protocol.encode(Pong(msg.sent_at, True, [MODEL], 1, 4096))])
+        else:
+            on_other(ident, msg)
+
+
+# ---------------------------------------------------------------- scheduler
+class SchedulerHop(Hop):
+    """worker peer --TokenEvent--> scheduler --TokenEvent--> formatter peer."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.worker, self.formatter = dealer(settings.scheduler_backend), dealer(settings.scheduler_frontend)
+        self.routed: set[str] = set()
+        self.background(self._worker_rx())
+        self.background(self._formatter_rx())
+
+    async def _worker_rx(self):
+        while True:
+            msg = protocol.decode(await self.worker.recv())
+            if isinstance(msg, Submit):
+                self.routed.add(msg.request_id)
+
+    async def _formatter_rx(self):
+        while True:
+            msg = protocol.decode(await self.formatter.recv())
+            if isinstance(msg, TokenEvent) and msg.token_ids and self.run is not None:
+                self.count(msg.request_id, len(msg.token_ids))
+
+    async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
+        await self.worker.send(protocol.encode(Register("bench", MODEL, 4096, 16, 10_000, 10_000)))
+        await asyncio.sleep(0.2)
+        streams = [f"{tag}-{i}" for i in range(concurrency)]
+        for s in streams:
+            await self.formatter.send(protocol.encode(Submit(s, [TOKEN, TOKEN + 1], SamplingParams(max_tokens=rounds))))
+        await until(lambda: all(s in self.routed for s in streams), "the scheduler routed every request")
+        frames = {s: protocol.encode(TokenEvent(s, token_ids=[TOKEN], worker_id="bench")) for s in streams}
+        run = await self.measure(streams, rounds, step_s, lambda s, k: self.worker.send(frames[s], flags=zmq.DONTWAIT))
+        for s in streams:
+            await self.worker.send(protocol.encode(TokenEvent(s, finish_reason="length", worker_id="bench")))
+        return run
+
+    def close(self) -> None:
+        super().close()
+        self.worker.close(0)
+        self.formatter.close(0)
+
+
+# ---------------------------------------------------------------- formatter
+class FormatterHop(Hop):
+    """scheduler peer --TokenEvent--> formatter --Delta--> gateway peer."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.scheduler, self.gateway = router(settings.scheduler_frontend), dealer(settings.formatter_bind)
+        self.submits: list[str] = []  # the formatter's Submit ids
+        self.identity = b""
+        self.background(answer_pings(self.scheduler, self._on_submit))
+        self.background(self._gateway_rx())
+
+    def _on_submit(self, ident: bytes, msg) -> None:
+        if isinstance(msg, Submit):
+            self.identity = ident
+            self.submits.append(msg.request_id)
+
+    async def _gateway_rx(self):
+        while True:
+            msg = protocol.decode(await self.gateway.recv())
+            if isinstance(msg, Delta) and msg.token_ids and self.run is not None:
+                self.count(msg.request_id, len(msg.token_ids))
+
+    async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
+        await asyncio.sleep(1.0)  # the formatter has heard a Pong
+        streams = [f"{tag}-{i}" for i in range(concurrency)]
+        body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True, "ignore_eos": True}
+        self.submits.clear()
+        for s in streams:
+            await self.gateway.send(protocol.encode(GenerateRequest(s, "completion", body)))
+        await until(lambda: len(self.submits) >= concurrency, "the formatter submitted every request")
+        # a Submit id is the request id, maybe with a choice suffix: map it to the longest matching stream
+        subs = {max((s for s in streams if sub.startswith(s)), key=len): sub for sub in self.submits}
+        frames = {s: protocol.encode(TokenEvent(subs[s], token_ids=[TOKEN + 7])) for s in streams}
+        run = await self.measure(streams, rounds, step_s, lambda s, k: self.scheduler.send_multipart([self.identity, frames[s]], flags=zmq.DONTWAIT))
+        for s in streams:
+            self.scheduler.send_multipart([self.identity, protocol.encode(TokenEvent(subs[s], finish_reason="length"))], flags=zmq.DONTWAIT)
+        return run
+
+    def close(self) -> None:
+        super().close()
+        self.scheduler.close(0)
+        self.gateway.close(0)
+
+
+# ---------------------------------------------------------------- gateway
+class GatewayHop(Hop):
+    """formatter peer --Delta--> gateway --SSE--> HTTP client."""
+
+    def __init__(self, settings: Settings, base_url: str):
+        super().__init__()
+        self.base_url = base_url
+        self.formatter = router(settings.formatter_bind)
+        self.requests: dict[str, bytes] = {}  # GenerateRequest id -> the gateway's routing id
+        self.background(answer_pings(self.formatter, self._on_request))
+
+    def _on_request(self, ident: bytes, msg) -> None:
+        if isinstance(msg, GenerateRequest):
+            self.requests[msg.request_id] = ident
+
+    async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
+        import httpx
+
+        await asyncio.sleep(1.0)  # the gateway has heard a Pong and is ready
+        self.requests.clear()
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as http:
+
+            async def client():
+                body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    if response.status_code != 200:
+                        raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {") and self.run is not None:
+                            chunk = json.loads(line[6:])
+                            if any(c.get("text") for c in chunk.get("choices", [])):
+                                self.count(chunk["id"], 1)
+
+            clients = [asyncio.create_task(client()) for _ in range(concurrency)]
+            await until(lambda: len(self.requests) >= concurrency, "the gateway forwarded every request")
+            streams = list(self.requests)
+
+            def send(s: str, k: int) -> None:
+                delta = Delta(s, content="x", token_ids=[TOKEN], completion_tokens=k + 1)
+                self.formatter.send_multipart([self.requests[s], protocol.encode(delta)], flags=zmq.DONTWAIT)
+
+            run = await self.measure(streams, rounds, step_s, send)
+            for s in streams:
+                done = Delta(s, finish_reason="length", prompt_tokens=2, completion_tokens=rounds)
+                self.formatter.send_multipart([self.requests[s], protocol.encode(done)], flags=zmq.DONTWAIT)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+        return run
+
+    def close(self) -> None:
+        super().close()
+        self.formatter.close(0)
+
+
+async def until(predicate, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out: {what}")
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------- main
+def run_hop(name: str, levels: list[int], rounds: int, step_s: float, home: str) -> list[tuple[int, HopRun, HopRun]]:
+    """Start the one service the hop needs, measure paced then unpaced at each concurrency."""
+    base = dataclasses.replace(Settings.from_env(), home=home, log_level="warning", heartbeat_interval=0.5, heartbeat_timeout=30.0)
+    mesh = Mesh(with_free_ports(base), log_dir=f"{home}/logs-{name}")
+    results = []
+    try:
+        if name == "scheduler":
+            mesh.settings = dataclasses.replace(mesh.settings, redis_url=mesh.start_redis())
+            mesh.spawn("scheduler", "scheduler", {})
+        elif name == "formatter":
+            mesh.spawn("formatter", "formatter", {})
+        else:
+            mesh.settings = dataclasses.replace(mesh.settings, formatter_urls=mesh.settings.formatter_bind)
+            mesh.spawn("gateway", "gateway", {})
+        time.sleep(4.0)  # imports
+        if mesh.crashed():
+            raise RuntimeError(mesh.describe_crash(mesh.crashed()[0]))
+        results = asyncio.run(_measure_levels(name, mesh, levels, rounds, step_s))
+    finally:
+        mesh.stop()
+    return results
+
+
+async def _measure_levels(name: str, mesh: Mesh, levels: list[int], rounds: int, step_s: float):
+    hop = {"scheduler": lambda: SchedulerHop(mesh.settings), "formatter": lambda: FormatterHop(mesh.settings),
+           "gateway": lambda: GatewayHop(mesh.settings, mesh.url)}[name]()
+    results = []
+    try:
+        for c in levels:
+            paced = await hop(c, rounds, step_s, f"{name}-{c}-p")
+            unpaced = await hop(c, rounds, 0.0, f"{name}-{c}-u")
+            results.append((c, paced, unpaced))
+            print(f"  {name} x{c}: paced p50 {paced.pct(50):.2f} ms, unpaced {unpaced.delivered:.0f} tok/s", file=sys.stderr)
+    finally:
+        hop.close()
+    return results
+
+
+def table(rows: list[tuple[str, int, HopRun, HopRun]]) -> str:
+    head = ("hop", "streams", "offered tok/s", "delivered tok/s", "latency p50", "latency p99", "capacity tok/s (unpaced)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, c, paced, unpaced in rows:
+        lines.append(f"| {name} | {c} | {paced.offered:.0f} | {paced.delivered:.0f} | {paced.pct(50):.2f} ms | {paced.pct(99):.2f} ms | {unpaced.delivered:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=200, help="tokens per stream")
+    parser.add_argument("--step-ms", type=float, default=10.0, help="time between rounds when paced")
+    parser.add_argument("--hops", default="scheduler,formatter,gateway")
+    parser.add_argument("--home", default=None)
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",") if c]
+    home = args.home or tempfile.mkdtemp(prefix="rose-hops-")
+    from services.setup import setup
+
+    setup(dataclasses.replace(Settings.from_env(), home=home))
+    rows = []
+    for name in args.hops.split(","):
+        for c, paced, unpaced in run_hop(name, levels, args.rounds, args.step_ms / 1000, home):
+            rows.append((name, c, paced, unpaced))
+    print(f"\n{args.rounds} tokens per stream, paced at one token per stream every {args.step_ms:g} ms")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ Workloads: `random:IN:OUT` sends token-id prompts of exactly IN tokens (uniform
 random ids from the o200k ordinary range) asking for OUT tokens; `sharegpt` draws
 per-request lengths from lognormal fits to ShareGPT's conversation lengths (input
 median 180, output median 200 tokens, sigma 1; seeded, generated here: no dataset
-is downloaded). Every request streams through POST /v1/completions with
+is downloaded), clipped to half the context or to `sharegpt:MAX_IN:MAX_OUT`. Every request streams through POST /v1/completions with
 ignore_eos, so outputs run to max_tokens unless a stop token the formatter adds for
 completions (<|return|>, <|call|>, <|endoftext|>) is sampled; the report counts the
 tokens really generated (usage) either way.
@@ -57,6 +57,7 @@ ORDINARY_TOKENS = 199998  # o200k ranks below the special tokens
 SHAREGPT_INPUT_MEDIAN, SHAREGPT_OUTPUT_MEDIAN, SHAREGPT_SIGMA = 180, 200, 1.0
 PERCENTILES = (50, 90, 99)
 TARGETS = ("mesh", "engine", "hf")
+MESH_FAILED = 3  # exit status when the mesh does not start (bench/gpu_serve.sh then tries another backend)
 
 
 # ---------------------------------------------------------------- workloads
@@ -65,22 +66,24 @@ class Workload:
     name: str
     input_len: int | None  # None: drawn per request (sharegpt)
     output_len: int | None
+    caps: tuple[int, int] | None = None  # sharegpt: longest input and output drawn
 
     @classmethod
     def parse(cls, spec: str, max_len: int) -> "Workload":
         parts = spec.split(":")
         if parts[0] == "random" and len(parts) == 3:
             return cls(f"random-{parts[1]}-{parts[2]}", int(parts[1]), int(parts[2]))
-        if parts[0] == "sharegpt" and len(parts) == 1:
-            return cls("sharegpt", None, None)
-        raise ValueError(f"unknown workload {spec!r}: use random:IN:OUT or sharegpt")
+        if parts[0] == "sharegpt" and len(parts) in (1, 3):
+            caps = (int(parts[1]), int(parts[2])) if len(parts) == 3 else (max_len // 2, max_len // 2)
+            return cls("sharegpt" + (f"-{caps[0]}-{caps[1]}" if len(parts) == 3 else ""), None, None, caps)
+        raise ValueError(f"unknown workload {spec!r}: use random:IN:OUT, sharegpt or sharegpt:MAX_IN:MAX_OUT")
 
     def requests(self, count: int, rng: np.random.Generator, max_len: int) -> list[tuple[list[int], int]]:
         """(prompt token ids, max_tokens) for `count` requests; lengths clipped to max_len."""
         if self.input_len is None:
             ins = np.exp(rng.normal(math.log(SHAREGPT_INPUT_MEDIAN), SHAREGPT_SIGMA, count))
             outs = np.exp(rng.normal(math.log(SHAREGPT_OUTPUT_MEDIAN), SHAREGPT_SIGMA, count))
-            lens = [(int(np.clip(i, 4, max_len // 2)), int(np.clip(o, 4, max_len // 2))) for i, o in zip(ins, outs)]
+            lens = [(int(np.clip(i, 4, self.caps[0])), int(np.clip(o, 4, self.caps[1]))) for i, o in zip(ins, outs)]
         else:
             lens = [(self.input_len, self.output_len)] * count
         return [(rng.integers(0, ORDINARY_TOKENS, n_in).tolist(), n_out) for n_in, n_out in lens]
@@ -212,6 +215,8 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
 
                 await drive(send, warmup_items(), Level(2, None), 0)
                 for entry in plan:
+                    if out_of_time(args, "mesh", entry):
+                        continue
                     records, duration = await drive(send, entry["items"], entry["level"], args.seed)
                     entry["runs"]["mesh"] = (records, duration, None)
                     _progress("mesh", entry, records, duration)
@@ -240,6 +245,8 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
     async def sweep():
         await drive(send, warmup_items(), Level(2, None), 0)
         for entry in plan:
+            if out_of_time(args, "engine", entry):
+                continue
             before = engine.stats()
             records, duration = await drive(send, entry["items"], entry["level"], args.seed)
             after = engine.stats()
@@ -264,7 +271,7 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
     generate_records(model, [p for p, _ in warmup_items()], [n for _, n in warmup_items()], 2, pad)
     for entry in plan:
         level = entry["level"]
-        if level.request_rate is not None:
+        if level.request_rate is not None or out_of_time(args, "hf", entry):
             continue  # static batches have no arrival process to follow
         items = entry["items"][: args.hf_batches * level.batch] if args.hf_batches else entry["items"]
         records, duration = generate_records(model, [p for p, _ in items], [n for _, n in items], level.batch, pad)
@@ -274,6 +281,15 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
         _progress("hf", entry, records, duration)
     del model
     _free_device_memory()
+
+
+def out_of_time(args, target: str, entry: dict) -> bool:
+    """True (and the level noted as skipped) once --deadline-s has passed."""
+    if time.monotonic() < args.deadline:
+        return False
+    entry.setdefault("skipped", []).append(target)
+    print(f"  {target:6s} {entry['workload'].name} {entry['level'].label}: skipped (--deadline-s passed)", file=sys.stderr)
+    return True
 
 
 def warmup_items() -> list[tuple[list[int], int]]:
@@ -337,6 +353,7 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
             "num_prompts": len(items),
             "roofline": bound.as_dict(),
             "runs": runs,
+            "skipped": entry.get("skipped", []),
             "ratios": {},
         }
         for ours in ("mesh", "engine"):
@@ -393,7 +410,7 @@ def print_tables(report: dict) -> None:
         print(f"\n## {wl['workload']['name']}  (batch-1 decode bound: {1000 * b1['step_s']:.3f} ms/token, "
               f"{b1['tokens_per_s']:.0f} tok/s; {(b1['weight_bytes'] + b1['kv_bytes']) / 2**20:.1f} MiB read per token)")
         head = ("target", "level", "ok/fail", "req/s", "out tok/s", "roofline tok/s", "TTFT p50/p99 ms",
-                "TPOT p50/p99 ms", "ITL p50/p99 ms", "goodput req/s", "gen frac", "tok/s per req")
+                "TPOT p50/p99 ms", "ITL p50/p99 ms", "goodput req/s", "generated/asked", "useful/decoded", "tok/s per req")
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for level in wl["levels"]:
             for target, s in level["runs"].items():
@@ -402,7 +419,8 @@ def print_tables(report: dict) -> None:
                        f"{_fmt(s['ttft_ms']['p50'])}/{_fmt(s['ttft_ms']['p99'])}",
                        f"{_fmt(s['tpot_ms']['p50'], 2)}/{_fmt(s['tpot_ms']['p99'], 2)}",
                        f"{_fmt(s['itl_ms']['p50'], 2)}/{_fmt(s['itl_ms']['p99'], 2)}", _fmt(s["goodput"], 2),
-                       _fmt(s["efficiency"]["generated_fraction"], 3), _fmt(s["efficiency"]["per_request_tokens_per_s"]))
+                       _fmt(s["efficiency"]["generated_fraction"], 3), _fmt(s["efficiency"]["useful_decode_fraction"], 3),
+                       _fmt(s["efficiency"]["per_request_tokens_per_s"]))
                 print("| " + " | ".join(row) + " |")
         for level in wl["levels"]:
             for pair, r in level["ratios"].items():
@@ -471,6 +489,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-logprobs", action="store_true",
                         help="ask for logprobs=0 so the tokens of every streamed chunk are counted")
     parser.add_argument("--base-url", default=None, help="benchmark a running gateway instead of starting a mesh")
+    parser.add_argument("--deadline-s", type=float, default=0.0,
+                        help="start no run after this many seconds (0: no limit); skipped runs are listed in the report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out/serve", help="folder for serve.json and serve.png")
     add_mesh_arguments(parser)
@@ -503,6 +523,7 @@ def stop_tokens_for_completions(settings: Settings) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else math.inf
     settings = Settings.from_args(args)
     levels = plan_levels(args)
     most = max(level.concurrency or 0 for level in levels)
@@ -531,26 +552,37 @@ def main(argv: list[str] | None = None) -> int:
     _free_device_memory()
     print(f"copy bandwidth on {settings.device}: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
 
-    run_mesh(args, settings, plan)
+    from services.launcher import MeshError
+
+    try:
+        run_mesh(args, settings, plan)
+    except MeshError as exc:
+        print(f"bench.serve: the mesh did not start: {exc}", file=sys.stderr)
+        return MESH_FAILED
+    write_outputs(args, settings, plan, bandwidth, config)  # a later reference may not finish
     if "engine" in references:
         print("engine: in process, no mesh", file=sys.stderr)
         run_engine(args, settings, plan, stop_tokens_for_completions(settings))
+        write_outputs(args, settings, plan, bandwidth, config)
     if "hf" in references:
         print("hf: transformers GptOssForCausalLM.generate", file=sys.stderr)
         run_hf(args, settings, plan)
+    report = write_outputs(args, settings, plan, bandwidth, config)
+    print_tables(report)
+    print(f"\nwrote {args.out}/serve.json and {args.out}/serve.png")
+    return 0
 
+
+def write_outputs(args, settings: Settings, plan: list[dict], bandwidth: float, config) -> dict:
+    """serve.json and serve.png from the runs so far; the report."""
     import torch
 
     kv_itemsize = torch.empty((), dtype=getattr(torch, settings.dtype)).element_size()
     report = build_report(args, settings, plan, bandwidth, config, kv_itemsize)
-    json_path = os.path.join(args.out, "serve.json")
-    with open(json_path, "w", encoding="utf-8") as fh:
+    with open(os.path.join(args.out, "serve.json"), "w", encoding="utf-8") as fh:
         json.dump(report, fh, indent=1)
-    png_path = os.path.join(args.out, "serve.png")
-    plot(report, png_path)
-    print_tables(report)
-    print(f"\nwrote {json_path} and {png_path}")
-    return 0
+    plot(report, os.path.join(args.out, "serve.png"))
+    return report
 
 
 if __name__ == "__main__":

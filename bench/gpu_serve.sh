@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The serving benchmark on one GPU host that has no internet, no redis-server and none of the
+# mesh's own Python packages (the device machines: Python 3.12, torch 2.11+cu130, transformers).
+#
+#   bash bench/gpu_serve.sh                 # reduced sweep, < 10 minutes
+#   ROSE_BENCH_LAYERS=24 bash bench/gpu_serve.sh --workloads random:1024:1024,random:8192:1024,random:128:2048,sharegpt \
+#       --concurrency 1,4,16,64,256 --max-num-seqs 256 --deadline-s 0        # the full sweep (hours)
+#
+# Needs .device/redis and .device/serve-wheels from bench/fetch_device_deps.sh (run that on a
+# machine with package registries) carried along. Steps: install the wheels into /tmp/rose-site,
+# unpack redis-server into /tmp/rose-redis (never onto /), write a random gpt-oss-20b checkpoint
+# (real shapes, MXFP4 experts) with ROSE_BENCH_LAYERS of its 24 layers (default 4: the
+# generator runs on the CPU, about 10-20 s a layer), then run bench.serve on cuda with the cuda
+# backend, or the torch backend if the cuda one does not start. Extra arguments go to bench.serve
+# and override the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+PY=${PYTHON:-python3}
+LAYERS=${ROSE_BENCH_LAYERS:-4}
+RESULTS=${OUT:-$REPO/bench/out/gpu-serve}
+CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-20b-${LAYERS}l}
+SITE=/tmp/rose-site
+REDIS=/tmp/rose-redis
+start=$(date +%s)
+stamp() { echo "[gpu_serve +$(( $(date +%s) - start ))s] $*"; }
+
+# 1. Python packages the image lacks
+missing=$("$PY" - <<'PY'
+import importlib.util
+mods = ["zmq", "redis", "openai_harmony", "fastapi", "uvicorn", "pydantic", "quicktok", "opentelemetry.sdk"]
+print(" ".join(m for m in mods if importlib.util.find_spec(m.split(".")[0]) is None
+               or (m == "opentelemetry.sdk" and importlib.util.find_spec("opentelemetry") and importlib.util.find_spec(m) is None)))
+PY
+)
+if [ -n "$missing" ]; then
+  ls .device/serve-wheels/*.whl >/dev/null 2>&1 || { echo "missing $missing and no .device/serve-wheels: run bench/fetch_device_deps.sh and carry .device/serve-wheels"; exit 1; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .device/serve-wheels/*.whl
+  export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
+  stamp "installed carried wheels for: $missing"
+fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+# 2. redis-server (the launcher starts a private one from PATH)
+if ! command -v redis-server >/dev/null; then
+  ls .device/redis/*.deb >/dev/null 2>&1 || { echo "no redis-server and no .device/redis: run bench/fetch_device_deps.sh and carry .device/redis"; exit 1; }
+  mkdir -p "$REDIS/bin"
+  for deb in .device/redis/*.deb; do
+    if command -v dpkg-deb >/dev/null; then dpkg-deb -x "$deb" "$REDIS"
+    else (tmp=$(mktemp -d) && cd "$tmp" && ar x "$REPO/$deb" && tar -xf data.tar.* -C "$REDIS" && rm -rf "$tmp"); fi
+  done
+  libs=$REDIS/usr/lib/x86_64-linux-gnu:$REDIS/lib/x86_64-linux-gnu
+  printf '#!/bin/sh\nLD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} exec %s "$@"\n' "$libs" "$REDIS/usr/bin/redis-server" > "$REDIS/bin/redis-server"
+  chmod +x "$REDIS/bin/redis-server"
+  export PATH=$REDIS/bin:$PATH
+  redis-server --version || { echo "the carried redis-server does not run here:"; LD_LIBRARY_PATH=$libs ldd "$REDIS/usr/bin/redis-server" | grep "not found"; exit 1; }
+  stamp "redis-server unpacked into $REDIS"
+fi
+
+# 3. the checkpoint: real gpt-oss-20b shapes, random weights
+if [ "$LAYERS" != 24 ]; then
+  stamp "NOTE: the checkpoint keeps $LAYERS of gpt-oss-20b's 24 layers (ROSE_BENCH_LAYERS); the roofline uses the same $LAYERS"
+fi
+"$PY" -m services.cli make-checkpoint --preset 20b --layers "$LAYERS" --out "$CKPT"
+stamp "checkpoint ready at $CKPT ($(du -sh "$CKPT" | cut -f1))"
+
+# 4. the sweep: the cuda backend if it starts, else torch on cuda
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+mkdir -p "$RESULTS"
+# No run starts after ROSE_BENCH_BUDGET_S seconds from this script's start (default 450), so one
+# device command of 600 s holds it all; the report is rewritten after each target.
+left=$(( ${ROSE_BENCH_BUDGET_S:-450} - ($(date +%s) - start) ))
+REDUCED=(--workloads random:1024:128,sharegpt:1024:256 --concurrency 1,8,64 --references engine,hf
+         --goodput ttft:1000 tpot:100 --deadline-s "$(( left > 30 ? left : 30 ))")
+for backend in ${ROSE_BENCH_BACKENDS:-cuda torch}; do
+  stamp "bench.serve with --backend $backend"
+  set +e
+  "$PY" -m bench.serve "${REDUCED[@]}" --model "$CKPT" --home /tmp/rose-home --device cuda --dtype bfloat16 \
+    --backend "$backend" --max-model-len 16384 --out "$RESULTS" "$@"
+  code=$?
+  set -e
+  [ $code -ne 3 ] && break  # 3: the mesh did not start with this backend
+  stamp "the mesh did not start with --backend $backend"
+done
+stamp "done (exit $code); results in $RESULTS"
+exit $code

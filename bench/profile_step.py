@@ -1,13 +1,13 @@
 """Where a cuda-backend decode step spends its time (host vs device), on the 2-layer 20b model.
 
-    python -m bench.profile_step      # after `python -m bench.kernels --model` made the checkpoint
+    python -m bench.profile_step
 """
 
 import time
 
 import torch
 
-from services.worker.model import ForwardBatch, load_model
+from services.worker.model import ForwardBatch, load_model, make_checkpoint
 
 
 def main(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> None:
@@ -23,6 +23,7 @@ def main(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> None:
     torch.cuda.synchronize()
     print(f"host time per CuTeDSL rmsnorm call: {host * 1e6:.1f} us")
 
+    make_checkpoint(path, seed=1, preset="20b", num_hidden_layers=2)
     model = load_model(path, backend="cuda")
     seqs, ctx, block = 64, 1024, 16
     pages = ctx // block

@@ -112,6 +112,7 @@ class FormatterPool:
         self.context = context or zmq.asyncio.Context.instance()
         self.links: dict[str, Link] = {}
         self.streams: dict[str, RequestStream] = {}
+        self._resolved: dict[str, list[str]] = {}  # endpoint -> addresses, as last resolved
         self._tasks: list[asyncio.Task] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -226,11 +227,11 @@ class FormatterPool:
         wanted: set[str] = set()
         for url in self.urls:
             try:
-                wanted.update(await loop.run_in_executor(None, resolve_endpoint, url))
+                self._resolved[url] = await loop.run_in_executor(None, resolve_endpoint, url)
             except OSError as exc:
                 # Keep what we had: a DNS hiccup must not drop working formatters.
                 log.warning("cannot resolve %s: %s", url, exc)
-                wanted.update(a for a in self.links if a.endswith(f":{parse_endpoint(url)[2]}"))
+            wanted.update(self._resolved.get(url, []))
         for address in sorted(wanted - set(self.links)):
             self._add_link(address)
         for address in set(self.links) - wanted:

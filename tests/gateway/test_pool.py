@@ -60,3 +60,15 @@ async def test_requests_go_to_the_least_busy_live_formatter():
         await pool.stop()
         for p in peers:
             await p.close()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_an_unresolvable_name_is_not_ready_and_does_not_crash():
+    pool = FormatterPool(Settings(formatter_urls="tcp://no-such-formatter.invalid:5601", heartbeat_interval=0.05))
+    await pool.start()
+    try:
+        assert pool.links == {} and not pool.ready
+        with pytest.raises(NoFormatter):
+            pool.submit("r", "chat", {}, {})
+    finally:
+        await pool.stop()

@@ -38,7 +38,22 @@ def stream_response(gen: Generation, chunks: Callable[[Generation], AsyncIterato
         yield DONE
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-Id": gen.request_id}
-    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+    return GenerationStream(gen, body(), media_type="text/event-stream", headers=headers)
+
+
+class GenerationStream(StreamingResponse):
+    """A StreamingResponse that ends its generation even if the body never starts
+    (a client gone between the headers and the first chunk)."""
+
+    def __init__(self, gen: Generation, content, **kwargs):
+        super().__init__(content, **kwargs)
+        self._gen = gen
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._gen.close(abort=not self._gen.done, status=499)  # no-op when the body closed it
 
 
 async def collect(request: Request, gen: Generation, consume: Callable[[Generation], AsyncIterator[None]]) -> None:

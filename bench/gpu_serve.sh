@@ -13,13 +13,19 @@
 # generator runs on the CPU, about 10-20 s a layer), then run bench.serve on cuda with the cuda
 # backend, or the torch backend if the cuda one does not start. Extra arguments go to bench.serve
 # and override the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
+# A CPU smoke test of the same steps (the carried redis-server included):
+#   ROSE_BENCH_DEVICE=cpu ROSE_BENCH_PRESET=tiny ROSE_BENCH_CARRIED_REDIS=1 bash bench/gpu_serve.sh \
+#       --workloads random:32:8 --concurrency 1,2 --num-prompts 2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
 LAYERS=${ROSE_BENCH_LAYERS:-4}
+PRESET=${ROSE_BENCH_PRESET:-20b}
+DEVICE=${ROSE_BENCH_DEVICE:-cuda}
+DTYPE=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)
 RESULTS=${OUT:-$REPO/bench/out/gpu-serve}
-CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-20b-${LAYERS}l}
+CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-${PRESET}-${LAYERS}l}
 SITE=/tmp/rose-site
 REDIS=/tmp/rose-redis
 start=$(date +%s)
@@ -42,7 +48,7 @@ fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 # 2. redis-server (the launcher starts a private one from PATH)
-if ! command -v redis-server >/dev/null; then
+if ! command -v redis-server >/dev/null || [ -n "${ROSE_BENCH_CARRIED_REDIS:-}" ]; then
   ls .device/redis/*.deb >/dev/null 2>&1 || { echo "no redis-server and no .device/redis: run bench/fetch_device_deps.sh and carry .device/redis"; exit 1; }
   mkdir -p "$REDIS/bin"
   for deb in .device/redis/*.deb; do
@@ -58,24 +64,24 @@ if ! command -v redis-server >/dev/null; then
 fi
 
 # 3. the checkpoint: real gpt-oss-20b shapes, random weights
-if [ "$LAYERS" != 24 ]; then
+if [ "$PRESET" = 20b ] && [ "$LAYERS" != 24 ]; then
   stamp "NOTE: the checkpoint keeps $LAYERS of gpt-oss-20b's 24 layers (ROSE_BENCH_LAYERS); the roofline uses the same $LAYERS"
 fi
-"$PY" -m services.cli make-checkpoint --preset 20b --layers "$LAYERS" --out "$CKPT"
+"$PY" -m services.cli make-checkpoint --preset "$PRESET" --layers "$LAYERS" --out "$CKPT"
 stamp "checkpoint ready at $CKPT ($(du -sh "$CKPT" | cut -f1))"
 
 # 4. the sweep: the cuda backend if it starts, else torch on cuda
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+[ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 mkdir -p "$RESULTS"
 # No run starts after ROSE_BENCH_BUDGET_S seconds from this script's start (default 450), so one
 # device command of 600 s holds it all; the report is rewritten after each target.
 left=$(( ${ROSE_BENCH_BUDGET_S:-450} - ($(date +%s) - start) ))
 REDUCED=(--workloads random:1024:128,sharegpt:1024:256 --concurrency 1,8,64 --references engine,hf
          --goodput ttft:1000 tpot:100 --deadline-s "$(( left > 30 ? left : 30 ))")
-for backend in ${ROSE_BENCH_BACKENDS:-cuda torch}; do
+for backend in ${ROSE_BENCH_BACKENDS:-$([ "$DEVICE" = cpu ] && echo torch || echo cuda torch)}; do
   stamp "bench.serve with --backend $backend"
   set +e
-  "$PY" -m bench.serve "${REDUCED[@]}" --model "$CKPT" --home /tmp/rose-home --device cuda --dtype bfloat16 \
+  "$PY" -m bench.serve "${REDUCED[@]}" --model "$CKPT" --home /tmp/rose-home --device "$DEVICE" --dtype "$DTYPE" \
     --backend "$backend" --max-model-len 16384 --out "$RESULTS" "$@"
   code=$?
   set -e

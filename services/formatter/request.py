@@ -118,6 +118,7 @@ class InFlightRequest:
     request_id: str
     endpoint: str
     prompt_tokens: int
+    want_logprobs: bool = False
     choices: list[Choice] = field(default_factory=list)
 
     @classmethod
@@ -157,7 +158,12 @@ class InFlightRequest:
         if len(prompts) * n > MAX_SUB_REQUESTS:
             raise RenderError(f"{len(prompts)} prompts x n={n} is more than {MAX_SUB_REQUESTS} generations in one request")
         words = stop_strings(body)
-        state = cls(request.request_id, request.endpoint, prompt_tokens=sum(len(p) for p in prompts))
+        state = cls(
+            request.request_id,
+            request.endpoint,
+            prompt_tokens=sum(len(p) for p in prompts),
+            want_logprobs=params.logprobs is not None,
+        )
         submits = []
         for p, prompt in enumerate(prompts):
             for i in range(n):
@@ -243,7 +249,7 @@ class InFlightRequest:
             reasoning_content=reasoning,
             tool_calls=[] if stopped else piece.tool_calls,
             token_ids=list(event.token_ids),
-            logprobs=logprob_entries(encoding, event),
+            logprobs=logprob_entries(encoding, event) if self.want_logprobs else [],
             finish_reason=finish_reason,
             prompt_tokens=self.prompt_tokens,
             completion_tokens=choice.completion_tokens,

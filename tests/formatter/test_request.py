@@ -147,3 +147,9 @@ def test_any_body_renders_or_is_a_render_error(encoding, body, endpoint):
         InFlightRequest.start(GenerateRequest("r", endpoint, body), encoding)
     except RenderError as exc:
         assert str(exc)
+
+
+def test_logprobs_only_when_asked(encoding):
+    request, _ = start(encoding, "completion", prompt="x")
+    deltas, _ = request.on_event(0, TokenEvent("r1/0", [1, 2], [-0.1, -0.2], finish_reason="length"), encoding)
+    assert deltas[0].logprobs == [] and deltas[0].content

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, decode, encode
 
@@ -76,6 +77,7 @@ class Link:
     workers: int = 0
     max_model_len: int = 0
     reader: asyncio.Task | None = None
+    watcher: asyncio.Task | None = None
 
 
 class RequestStream:
@@ -201,6 +203,7 @@ class FormatterPool:
         sock.connect(address)
         link = Link(address, sock)
         link.reader = asyncio.create_task(self._read_loop(link))
+        link.watcher = asyncio.create_task(self._watch_connection(link))
         self.links[address] = link
         self._send_nowait(link, Ping(sent_at=time.time()))
         log.info("formatter link %s added", address)
@@ -210,8 +213,9 @@ class FormatterPool:
         if link is None:
             return
         self._fail_inflight(link, "the formatter went away")
-        if link.reader is not None:
-            link.reader.cancel()
+        for task in (link.reader, link.watcher):
+            if task is not None:
+                task.cancel()
         link.socket.close(0)
         log.info("formatter link %s dropped", address)
 
@@ -254,6 +258,21 @@ class FormatterPool:
                     log.warning("formatter %s silent for %.1fs; failing its requests", link.address, self.settings.heartbeat_timeout)
                     self._fail_inflight(link, "the formatter stopped answering")
                 self._send_nowait(link, Ping(sent_at=time.time()))
+
+    async def _watch_connection(self, link: Link) -> None:
+        """A dropped TCP connection (the formatter died or restarted) ends its requests
+        at once: a restarted formatter knows nothing of them, and would never answer."""
+        monitor = link.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED and link.inflight:
+                    log.warning("formatter %s disconnected; failing its %d requests", link.address, len(link.inflight))
+                    self._fail_inflight(link, "the connection to the formatter dropped")
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        finally:
+            monitor.close(0)
 
     async def _read_loop(self, link: Link) -> None:
         while True:

@@ -72,3 +72,23 @@ async def test_an_unresolvable_name_is_not_ready_and_does_not_crash():
             pool.submit("r", "chat", {}, {})
     finally:
         await pool.stop()
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_a_dropped_connection_fails_requests_before_the_heartbeat_timeout():
+    peer = FormatterPeer(f"tcp://127.0.0.1:{free_port()}")
+    peer.respond = lambda req: None
+    pool = FormatterPool(Settings(formatter_urls=peer.address, heartbeat_interval=0.05, heartbeat_timeout=30))
+    await pool.start()
+    try:
+        for _ in range(100):
+            if pool.ready:
+                break
+            await asyncio.sleep(0.02)
+        stream = pool.submit("r1", "chat", {}, {})
+        await asyncio.sleep(0.1)
+        await peer.close()  # the formatter process goes away
+        delta = await asyncio.wait_for(stream.next(), timeout=5)  # far below the 30 s timeout
+        assert delta.status == 503 and "dropped" in delta.error
+    finally:
+        await pool.stop()

@@ -15,7 +15,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, as_cute, as_rows, check_rows, compiled, cute_modules, current_stream
+from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, rows
 
 THREADS = 256
 ROUTE_THREADS = 1024
@@ -183,25 +183,23 @@ def route(ids: torch.Tensor, num_experts: int, out: Routing | None = None) -> Ro
     counts, offsets, pos, src = routing.counts, routing.offsets, routing.pos, routing.src
     flat = ids.reshape(-1).to(torch.int32).contiguous()
     if n:
-        args = (as_rows(flat, 4), as_cute(counts, 4), as_cute(offsets, 4), as_rows(pos, 4), as_rows(src, 4),
-                current_stream())
-        compiled(("route", num_experts, k), _route_launcher(num_experts, k), *args)(*args)
+        launch(("route", num_experts, k), _route_launcher(num_experts, k),
+               rows(flat, 4), fixed(counts, 4), fixed(offsets, 4), rows(pos, 4), rows(src, 4))
     else:
         counts.zero_()
         offsets.zero_()
     return routing
 
 
-def gather_rows(x: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """CuTeDSL row gather: out[i] = x[rows[i]]. x: [N, H] contiguous; rows: [M] int32 -> [M, H]."""
+def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """CuTeDSL row gather: out[i] = x[index[i]]. x: [N, H] contiguous; index: [M] int -> [M, H]."""
     hidden = x.shape[-1]
     check_rows(x, hidden, "x")
-    m = rows.shape[0]
+    m = index.shape[0]
     out = torch.empty(m, hidden, dtype=x.dtype, device=x.device) if out is None else out
     if m:
-        args = (as_rows(x.view(x.shape[0], -1, VEC)), as_rows(rows.to(torch.int32).contiguous(), 4),
-                as_rows(out.view(m, -1, VEC)), current_stream())
-        compiled(("gather", hidden, x.dtype), _gather_launcher(hidden, x.dtype), *args)(*args)
+        launch(("gather", hidden, x.dtype), _gather_launcher(hidden, x.dtype), rows(x.view(x.shape[0], -1, VEC)),
+               rows(index.to(torch.int32).contiguous(), 4), rows(out.view(m, -1, VEC)))
     return out
 
 
@@ -216,9 +214,8 @@ def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None)
     tokens, k = x.shape[0], routing.k
     out = torch.empty(tokens * k, hidden, dtype=x.dtype, device=x.device) if out is None else out
     if tokens:
-        args = (as_rows(x.view(tokens, -1, VEC)), as_rows(routing.pos.view(tokens, k), 4),
-                as_rows(out.view(tokens * k, -1, VEC)), current_stream())
-        compiled(("scatter", hidden, k, x.dtype), _scatter_launcher(hidden, k, x.dtype), *args)(*args)
+        launch(("scatter", hidden, k, x.dtype), _scatter_launcher(hidden, k, x.dtype), rows(x.view(tokens, -1, VEC)),
+               rows(routing.pos.view(tokens, k), 4), rows(out.view(tokens * k, -1, VEC)))
     return out
 
 
@@ -231,7 +228,7 @@ def combine(
     tokens, k = weights.shape
     out = torch.empty(tokens, hidden, dtype=ys.dtype, device=ys.device) if out is None else out
     if tokens:
-        args = (as_rows(ys.view(ys.shape[0], -1, VEC)), as_rows(routing.pos.view(tokens, k), 4),
-                as_rows(weights.float().contiguous(), 4), as_rows(out.view(tokens, -1, VEC)), current_stream())
-        compiled(("combine", hidden, k, ys.dtype), _combine_launcher(hidden, k, ys.dtype), *args)(*args)
+        launch(("combine", hidden, k, ys.dtype), _combine_launcher(hidden, k, ys.dtype),
+               rows(ys.view(ys.shape[0], -1, VEC)), rows(routing.pos.view(tokens, k), 4),
+               rows(weights.float().contiguous(), 4), rows(out.view(tokens, -1, VEC)))
     return out

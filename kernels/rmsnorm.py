@@ -14,7 +14,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, as_cute, as_rows, check_rows, compiled, cute_modules, current_stream
+from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, rows
 
 ROWS_PER_CTA = 4  # 4 warps: 128 threads a CTA
 
@@ -118,17 +118,17 @@ def rmsnorm(
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     check_rows(x2, hidden, "x")
-    rows = x2.shape[0]
+    n = x2.shape[0]
     y = torch.empty_like(x2) if out is None else out.view(-1, hidden)
     h = torch.empty_like(x2) if residual is not None else None
-    if rows:
+    if n:
         cutlass = cute_modules()[0]
         key = ("rmsnorm", hidden, x.dtype, None if weight is None else weight.dtype, residual is not None)
-        vx = as_rows(x2.view(rows, -1, VEC))
-        vr = as_rows(residual.reshape(rows, -1, VEC)) if residual is not None else vx
-        vh = as_rows(h.view(rows, -1, VEC)) if h is not None else vx
-        vw = as_cute(weight.view(-1, VEC)) if weight is not None else as_cute(x2[0].view(-1, VEC))
-        args = (vx, vr, vw, as_rows(y.view(rows, -1, VEC)), vh, cutlass.Float32(eps), current_stream())
-        compiled(key, _launcher(*key[1:]), *args)(*args)
+        vx = x2.view(n, -1, VEC)
+        vr = residual.reshape(n, -1, VEC) if residual is not None else vx
+        vh = h.view(n, -1, VEC) if h is not None else vx
+        vw = weight.view(-1, VEC) if weight is not None else x2[0].view(-1, VEC)
+        launch(key, _launcher(*key[1:]), rows(vx), rows(vr), fixed(vw), rows(y.view(n, -1, VEC)), rows(vh),
+               cutlass.Float32(eps))
     shape = x.shape
     return y.view(shape), (None if h is None else h.view(shape))

@@ -12,7 +12,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import as_rows, compiled, cute_modules, current_stream
+from kernels._cute import cute_modules, launch, rows
 
 ROWS_PER_CTA = 4
 
@@ -87,17 +87,16 @@ def router_topk(
     logits: torch.Tensor, k: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CuTeDSL top-k + softmax. logits: [T, E] contiguous -> (ids [T, k] int32, weights [T, k] float32)."""
-    rows, num_experts = logits.shape
+    n, num_experts = logits.shape
     if not logits.is_contiguous():
         raise ValueError("logits must be contiguous")
     if k > num_experts:
         raise ValueError(f"k={k} > {num_experts} experts")
     if out is None:
-        out = (torch.empty(rows, k, dtype=torch.int32, device=logits.device),
-               torch.empty(rows, k, dtype=torch.float32, device=logits.device))
+        out = (torch.empty(n, k, dtype=torch.int32, device=logits.device),
+               torch.empty(n, k, dtype=torch.float32, device=logits.device))
     ids, weights = out
-    if rows:
+    if n:
         key = ("router", num_experts, k, logits.dtype)
-        args = (as_rows(logits, logits.element_size()), as_rows(ids, 4), as_rows(weights, 4), current_stream())
-        compiled(key, _launcher(*key[1:]), *args)(*args)
+        launch(key, _launcher(*key[1:]), rows(logits, logits.element_size()), rows(ids, 4), rows(weights, 4))
     return ids, weights

@@ -11,7 +11,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, as_rows, check_rows, compiled, cute_modules, current_stream
+from kernels._cute import VEC, check_rows, cute_modules, launch, rows
 
 THREADS = 256
 
@@ -63,10 +63,9 @@ def swiglu(x: torch.Tensor, alpha: float = 1.702, limit: float = 7.0, out: torch
     inter = two_i // 2
     x2 = x.reshape(-1, two_i)
     check_rows(x2, inter, "x")
-    rows = x2.shape[0]
-    y = torch.empty(rows, inter, dtype=x.dtype, device=x.device) if out is None else out.view(rows, inter)
-    if rows:
+    n = x2.shape[0]
+    y = torch.empty(n, inter, dtype=x.dtype, device=x.device) if out is None else out.view(n, inter)
+    if n:
         key = ("swiglu", inter, x.dtype, float(alpha), float(limit))
-        args = (as_rows(x2.view(rows, -1, 2 * VEC)), as_rows(y.view(rows, -1, VEC)), current_stream())
-        compiled(key, _launcher(*key[1:]), *args)(*args)
+        launch(key, _launcher(*key[1:]), rows(x2.view(n, -1, 2 * VEC)), rows(y.view(n, -1, VEC)))
     return y.view(*x.shape[:-1], inter)

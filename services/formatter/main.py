@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from shared import telemetry
 from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, TokenEvent, decode, encode
@@ -68,6 +69,10 @@ class FormatterService:
         poller = zmq.Poller()
         poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.scheduler, zmq.POLLIN)
+        # A dropped scheduler connection (it died or restarted) loses every request on
+        # it; fail them now rather than after heartbeat_timeout.
+        monitor = self.scheduler.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        poller.register(monitor, zmq.POLLIN)
         log.info("formatter on %s, scheduler %s", self.settings.formatter_bind, self.settings.scheduler_frontend)
         try:
             while self._running:
@@ -76,10 +81,20 @@ class FormatterService:
                 for sock, _ in poller.poll(min(timeout_ms, 200)):
                     if sock is self.frontend:
                         self._drain(self.frontend, self._on_gateway_frames)
-                    else:
+                    elif sock is self.scheduler:
                         self._drain(self.scheduler, self._on_scheduler_frames)
+                    else:
+                        self._drain(monitor, self._on_scheduler_connection)
         finally:
+            self.scheduler.disable_monitor()
+            monitor.close(0)
             self.close()
+
+    def _on_scheduler_connection(self, frames: list[bytes]) -> None:
+        if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED and self.inflight:
+            log.warning("scheduler connection dropped; failing %d requests", len(self.inflight))
+            for request_id in list(self.inflight):
+                self._fail(request_id, "the connection to the scheduler dropped", 503)
 
     def close(self) -> None:
         for request_id in list(self.inflight):

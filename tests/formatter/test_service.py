@@ -195,3 +195,32 @@ def test_a_gone_gateway_gets_its_requests_aborted(ends):
     ends.to_formatter(TokenEvent("req-6/0", [1, 2, 3]))
     abort = ends.from_formatter()
     assert isinstance(abort, Abort) and abort.request_id == "req-6/0"
+
+
+def test_a_dropped_scheduler_connection_fails_requests_at_once(vocab_dir):
+    """Its own formatter: the scheduler end is closed mid-request, well inside heartbeat_timeout."""
+    settings = Settings(
+        formatter_bind=f"tcp://127.0.0.1:{free_port()}",
+        scheduler_frontend=f"tcp://127.0.0.1:{free_port()}",
+        heartbeat_interval=0.05,
+        heartbeat_timeout=30,
+        tiktoken_encodings_base=vocab_dir,
+    )
+    ends = Ends(settings)
+    service = FormatterService(settings, zmq.Context.instance())
+    thread = threading.Thread(target=service.run, daemon=True)
+    thread.start()
+    try:
+        wait_ready(ends)
+        ends.gateway.send(encode(GenerateRequest("req-7", "chat", CHAT)))
+        assert isinstance(ends.from_formatter(), Submit)
+        started = time.monotonic()
+        ends.scheduler.close(0)  # the scheduler process goes away
+        assert ends.gateway.poll(5000)
+        delta = decode(ends.gateway.recv())
+        assert delta.request_id == "req-7" and delta.status == 503 and "dropped" in delta.error
+        assert time.monotonic() - started < 5
+    finally:
+        service.stop()
+        thread.join(5)
+        ends.gateway.close(0)

@@ -98,7 +98,7 @@ class FormatterService:
 
     def close(self) -> None:
         for request_id in list(self.inflight):
-            self._abort_request(request_id, "shutdown")
+            self._fail(request_id, "the formatter is shutting down", 503)
         self.frontend.close(0)
         self.scheduler.close(0)
 

@@ -264,7 +264,8 @@ class FormatterService:
         try:
             self.scheduler.send(encode(message), zmq.NOBLOCK)
             return True
-        except zmq.Again:
+        except zmq.ZMQError as exc:  # Again: the scheduler's queue is full or not connected
+            log.warning("cannot send to the scheduler: %s", exc)
             return False
 
 

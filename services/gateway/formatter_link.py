@@ -70,6 +70,7 @@ class Link:
 
     address: str
     socket: zmq.asyncio.Socket
+    sender: zmq.Socket
     inflight: set[str] = field(default_factory=set)
     heard_at: float = 0.0
     ready: bool = False
@@ -187,8 +188,7 @@ class FormatterPool:
 
     def _send_frame(self, link: Link, frame: bytes) -> bool:
         try:
-            # zmq.asyncio sends a NOBLOCK frame at once; the returned future is already done.
-            link.socket.send(frame, zmq.NOBLOCK)
+            link.sender.send(frame, zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             log.warning("cannot send to formatter %s: %s", link.address, exc)
@@ -201,7 +201,10 @@ class FormatterPool:
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.connect(address)
-        link = Link(address, sock)
+        # Sends go through a plain (blocking-API) view of the same socket: a NOBLOCK send
+        # then raises at once, where zmq.asyncio would hide the error in a Future. The
+        # loop is single-threaded, so sharing the socket is safe.
+        link = Link(address, sock, zmq.Socket.shadow(sock.underlying))
         link.reader = asyncio.create_task(self._read_loop(link))
         link.watcher = asyncio.create_task(self._watch_connection(link))
         self.links[address] = link

@@ -70,7 +70,6 @@ class Link:
 
     address: str
     socket: zmq.asyncio.Socket
-    sender: zmq.Socket
     inflight: set[str] = field(default_factory=set)
     heard_at: float = 0.0
     ready: bool = False
@@ -188,7 +187,13 @@ class FormatterPool:
 
     def _send_frame(self, link: Link, frame: bytes) -> bool:
         try:
-            link.sender.send(frame, zmq.NOBLOCK)
+            sent = link.socket.send(frame, zmq.NOBLOCK)
+            # zmq.asyncio completes a NOBLOCK send at once and reports a failure in the
+            # Future, not by raising. (Sending through a plain shadow socket instead would
+            # skip zmq.asyncio's wake-up bookkeeping and can leave the reader asleep.)
+            error = sent.exception() if sent.done() else None
+            if error is not None:
+                raise error
             return True
         except zmq.ZMQError as exc:
             log.warning("cannot send to formatter %s: %s", link.address, exc)
@@ -201,10 +206,7 @@ class FormatterPool:
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
         sock.connect(address)
-        # Sends go through a plain (blocking-API) view of the same socket: a NOBLOCK send
-        # then raises at once, where zmq.asyncio would hide the error in a Future. The
-        # loop is single-threaded, so sharing the socket is safe.
-        link = Link(address, sock, zmq.Socket.shadow(sock.underlying))
+        link = Link(address, sock)
         link.reader = asyncio.create_task(self._read_loop(link))
         link.watcher = asyncio.create_task(self._watch_connection(link))
         self.links[address] = link

@@ -220,3 +220,39 @@ def test_one_request_is_one_trace_across_the_four_services(mesh, api):
         time.sleep(0.2)
     assert all(traces.values()), f"no spans from {[r for r, ids in traces.items() if not ids]}"
     assert common, "no trace id shared by gateway, formatter, scheduler and worker"
+
+
+def test_concurrent_mixed_requests_all_complete(api):
+    """Many requests at once over both formatters: streams, n=2, logprobs; none lost."""
+    import asyncio
+
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=str(api.base_url), api_key="unused", max_retries=0, timeout=120)
+
+        async def one(i: int) -> tuple[int, int]:
+            if i % 3 == 0:
+                stream = await client.chat.completions.create(
+                    model=api.model_id, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8,
+                    stream=True, stream_options={"include_usage": True}, logprobs=True,
+                )
+                counted, usage = 0, None
+                async for chunk in stream:
+                    usage = chunk.usage or usage
+                    counted += sum(len(c.logprobs.content) for c in chunk.choices if c.logprobs and c.logprobs.content)
+                return usage.completion_tokens, counted
+            if i % 3 == 1:
+                r = await client.completions.create(model=api.model_id, prompt=f"p{i}", max_tokens=8, n=2, logprobs=0)
+                return r.usage.completion_tokens, sum(len(c.logprobs.tokens) for c in r.choices)
+            r = await client.chat.completions.create(
+                model=api.model_id, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8, logprobs=True
+            )
+            return r.usage.completion_tokens, len(r.choices[0].logprobs.content)
+
+        try:
+            return await asyncio.gather(*(one(i) for i in range(48)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    assert len(results) == 48
+    assert all(usage == counted and usage > 0 for usage, counted in results), results

@@ -37,8 +37,9 @@ def main(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> None:
         model(batch, kv)
     torch.cuda.synchronize()
     t = time.perf_counter()
-    model.attention.reset()
-    model.attention.plan(batch, [("full", None), ("sliding", 128)])
+    with torch.inference_mode():  # the model plans inside inference mode too
+        model.attention.reset()
+        model.attention.plan(batch, [("full", None), ("sliding", 128)])
     torch.cuda.synchronize()
     print(f"attention plan (2 wrappers): {(time.perf_counter() - t) * 1e6:.0f} us")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,

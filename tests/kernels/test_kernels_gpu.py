@@ -15,14 +15,15 @@ TOKENS = [1, 7, 64, 1001, 4096]  # 1 token, non-multiples of the 4-row and 256-t
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("hidden", [HIDDEN_20B, 64, 136])
 @pytest.mark.parametrize("weighted,fused", [(True, True), (True, False), (False, False)])
-def test_rmsnorm(tokens, hidden, weighted, fused):
+@pytest.mark.parametrize("rows_per_warp", [1, 2])
+def test_rmsnorm(tokens, hidden, weighted, fused, rows_per_warp):
     from kernels.rmsnorm import rmsnorm, rmsnorm_reference
 
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) * 3
     res = torch.randn_like(x) if fused else None
     w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16) if weighted else None
     out = poisoned(tokens, hidden)
-    y, h = rmsnorm(x, w, 1e-5, residual=res, out=out)
+    y, h = rmsnorm(x, w, 1e-5, residual=res, out=out, rows_per_warp=rows_per_warp)
     assert y.data_ptr() == out.data_ptr()
     ref_y, ref_h = rmsnorm_reference(x, w, 1e-5, residual=res)
     assert rel_err(y, ref_y) <= TOL

@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-H, I, E, K, V = 2880, 2880, 32, 4, 201088
+H, I, E, K, V = 2880, 2880, 32, 4, 201088  # noqa: E741 - gpt-oss-20b: hidden, inter, experts, top-k, vocab
 L2_BYTES = 64 << 20
 
 
@@ -267,14 +267,15 @@ def run_model(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> list[dict]:
             token_ids=torch.randint(0, 200000, (seqs * q,)),
             positions=torch.cat([torch.arange(ctx - q, ctx) for _ in range(seqs)]),
             query_lens=[q] * seqs, context_lens=[ctx] * seqs,
-            block_tables={g: [list(range(s * pages, (s + 1) * pages)) for s in range(seqs)] for g in ("full", "sliding")},
+            block_tables={g: [list(range(s * pages, (s + 1) * pages)) for s in range(seqs)]
+                          for g in ("full", "sliding")},
         ), seqs * pages
     rows, times = [], {}
     for backend in ("torch", "cuda"):
         model = load_model(path, backend=backend, device="cuda", dtype=torch.bfloat16)
         for name, (batch, blocks) in steps.items():
             kv = model.make_kv_cache({"full": blocks, "sliding": blocks}, block)
-            times[backend, name] = _loop_time([lambda: model(batch, kv)], reps=5)
+            times[backend, name] = _loop_time([lambda m=model, b=batch, c=kv: m(b, c)], reps=5)
         del model
         torch.cuda.empty_cache()
     for name in steps:

@@ -133,7 +133,9 @@ async def drive(send, items: list[tuple[list[int], int]], level: Level, seed: in
 def _stats(values: list[float], scale: float = 1000.0) -> dict:
     if not values:
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
-    arr = np.asarray(values) * scale
+    arr = np.asarray([v for v in values if not math.isnan(v)]) * scale
+    if not arr.size:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
     return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
 
 
@@ -362,13 +364,13 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
                     level_out["ratios"][f"{ours}/{ref}"] = ratios(runs[ours], runs[ref])
         block["levels"].append(level_out)
     return {
-        "meta": run_meta(settings, bandwidth, config),
+        "meta": run_meta(args, settings, config),
         "copy_bandwidth_bytes_per_s": bandwidth,
         "workloads": list(workloads.values()),
     }
 
 
-def run_meta(settings: Settings, bandwidth: float, config) -> dict:
+def run_meta(args, settings: Settings, config) -> dict:
     import torch
 
     try:
@@ -383,7 +385,7 @@ def run_meta(settings: Settings, bandwidth: float, config) -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
-        "command": "python -m bench.serve " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.serve " + " ".join(args.argv),
         "device": device,
         "torch": torch.__version__,
         "model": settings.model_path,
@@ -497,6 +499,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     Settings.add_arguments(parser, "run")
     parser.set_defaults(formatters=1)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.slo_ms = {}
     for item in args.goodput:
         name, _, value = item.partition(":")

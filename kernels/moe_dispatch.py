@@ -99,7 +99,8 @@ def _gather_launcher(hidden: int, dtype: torch.dtype):
     @cute.jit
     def launch(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
         total = mOut.shape[0] * nvec
-        kernel(mX, mSrc, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
+        kernel(mX, mSrc, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1],
+                                      stream=stream)
 
     return launch
 

@@ -3,12 +3,12 @@
     h = x + residual            (when a residual is given; h is also returned)
     y = h * rsqrt(mean(h^2) + eps) * weight
 
-One warp per row (or per 2 rows sharing one load of the weights): each lane holds ceil(hidden / 256) 16-byte vectors of the row in
-registers, so the row is read once, the sum of squares is a warp shuffle reduction and
-no shared memory is used. bf16 in/out, float32 arithmetic; h is rounded to the
-activation dtype before the norm, as the torch model's bf16 residual stream is.
+One warp per row (or per 2 rows sharing one load of the weights): each lane holds
+ceil(hidden / 256) 16-byte vectors of the row in registers, so the row is read once,
+the sum of squares is a warp shuffle reduction and no shared memory is used. bf16
+in/out, float32 arithmetic; h is rounded to the activation dtype before the norm, as
+the torch model's bf16 residual stream is.
 """
-
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
 
@@ -39,7 +39,7 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
               rows_per_warp: int):
     """The jit launcher for one (hidden, dtype, weight dtype, residual) specialization."""
     cutlass, cute, _, cuda = cute_modules()
-    Float32, Int32 = cutlass.Float32, cutlass.Int32
+    Float32 = cutlass.Float32
     nvec = hidden // VEC
     per_lane = (nvec + 31) // 32
     has_weight = w_dtype is not None

@@ -5,6 +5,9 @@
     scheduler --Resync--> worker: Register again + the whole set of cached block hashes
     worker --Register, Heartbeat (every heartbeat_interval), KvEvent--> scheduler
 
+What the worker sends in one event-loop iteration goes as one ZeroMQ message of
+several frames (one protocol message each): a step's TokenEvents travel together.
+
 The worker keeps its own copy of the block hashes it reported, so it can resend
 the full set when the scheduler restarted or Redis came back empty.
 """
@@ -56,6 +59,7 @@ class WorkerService:
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.cached: set[int] = set()  # block hashes the scheduler was told about
+        self._outbox: list[bytes] = []  # encoded frames waiting for the end of this loop iteration
         self.running: dict[str, asyncio.Task] = {}
         self.tracer = tracer("rose.worker")
 
@@ -95,10 +99,23 @@ class WorkerService:
             self._send(KvEvent(self.worker_id, stored=sorted(self.cached), cleared=True))
 
     def _send(self, message) -> None:
-        """Send without waiting: a missing scheduler must not stall the engine."""
-        sent = self.sock.send_multipart([protocol.encode(message)], flags=zmq.DONTWAIT)
+        """Queue a message; everything queued in one loop iteration leaves as one multi-frame message.
+
+        One engine step wakes every stream's task in the same iteration, so its
+        events reach the scheduler together instead of one ZeroMQ message each.
+        """
+        self._outbox.append(protocol.encode(message))
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        frames, self._outbox = self._outbox, []
+        if not frames:
+            return
+        # Without waiting: a missing scheduler must not stall the engine.
+        sent = self.sock.send_multipart(frames, flags=zmq.DONTWAIT)
         if sent.done() and sent.exception() is not None:
-            log.warning("dropped a %s for the scheduler: %s", type(message).__name__, sent.exception())
+            log.warning("dropped %d frames for the scheduler: %s", len(frames), sent.exception())
 
     # ------------------------------------------------------------ from the scheduler
     async def _receive_loop(self) -> None:

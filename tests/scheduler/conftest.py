@@ -64,7 +64,7 @@ async def scheduler_factory(redis_server):
     for scheduler, task in running:
         crashed = task.done() and not task.cancelled() and task.exception()
         task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 10)
         assert not crashed, f"the scheduler's loops died: {crashed!r}"
 
 

@@ -8,6 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 from scheduler_peers import register, wait_for
 
+from shared import protocol
 from shared.block_hash import prefix_hashes
 from shared.protocol import Abort, Heartbeat, KvEvent, Ping, Pong, Register, Resync, SamplingParams, Submit, TokenEvent
 
@@ -54,14 +55,21 @@ async def test_tokens_are_relayed_to_the_submitting_formatter(scheduler_factory)
         assert isinstance(msg, Submit)
         got[msg.request_id] = msg
     assert got["a"].token_ids == PROMPT and got["a"].params.max_tokens == 4
-    await w.send(TokenEvent("b", token_ids=[7, 8], worker_id="w0"))
-    await w.send(TokenEvent("a", token_ids=[5], worker_id="w0"))
-    await w.send(TokenEvent("a", token_ids=[6], finish_reason="length", prompt_tokens=40, worker_id="w0"))
+    # one worker message may carry several frames: one engine step's events
+    await w.send_raw(
+        protocol.encode(TokenEvent("b", token_ids=[7, 8], worker_id="w0")),
+        protocol.encode(TokenEvent("a", token_ids=[5], worker_id="w0")),
+        protocol.encode(TokenEvent("a", token_ids=[6], finish_reason="length", prompt_tokens=40, worker_id="w0")),
+    )
     assert (await f1.recv()).token_ids == [5]
     last = await f1.recv()
     assert (last.token_ids, last.finish_reason, last.prompt_tokens) == ([6], "length", 40)
     assert (await f2.recv()).token_ids == [7, 8]
     assert await f1.silent(0.2) == []
+    # a finished request is forgotten: a late event for it is answered with an Abort
+    await w.send(TokenEvent("a", token_ids=[9], worker_id="w0"))
+    assert await w.recv(skip=(Resync,)) == Abort("a", "unknown request")
+    assert await f1.silent(0.1) == []
 
 
 async def test_index_follows_kv_events_and_routing_follows_the_index(scheduler_factory, redis_server):

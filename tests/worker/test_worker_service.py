@@ -46,14 +46,15 @@ class SchedulerEnd:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {want}")
-            identity, frame = await asyncio.wait_for(self.sock.recv_multipart(), left)
+            identity, *frames = await asyncio.wait_for(self.sock.recv_multipart(), left)
             self.identity = identity
-            msg = protocol.decode(frame)
-            if isinstance(msg, Heartbeat):
-                self.heartbeats.append(msg)
-                if want is not Heartbeat:
-                    continue
-            self.unread.append(msg)
+            for frame in frames:  # the worker batches what it sends in one loop iteration
+                msg = protocol.decode(frame)
+                if isinstance(msg, Heartbeat):
+                    self.heartbeats.append(msg)
+                    if want is not Heartbeat:
+                        continue
+                self.unread.append(msg)
 
     async def send(self, message) -> None:
         await self.sock.send_multipart([self.identity, protocol.encode(message)])

@@ -37,6 +37,13 @@ class Settings:
     open_health: bool = _setting(True, "serve /health, /ready and /metrics without a key", ("gateway",))
     max_body_bytes: int = _setting(4 * 1024 * 1024, "largest request body (413 above)", ("gateway",))
     request_timeout: float = _setting(600.0, "seconds a request may run before it is aborted", ("gateway",))
+    max_messages: int = _setting(2048, "most messages in one chat request (400 above)", ("gateway",))
+    max_n: int = _setting(128, "largest n (choices per prompt) a request may ask for (400 above)", ("gateway",))
+    max_stop_strings: int = _setting(16, "most stop strings in one request (400 above)", ("gateway",))
+    max_stop_string_chars: int = _setting(1024, "longest stop string, in characters (400 above)", ("gateway",))
+    max_tools: int = _setting(128, "most tools in one chat request (400 above)", ("gateway",))
+    max_tools_bytes: int = _setting(256 * 1024, "largest JSON size of a request's tool definitions (400 above)", ("gateway",))
+    max_tokens_limit: int = _setting(0, "largest max_tokens a request may ask for; 0: only the context bounds it", ("gateway",))
 
     # --- formatter ---
     formatter_bind: str = _setting("tcp://127.0.0.1:5601", "formatter's ZeroMQ bind address", ("formatter",))
@@ -48,6 +55,7 @@ class Settings:
     max_queue: int = _setting(256, "requests waiting for a worker before new ones get 429", ("scheduler",))
     heartbeat_interval: float = _setting(0.5, "seconds between heartbeats")
     heartbeat_timeout: float = _setting(3.0, "seconds without a heartbeat before a peer is taken as dead")
+    drain_timeout: float = _setting(30.0, "seconds a service given SIGTERM lets in-flight requests finish before it exits")
 
     # --- worker / engine ---
     worker_id: str = _setting("", "worker name; default <hostname>-<pid>", ("worker",))

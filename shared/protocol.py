@@ -140,6 +140,8 @@ class Heartbeat:
     prefill_tokens: int = 0  # prompt tokens computed (not served from the prefix cache)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     finished: int = 0  # requests finished, any reason
+    aborted: int = 0  # requests aborted (Abort from the scheduler, or cancelled here)
+    draining: bool = False  # SIGTERM'd: finishing what runs, takes no new request
 
 
 @dataclass

@@ -5,6 +5,11 @@ Ping in; Delta, Pong out) and a DEALER to the scheduler's frontend (Submit, Abor
 Ping out; TokenEvent, Pong in). One thread polls both; rendering and parsing are
 quick next to a forward pass. The only state is the requests in flight, so any
 number of replicas can run side by side.
+
+SIGTERM drains: new requests are refused (503) and Pongs say not ready, so gateways
+send work elsewhere; the requests in flight run to their end for up to
+`drain_timeout` seconds, then the rest fail with a 503 and the process exits 0.
+A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -59,11 +64,27 @@ class FormatterService:
         self.scheduler_heard_at = 0.0
         self._next_ping = 0.0
         self._running = True
+        self.draining = False
+        self._drain_deadline = 0.0
         self._tracer = telemetry.tracer("rose.formatter")
 
     # ------------------------------------------------------------------ loop
     def stop(self, *_):
+        """Stop at once (what the request in flight get: a 503 error)."""
         self._running = False
+
+    def drain(self, *_):
+        """Refuse new work; stop once the requests in flight end or drain_timeout passes."""
+        if self.draining:
+            self.stop()
+            return
+        self.draining = True
+        self._drain_deadline = time.monotonic() + self.settings.drain_timeout
+        log.info("draining: %d requests in flight, up to %.0fs", len(self.inflight), self.settings.drain_timeout)
+
+    @property
+    def drained(self) -> bool:
+        return self.draining and (not self.inflight or time.monotonic() > self._drain_deadline)
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -75,7 +96,7 @@ class FormatterService:
         poller.register(monitor, zmq.POLLIN)
         log.info("formatter on %s, scheduler %s", self.settings.formatter_bind, self.settings.scheduler_frontend)
         try:
-            while self._running:
+            while self._running and not self.drained:
                 self._heartbeat()
                 timeout_ms = max(1, int((self._next_ping - time.monotonic()) * 1000))
                 for sock, _ in poller.poll(min(timeout_ms, 200)):
@@ -145,7 +166,7 @@ class FormatterService:
             live = self.scheduler_live
             pong = Pong(
                 sent_at=message.sent_at,
-                ready=live and self.scheduler_pong.ready,
+                ready=live and self.scheduler_pong.ready and not self.draining,
                 models=list(self.scheduler_pong.models) if live else [],
                 workers=self.scheduler_pong.workers if live else 0,
                 max_model_len=self.scheduler_pong.max_model_len if live else 0,
@@ -157,6 +178,9 @@ class FormatterService:
     def _on_generate(self, peer: bytes, message: GenerateRequest) -> None:
         if message.request_id in self.inflight:
             self._send_up(peer, Delta(message.request_id, error="duplicate request id", status=400, finish_reason="error"))
+            return
+        if self.draining:
+            self._send_up(peer, Delta(message.request_id, error="the formatter is shutting down; retry", status=503, finish_reason="error"))
             return
         span = self._tracer.start_span(
             "formatter.request",
@@ -279,8 +303,8 @@ def main(settings, args=None) -> int:
     except (ValueError, zmq.ZMQError, VocabError) as exc:  # bad settings: say so, no traceback
         log.error("cannot start the formatter: %s", exc)
         return 2
-    signal.signal(signal.SIGTERM, service.stop)
-    signal.signal(signal.SIGINT, service.stop)
+    signal.signal(signal.SIGTERM, service.drain)
+    signal.signal(signal.SIGINT, service.drain)
     try:
         service.run()
     finally:

@@ -89,6 +89,7 @@ def create_app(settings, pool: FormatterPool | None = None) -> FastAPI:
     # from_url connects lazily: without rate limits Redis is never contacted.
     app.state.redis = aioredis.from_url(settings.redis_url)
     app.state.limiter = make_limiter(settings, app.state.redis)
+    app.state.draining = False  # set on SIGTERM (main.DrainingServer): /ready and new work answer 503
     app.state.background = set()  # fire-and-forget tasks (token charges), kept referenced
     install_error_handlers(app)
     app.include_router(chat.router)

@@ -24,6 +24,7 @@ from shared.protocol import Delta
 from .auth import charge_usage
 from .errors import APIError
 from .formatter_link import BadRequestBody, FormatterPool, NoFormatter
+from .limits import check_request_limits
 from .metrics import Metrics
 
 
@@ -89,10 +90,13 @@ class Generation:
         state = request.app.state
         pool: FormatterPool = state.pool
         models = pool.models
+        if state.draining:
+            raise APIError(503, "the gateway is shutting down; retry on another replica", None, "draining", {"Retry-After": "1"})
         if not pool.ready or not models:
             raise APIError(503, "no model is ready to serve yet", None, "not_ready", {"Retry-After": "1"})
         if body.model not in models:
             raise APIError(404, f"the model {body.model!r} does not exist; serving {', '.join(models)}", "model", "model_not_found")
+        check_request_limits(body, state.settings)
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         # A caller that sends a W3C traceparent header gets the request inside its own trace.
         incoming = {k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")}
@@ -165,9 +169,12 @@ class Generation:
         """End the request here (abort below if it still runs); record its metrics once."""
         if self.stream.closed:
             return
-        self.stream.close(abort=abort or not self.done)
+        aborting = abort or not self.done
+        self.stream.close(abort=aborting)
         if status is not None:
             self._status = status
+        if aborting:
+            self.metrics.aborted.labels(_abort_reason(self._status)).inc()
         self.metrics.in_flight.dec()
         self.metrics.requests.labels(self.endpoint, str(self._status)).inc()
         self.metrics.latency.labels(self.endpoint).observe(time.monotonic() - self.started)
@@ -178,6 +185,11 @@ class Generation:
         self.span.set_attribute("http.status_code", self._status)
         self.span.set_attribute("rose.completion_tokens", usage["completion_tokens"])
         self.span.end()
+
+
+def _abort_reason(status: int) -> str:
+    """Why a request was cut short, as the aborts metric labels it."""
+    return {499: "client_gone", 504: "timeout"}.get(status, "error" if status >= 400 else "other")
 
 
 def _error_code(status: int) -> str | None:

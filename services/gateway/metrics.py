@@ -18,4 +18,6 @@ class Metrics:
         self.completion_tokens = Counter("rose_gateway_completion_tokens", "generated tokens of finished requests", registry=r)
         self.in_flight = Gauge("rose_gateway_requests_in_flight", "requests being generated", registry=r)
         self.formatters_live = Gauge("rose_gateway_formatters_live", "formatters that answered their last ping in time", registry=r)
+        self.aborted = Counter("rose_gateway_aborted_requests", "requests aborted before they finished (the abort goes down every hop), by reason", ["reason"], registry=r)
+        self.draining = Gauge("rose_gateway_draining", "1 while the gateway drains after SIGTERM", registry=r)
         self.rejected = Counter("rose_gateway_rejected_requests", "requests answered with an error before or instead of generation, by HTTP status", ["status"], registry=r)

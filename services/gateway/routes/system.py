@@ -60,6 +60,8 @@ async def health():
 async def ready(request: Request):
     """A formatter reports a ready scheduler with a live worker (readiness)."""
     pool = request.app.state.pool
+    if request.app.state.draining:
+        raise APIError(503, "the gateway is shutting down", None, "draining", {"Retry-After": "1"})
     if not pool.ready:
         raise APIError(503, "no formatter reports a ready model yet", None, "not_ready", {"Retry-After": "1"})
     live = pool.live_links()

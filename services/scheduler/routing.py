@@ -36,6 +36,7 @@ class WorkerState:
     prefill_tokens: int = 0
     cached_tokens: int = 0
     finished: int = 0
+    draining: bool = False  # SIGTERM'd: finishes what it runs, gets nothing new
     # the scheduler's own bookkeeping
     inflight: dict[str, int] = field(default_factory=dict)  # request id -> its load in blocks
     load_blocks: int = 0  # sum of inflight's values
@@ -50,7 +51,7 @@ class WorkerState:
         self.load_blocks -= self.inflight.pop(request_id, 0)
 
     def has_room(self) -> bool:
-        return len(self.inflight) < self.max_num_seqs
+        return not self.draining and len(self.inflight) < self.max_num_seqs
 
     def request_load(self, prompt_len: int) -> int:
         """A request's load in blocks while it runs here."""

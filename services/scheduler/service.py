@@ -339,6 +339,9 @@ class Scheduler:
             return
         worker.running, worker.waiting, worker.free_blocks = msg.running, msg.waiting, msg.free_blocks
         worker.prefill_tokens, worker.cached_tokens, worker.finished = msg.prefill_tokens, msg.cached_tokens, msg.finished
+        if msg.draining and not worker.draining:
+            log.info("worker %s is draining; no new requests go there", worker.worker_id)
+        worker.draining = msg.draining
         stats = {
             "model": worker.model,
             "running": msg.running,
@@ -348,6 +351,8 @@ class Scheduler:
             "prefill_tokens": msg.prefill_tokens,
             "cached_tokens": msg.cached_tokens,
             "finished": msg.finished,
+            "aborted": msg.aborted,
+            "draining": int(msg.draining),
             "inflight": len(worker.inflight),
             "block_size": worker.block_size,
         }

@@ -5,6 +5,9 @@
     scheduler --Resync--> worker: Register again + the whole set of cached block hashes
     worker --Register, Heartbeat (every heartbeat_interval), KvEvent--> scheduler
 
+SIGTERM drains: Heartbeats say `draining` so the scheduler routes nothing new here,
+running requests finish (up to drain_timeout), then the process exits 0.
+
 What the worker sends in one event-loop iteration goes as one ZeroMQ message of
 several frames (one protocol message each): a step's TokenEvents travel together.
 
@@ -20,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import time
 
 import zmq
 import zmq.asyncio
@@ -60,6 +64,8 @@ class WorkerService:
         self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.cached: set[int] = set()  # block hashes the scheduler was told about
         self._outbox: list[bytes] = []  # encoded frames waiting for the end of this loop iteration
+        self.draining = False
+        self.aborted = 0  # requests aborted by the scheduler
         self.running: dict[str, asyncio.Task] = {}
         self.tracer = tracer("rose.worker")
 
@@ -130,12 +136,18 @@ class WorkerService:
                 log.warning("dropped a bad frame from the scheduler: %s", exc)
                 continue
             if isinstance(msg, Submit):
+                if self.draining:
+                    self._send(TokenEvent(msg.request_id, finish_reason="error", status=503, worker_id=self.worker_id,
+                                          error=f"worker {self.worker_id} is shutting down; retry"))
+                    continue
                 if msg.request_id in self.running:
                     self._send(TokenEvent(msg.request_id, finish_reason="error", status=400, worker_id=self.worker_id,
                                           error=f"request {msg.request_id!r} is already running on {self.worker_id}"))
                     continue
                 self.running[msg.request_id] = asyncio.create_task(self._generate(msg))
             elif isinstance(msg, Abort):
+                if msg.request_id in self.running:
+                    self.aborted += 1
                 self.async_engine.abort(msg.request_id)
             elif isinstance(msg, Resync):
                 log.info("scheduler asked for a resync (%s)", msg.reason)
@@ -200,7 +212,21 @@ class WorkerService:
             prefill_tokens=stats.prefill_tokens_computed,
             cached_tokens=stats.cached_prompt_tokens,
             finished=stats.requests_finished,
+            aborted=self.aborted,
+            draining=self.draining,
         )
+
+    def drain(self) -> None:
+        """Take no new request (the scheduler hears it at once); running ones go on."""
+        self.draining = True
+        log.info("draining: %d requests running, up to %.0fs", len(self.running), self.settings.drain_timeout)
+        self._send(self.heartbeat())
+
+    async def drained(self) -> None:
+        """Return once nothing runs, or drain_timeout has passed."""
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -239,12 +265,21 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 
 
 async def _serve(settings: Settings, engine: Engine) -> None:
+    """Serve until SIGTERM/SIGINT; the first drains (running requests finish), a second stops at once."""
     service = WorkerService(settings, engine)
     serving = asyncio.create_task(service.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if service.draining:
+            stop.set()
+            return
+        service.drain()
+        loop.create_task(service.drained()).add_done_callback(lambda _: stop.set())
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():

@@ -278,3 +278,17 @@ async def test_redis_outage_keeps_routing_and_rebuilds_the_index(scheduler_facto
     # the request that ran through the outage is still tracked on the same worker
     await w.send(TokenEvent("during-outage", finish_reason="stop", worker_id="w0"))
     assert (await f.recv()).request_id == "during-outage"
+
+
+async def test_a_draining_worker_gets_no_new_requests(scheduler_factory):
+    scheduler, formatter, worker = await scheduler_factory()
+    a, b = worker(), worker()
+    await register(a, "wa")
+    await b.send(Register("wb", "tiny", 4096, 4, 100, 8))
+    b.start_heartbeats("wb", free_blocks=100, total_blocks=100, draining=True)
+    f = formatter()
+    await wait_for(lambda: "wb" in scheduler.workers and scheduler.workers["wb"].draining, what="wb draining")
+    for i in range(4):
+        await f.send(submit(f"r{i}", tokens=list(range(i * 50, i * 50 + 40))))
+    assert sorted([(await a.recv()).request_id for _ in range(4)]) == ["r0", "r1", "r2", "r3"]
+    assert await b.silent(0.2) == []

@@ -160,3 +160,25 @@ async def test_resync_resends_register_and_the_whole_cache(worker):
     assert register.worker_id == "w-test"
     assert kv.cleared and set(kv.stored) == service.cached
     assert set(prefix_hashes(PROMPT, BLOCK)[:3]) <= set(kv.stored)
+
+
+async def test_draining_refuses_new_work_and_says_so(worker):
+    scheduler, service, _, _ = worker
+    await scheduler.send(Submit("before", PROMPT, SamplingParams(max_tokens=30, ignore_eos=True)))
+    assert (await scheduler.recv(want=TokenEvent)).request_id == "before"
+    service.drain()
+    try:
+        beat = await scheduler.recv(want=Heartbeat)
+        while not beat.draining:
+            beat = await scheduler.recv(want=Heartbeat)
+        await scheduler.send(Submit("after", PROMPT, SamplingParams(max_tokens=2)))
+        refused = await scheduler.recv(want=TokenEvent)
+        while refused.request_id != "after":
+            refused = await scheduler.recv(want=TokenEvent)
+        assert (refused.finish_reason, refused.status) == ("error", 503)
+        # the request that was running goes on to its end
+        rest = await scheduler.events_until_finished("before")
+        assert rest[-1].finish_reason == "length"
+        await asyncio.wait_for(service.drained(), 5)
+    finally:
+        service.draining = False

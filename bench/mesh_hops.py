@@ -70,14 +70,22 @@ class HopRun:
         return 1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def pace(streams: list[str], rounds: int, step_s: float, send, run: HopRun) -> None:
-    """Send one token per stream per round; record each token's send time."""
+async def pace(streams: list[str], rounds: int, step_s: float, send, run: HopRun, send_round=None) -> None:
+    """Send one token per stream per round; record each token's send time.
+
+    send(stream, k) sends one token; send_round(k), when given, sends the whole
+    round at once (a worker sends one engine step's events as one message).
+    """
     run.first_send = time.perf_counter()
     next_round = run.first_send
     for k in range(rounds):
+        now = time.perf_counter()
         for s in streams:
-            run.sent_at[(s, k)] = time.perf_counter()
-            send(s, k)
+            run.sent_at[(s, k)] = now if send_round else time.perf_counter()
+            if not send_round:
+                send(s, k)
+        if send_round:
+            send_round(k)
         if step_s:
             next_round += step_s
             await asyncio.sleep(max(0.0, next_round - time.perf_counter()))
@@ -128,10 +136,10 @@ class Hop:
     def background(self, coro) -> None:
         self.tasks.append(asyncio.create_task(coro))
 
-    async def measure(self, streams: list[str], rounds: int, step_s: float, send) -> HopRun:
+    async def measure(self, streams: list[str], rounds: int, step_s: float, send, send_round=None) -> HopRun:
         self.run = HopRun(offered=len(streams) / step_s if step_s else 0.0)
         self.received = {}
-        await pace(streams, rounds, step_s, send, self.run)
+        await pace(streams, rounds, step_s, send, self.run, send_round)
         await wait_all(self.received, streams, rounds)
         return self.run
 
@@ -181,8 +189,9 @@ class SchedulerHop(Hop):
         for s in streams:
             await self.formatter.send(protocol.encode(Submit(s, [TOKEN, TOKEN + 1], SamplingParams(max_tokens=rounds))))
         await until(lambda: all(s in self.routed for s in streams), "the scheduler routed every request")
-        frames = {s: protocol.encode(TokenEvent(s, token_ids=[TOKEN], worker_id="bench")) for s in streams}
-        run = await self.measure(streams, rounds, step_s, lambda s, k: self.worker.send(frames[s], flags=zmq.DONTWAIT))
+        step_frames = [protocol.encode(TokenEvent(s, token_ids=[TOKEN], worker_id="bench")) for s in streams]
+        # as services/worker/main.py sends: one engine step's events in one multi-frame message
+        run = await self.measure(streams, rounds, step_s, None, lambda k: self.worker.send_multipart(step_frames, flags=zmq.DONTWAIT))
         for s in streams:
             await self.worker.send(protocol.encode(TokenEvent(s, finish_reason="length", worker_id="bench")))
         return run

@@ -373,18 +373,13 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
 def run_meta(args, settings: Settings, config) -> dict:
     import torch
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__)), check=False).stdout.strip()
-    except OSError:
-        commit = ""
     if settings.device.startswith("cuda") and torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
         device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "date": args.started,
+        "commit": args.commit,
         "command": "python -m bench.serve " + " ".join(args.argv),
         "device": device,
         "torch": torch.__version__,
@@ -397,6 +392,19 @@ def run_meta(args, settings: Settings, config) -> dict:
         "dtype": settings.dtype,
         "max_num_seqs": settings.max_num_seqs,
     }
+
+
+def git_commit() -> str:
+    """The checkout's short commit, "+dirty" when bench/ or services/ has uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
+                                check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "bench", "services", "shared"], capture_output=True,
+                               text=True, cwd=root, check=False).stdout.strip()
+    except OSError:
+        return ""
+    return commit + ("+dirty" if commit and dirty else "")
 
 
 def _fmt(value, digits: int = 1) -> str:
@@ -527,6 +535,7 @@ def stop_tokens_for_completions(settings: Settings) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else math.inf
+    args.started, args.commit = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), git_commit()
     settings = Settings.from_args(args)
     levels = plan_levels(args)
     most = max(level.concurrency or 0 for level in levels)

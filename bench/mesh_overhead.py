@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c]
 
-    from services.launcher import Mesh, with_free_ports
+    from services.launcher import Mesh, with_free_ports, worker_threads
     from services.setup import setup
     from services.worker.engine import AsyncEngine, Engine
 
@@ -151,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     settings = dataclasses.replace(Settings.from_env(), home=home, max_num_seqs=max(64, max(levels)), max_model_len=4096, log_level="warning")
     setup(settings)
 
-    print(f"in process: {settings.model_path}", file=sys.stderr)
+    import torch
+
+    # the same torch threads as the mesh's worker gets from the launcher
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(1)))
+    print(f"in process: {settings.model_path}, {torch.get_num_threads()} torch threads", file=sys.stderr)
     engine = AsyncEngine(Engine.from_settings(settings))
     local: dict[int, Run] = {}
     try:
@@ -175,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((c, local[c], run))
     finally:
         mesh.stop()
-    print(f"\nmax_tokens={args.max_tokens}, tiny checkpoint, backend={settings.backend}, device={settings.device}")
+    print(f"\nmax_tokens={args.max_tokens}, tiny checkpoint, backend={settings.backend}, device={settings.device}, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     print(table(rows))
     for c, local_run, mesh_run in rows:
         print(f"TTFT p50 at {c} streams: in-proc {1000 * statistics.median(local_run.ttft):.1f} ms, mesh {1000 * statistics.median(mesh_run.ttft):.1f} ms")

@@ -108,6 +108,18 @@ class Child:
             return "".join(f.readlines()[-lines:])
 
 
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """torch threads per co-located worker: the cores left after two for the other services.
+
+    torch's parallel regions wait for their slowest thread, so a worker that spreads
+    over every core stalls each time the gateway, a formatter or the scheduler is
+    scheduled: on 2 cores one thread streams at the in-process latency, two add
+    ~30 ms per token (docs/BENCHMARKS.md, Mesh overhead).
+    """
+    cores = cores or os.cpu_count() or 1
+    return max(1, (cores - 2) // max(1, workers))
+
+
 def _die_with_parent() -> None:
     """Children get SIGTERM when the launcher dies, even by SIGKILL (Linux only)."""
     try:
@@ -169,7 +181,10 @@ class Mesh:
             self.spawn("scheduler", "scheduler", {})
             for i in range(self.workers):
                 worker_id = f"{self.settings.worker_id or 'worker'}-{i}"
-                self.spawn(f"worker-{i}", "worker", {"ROSE_WORKER_ID": worker_id})
+                overrides = {"ROSE_WORKER_ID": worker_id}
+                if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in self.env:
+                    overrides["OMP_NUM_THREADS"] = str(worker_threads(self.workers))
+                self.spawn(f"worker-{i}", "worker", overrides)
             for i, bind in enumerate(binds):
                 self.spawn(f"formatter-{i}", "formatter", {"ROSE_FORMATTER_BIND": bind})
             self.spawn("gateway", "gateway", {})

@@ -45,6 +45,14 @@ if [ -n "$missing" ]; then
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   stamp "installed carried wheels for: $missing"
 fi
+# The cuda backend's packages (nvidia-cutlass-dsl, flashinfer, tvm-ffi) are too big to carry with
+# the above in one call: a call just before this one on the same warm machine can stage them with
+# `eval "$(bash .device/stage.sh)"` into ~/rose-site, which is then used here.
+if [ -d "$HOME/rose-site" ]; then
+  export PYTHONPATH=$HOME/rose-site:$HOME/rose-site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+  export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+  stamp "using the packages staged in $HOME/rose-site: $(ls -a "$HOME/rose-site" | grep '^\.staged-' | tr '\n' ' ')"
+fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 
 # 2. redis-server (the launcher starts a private one from PATH)

@@ -9,8 +9,9 @@
 # Needs .device/redis and .device/serve-wheels from bench/fetch_device_deps.sh (run that on a
 # machine with package registries) carried along. Steps: install the wheels into /tmp/rose-site,
 # unpack redis-server into /tmp/rose-redis (never onto /), write a random gpt-oss-20b checkpoint
-# (real shapes, MXFP4 experts) with ROSE_BENCH_LAYERS of its 24 layers (default 4: the
-# generator runs on the CPU, about 10-20 s a layer), then run bench.serve on cuda with the cuda
+# (real shapes, MXFP4 experts) with ROSE_BENCH_LAYERS of its 24 layers (default 2: the
+# generator quantizes on the CPU, about 1.5 s per 16.6M values on one core, so a layer's 32
+# experts take over a minute; a 1-layer checkpoint took 117 s on a 2-core machine), then run bench.serve on cuda with the cuda
 # backend, or the torch backend if the cuda one does not start. Extra arguments go to bench.serve
 # and override the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
 # A CPU smoke test of the same steps (the carried redis-server included):
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
-LAYERS=${ROSE_BENCH_LAYERS:-4}
+LAYERS=${ROSE_BENCH_LAYERS:-2}
 PRESET=${ROSE_BENCH_PRESET:-20b}
 DEVICE=${ROSE_BENCH_DEVICE:-cuda}
 DTYPE=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)

@@ -37,6 +37,7 @@ class Settings:
     open_health: bool = _setting(True, "serve /health, /ready and /metrics without a key", ("gateway",))
     max_body_bytes: int = _setting(4 * 1024 * 1024, "largest request body (413 above)", ("gateway",))
     request_timeout: float = _setting(600.0, "seconds a request may run before it is aborted", ("gateway",))
+    max_inflight: int = _setting(0, "most requests one gateway generates at once; more get 429 at once, without a trip down the mesh (0: no limit here, the scheduler's queue decides)", ("gateway",))
     max_messages: int = _setting(2048, "most messages in one chat request (400 above)", ("gateway",))
     max_n: int = _setting(128, "largest n (choices per prompt) a request may ask for (400 above)", ("gateway",))
     max_stop_strings: int = _setting(16, "most stop strings in one request (400 above)", ("gateway",))

@@ -15,6 +15,7 @@ from shared.apikeys import KeyRing
 from .auth import make_limiter
 from .errors import error_body, install_error_handlers
 from .formatter_link import FormatterPool
+from .limits import InflightLimit
 from .metrics import Metrics
 from .routes import chat, completions, system
 
@@ -96,4 +97,7 @@ def create_app(settings, pool: FormatterPool | None = None) -> FastAPI:
     app.include_router(completions.router)
     app.include_router(system.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    if settings.max_inflight > 0:
+        # Added last, so it runs first: an overloaded gateway refuses before reading the body.
+        app.add_middleware(InflightLimit, limit=settings.max_inflight, inflight=lambda: app.state.pool.inflight)
     return app

@@ -97,6 +97,9 @@ class Generation:
         if body.model not in models:
             raise APIError(404, f"the model {body.model!r} does not exist; serving {', '.join(models)}", "model", "model_not_found")
         check_request_limits(body, state.settings)
+        limit = state.settings.max_inflight
+        if limit and pool.inflight >= limit:  # InflightLimit refuses most; this catches a burst that passed it together
+            raise APIError(429, f"this gateway is generating {pool.inflight} requests, its limit; retry later", None, "overloaded", {"Retry-After": "1"})
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         # A caller that sends a W3C traceparent header gets the request inside its own trace.
         incoming = {k: v for k, v in request.headers.items() if k in ("traceparent", "tracestate")}

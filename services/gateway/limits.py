@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 
-from .errors import APIError
+from .errors import APIError, error_body
+
+GENERATION_PATHS = (b"/v1/chat/completions", b"/v1/completions")
 
 
 def _reject(message: str, param: str) -> APIError:
@@ -43,3 +45,32 @@ def check_request_limits(body, settings) -> None:
         size = len(json.dumps([t.model_dump(exclude_none=True) for t in tools], separators=(",", ":")))
         if size > settings.max_tools_bytes:
             raise _reject(f"the tool definitions take {size} bytes of JSON; at most {settings.max_tools_bytes} are allowed", "tools")
+
+
+class InflightLimit:
+    """ASGI middleware: 429 for a generation request while the gateway runs `max_inflight`.
+
+    It answers before the body is read or validated, so an overloaded gateway
+    refuses in well under a millisecond of its own time; the scheduler's queue
+    limit (ROSE_MAX_QUEUE) still holds behind it for several gateways together.
+    """
+
+    def __init__(self, app, limit: int, inflight):
+        self.app = app
+        self.limit = limit
+        self.inflight = inflight  # () -> requests this gateway is generating
+
+    async def __call__(self, scope, receive, send):
+        if (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope.get("raw_path", scope["path"].encode()) in GENERATION_PATHS
+            and self.inflight() >= self.limit
+        ):
+            message = f"this gateway is generating {self.limit} requests, its limit; retry later"
+            body = json.dumps(error_body(429, message, None, "overloaded")).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"retry-after", b"1")]
+            await send({"type": "http.response.start", "status": 429, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

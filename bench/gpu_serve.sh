@@ -11,8 +11,8 @@
 # unpack redis-server into /tmp/rose-redis (never onto /), write a random gpt-oss-20b checkpoint
 # (real shapes, MXFP4 experts) with ROSE_BENCH_LAYERS of its 24 layers (default 2: the
 # generator quantizes on the CPU, about 1.5 s per 16.6M values on one core, so a layer's 32
-# experts take over a minute; a 1-layer checkpoint took 117 s on a 2-core machine), then run bench.serve on cuda with the cuda
-# backend, or the torch backend if the cuda one does not start. Extra arguments go to bench.serve
+# experts take over a minute; a 1-layer checkpoint took 117 s on a 2-core machine), then run
+# bench.serve on cuda with the cuda backend, or the torch backend if the cuda one does not start. Extra arguments go to bench.serve
 # and override the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
 # A CPU smoke test of the same steps (the carried redis-server included):
 #   ROSE_BENCH_DEVICE=cpu ROSE_BENCH_PRESET=tiny ROSE_BENCH_CARRIED_REDIS=1 bash bench/gpu_serve.sh \
@@ -32,20 +32,16 @@ REDIS=/tmp/rose-redis
 start=$(date +%s)
 stamp() { echo "[gpu_serve +$(( $(date +%s) - start ))s] $*"; }
 
-# 1. Python packages the image lacks
-missing=$("$PY" - <<'PY'
-import importlib.util
-mods = ["zmq", "redis", "openai_harmony", "fastapi", "uvicorn", "pydantic", "quicktok", "opentelemetry.sdk"]
-print(" ".join(m for m in mods if importlib.util.find_spec(m.split(".")[0]) is None
-               or (m == "opentelemetry.sdk" and importlib.util.find_spec("opentelemetry") and importlib.util.find_spec(m) is None)))
-PY
-)
-if [ -n "$missing" ]; then
-  ls .device/serve-wheels/*.whl >/dev/null 2>&1 || { echo "missing $missing and no .device/serve-wheels: run bench/fetch_device_deps.sh and carry .device/serve-wheels"; exit 1; }
+# 1. Python packages the image lacks: the carried wheels, when an import fails
+imports() { "$PY" -c "import zmq, redis, openai_harmony, fastapi, uvicorn, pydantic, quicktok, opentelemetry.sdk, msgpack, httpx, transformers, matplotlib" 2>/dev/null; }
+if ! imports; then
+  ls .device/serve-wheels/*.whl >/dev/null 2>&1 || { echo "Python packages are missing and .device/serve-wheels was not carried: run bench/fetch_device_deps.sh where registries answer"; exit 1; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .device/serve-wheels/*.whl
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-  stamp "installed carried wheels for: $missing"
+  imports || { "$PY" -c "import zmq, redis, openai_harmony, fastapi, uvicorn, pydantic, quicktok, opentelemetry.sdk, msgpack, httpx, transformers, matplotlib"; exit 1; }
+  stamp "installed $(ls .device/serve-wheels/*.whl | wc -l) carried wheels into $SITE"
 fi
+
 # The cuda backend's packages (nvidia-cutlass-dsl, flashinfer, tvm-ffi) are too big to carry with
 # the above in one call: a call just before this one on the same warm machine can stage them with
 # `eval "$(bash .device/stage.sh)"` into ~/rose-site, which is then used here.

@@ -131,9 +131,7 @@ async def drive(send, items: list[tuple[list[int], int]], level: Level, seed: in
 
 # ---------------------------------------------------------------- metrics
 def _stats(values: list[float], scale: float = 1000.0) -> dict:
-    if not values:
-        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
-    arr = np.asarray([v for v in values if not math.isnan(v)]) * scale
+    arr = np.asarray([v for v in values if not math.isnan(v)], dtype=float) * scale
     if not arr.size:
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
     return {"mean": float(arr.mean()), **{f"p{p}": float(np.percentile(arr, p)) for p in PERCENTILES}}
@@ -172,7 +170,8 @@ def summarize(records: list[RequestRecord], duration: float, slo_ms: dict[str, f
             "ms_per_output_token": 1000 * duration / out_tokens if out_tokens else None,
             "useful_decode_fraction": out_tokens / decoded_tokens if decoded_tokens else None,
         },
-        "finish_reasons": {k: sum(1 for r in records if r.finish_reason == k) for k in sorted({str(r.finish_reason) for r in records})},
+        "finish_reasons": {k: sum(1 for r in records if str(r.finish_reason) == k)
+                           for k in sorted({str(r.finish_reason) for r in records})},
     }
     return summary
 
@@ -432,6 +431,8 @@ def print_tables(report: dict) -> None:
                        _fmt(s["efficiency"]["generated_fraction"], 3), _fmt(s["efficiency"]["useful_decode_fraction"], 3),
                        _fmt(s["efficiency"]["per_request_tokens_per_s"]))
                 print("| " + " | ".join(row) + " |")
+        if any(level["ratios"] for level in wl["levels"]):
+            print("ratios are ours/reference: above 1 is better for throughputs, worse for latencies")
         for level in wl["levels"]:
             for pair, r in level["ratios"].items():
                 parts = ", ".join(f"{k} {_fmt(v, 2)}x" for k, v in r.items())

@@ -21,10 +21,15 @@ def _reject(message: str, param: str) -> APIError:
 
 
 def check_request_limits(body, settings) -> None:
-    """APIError(400) for the first limit the validated request body goes over."""
+    """APIError(400) for the first limit the validated request body goes over.
+
+    With ROSE_MAX_TOKENS_LIMIT set, a body that names no max_tokens gets the limit.
+    """
     n = getattr(body, "n", 1) or 1
     if n > settings.max_n:
         raise _reject(f"n is {n}; at most {settings.max_n} choices are allowed", "n")
+    if body.choices > settings.max_n:  # a list of prompts: n generations for each
+        raise _reject(f"{body.choices} generations (n x prompts) asked for; at most {settings.max_n} are allowed", "prompt")
     messages = getattr(body, "messages", None)
     if messages is not None and len(messages) > settings.max_messages:
         raise _reject(f"messages has {len(messages)} entries; at most {settings.max_messages} are allowed", "messages")
@@ -34,17 +39,21 @@ def check_request_limits(body, settings) -> None:
     longest = max((len(s) for s in stop), default=0)
     if longest > settings.max_stop_string_chars:
         raise _reject(f"a stop string has {longest} characters; at most {settings.max_stop_string_chars} are allowed", "stop")
+    named = False
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(body, name, None)
+        named = named or value is not None
         if value is not None and settings.max_tokens_limit and value > settings.max_tokens_limit:
             raise _reject(f"{name} is {value}; at most {settings.max_tokens_limit} is allowed", name)
+    if settings.max_tokens_limit and not named:
+        body.max_tokens = settings.max_tokens_limit  # the limit is also the default
     tools = getattr(body, "tools", None)
     if tools:
         if len(tools) > settings.max_tools:
             raise _reject(f"tools has {len(tools)} entries; at most {settings.max_tools} are allowed", "tools")
         size = len(json.dumps([t.model_dump(exclude_none=True) for t in tools], separators=(",", ":")))
         if size > settings.max_tools_bytes:
-            raise _reject(f"the tool definitions take {size} bytes of JSON; at most {settings.max_tools_bytes} are allowed", "tools")
+            raise _reject(f"tools take {size} bytes of JSON; at most {settings.max_tools_bytes} are allowed", "tools")
 
 
 class InflightLimit:

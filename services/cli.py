@@ -16,6 +16,7 @@ COMMANDS = {
     "formatter": ("services.formatter.main", "formatter", "the Harmony formatter"),
     "scheduler": ("services.scheduler.main", "scheduler", "the scheduler (admission, routing, prefix index)"),
     "worker": ("services.worker.main", "worker", "a model worker"),
+    "curve-keys": ("services.curve_keys", "curve-keys", "write CURVE key pairs for the internal ZeroMQ links"),
     "make-checkpoint": ("services.worker.model.make_checkpoint", "checkpoint", "write a random gpt-oss checkpoint"),
 }
 

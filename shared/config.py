@@ -56,6 +56,10 @@ class Settings:
     max_queue: int = _setting(256, "requests waiting for a worker before new ones get 429", ("scheduler",))
     heartbeat_interval: float = _setting(0.5, "seconds between heartbeats")
     heartbeat_timeout: float = _setting(3.0, "seconds without a heartbeat before a peer is taken as dead")
+    curve_server_key: str = _setting("", "CURVE: secret key file (zmq cert) of the binding sides (formatter, scheduler); set to encrypt every internal link", ("formatter", "scheduler"))
+    curve_server_public_key: str = _setting("", "CURVE: the servers' public key file, for the connecting sides; default the public half of curve_server_key", ("gateway", "formatter", "worker"))
+    curve_client_key: str = _setting("", "CURVE: secret key file of the connecting sides (gateway, formatter, worker)", ("gateway", "formatter", "worker"))
+    curve_authorized_keys: str = _setting("", "CURVE: folder of client public key files the servers accept (empty: any client that knows the server key)", ("formatter", "scheduler"))
     drain_timeout: float = _setting(30.0, "seconds a service given SIGTERM lets in-flight requests finish before it exits")
 
     # --- worker / engine ---

@@ -25,6 +25,7 @@ from zmq.utils.monitor import parse_monitor_message
 from shared import telemetry
 from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, TokenEvent, decode, encode
 from shared.vocab import VocabError, load_harmony_encoding
+from shared.zmq_security import secure_client, secure_server
 
 from .render import RenderError
 from .request import InFlightRequest, split_sub_request_id
@@ -53,11 +54,13 @@ class FormatterService:
         self.frontend.setsockopt(zmq.SNDHWM, HWM)
         self.frontend.setsockopt(zmq.RCVHWM, HWM)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, not vanishes
+        secure_server(self.frontend, settings)
         self.frontend.bind(settings.formatter_bind)
         self.scheduler = self.context.socket(zmq.DEALER)
         self.scheduler.setsockopt(zmq.LINGER, 0)
         self.scheduler.setsockopt(zmq.SNDHWM, HWM)
         self.scheduler.setsockopt(zmq.RCVHWM, HWM)
+        secure_client(self.scheduler, settings)
         self.scheduler.connect(settings.scheduler_frontend)
         self.inflight: dict[str, Tracked] = {}
         self.scheduler_pong = Pong()

@@ -23,6 +23,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, decode, encode
+from shared.zmq_security import secure_client
 
 log = logging.getLogger("rose.gateway.formatters")
 
@@ -112,6 +113,11 @@ class FormatterPool:
         for url in self.urls:
             parse_endpoint(url)
         self.context = context or zmq.asyncio.Context.instance()
+        probe = self.context.socket(zmq.DEALER)
+        try:
+            secure_client(probe, settings)  # bad CURVE key files fail here, at startup
+        finally:
+            probe.close(0)
         self.links: dict[str, Link] = {}
         self.streams: dict[str, RequestStream] = {}
         self._resolved: dict[str, list[str]] = {}  # endpoint -> addresses, as last resolved
@@ -205,6 +211,7 @@ class FormatterPool:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
+        secure_client(sock, self.settings)
         sock.connect(address)
         link = Link(address, sock)
         link.reader = asyncio.create_task(self._read_loop(link))

@@ -73,11 +73,16 @@ def ping(endpoint: str, timeout: float):
     import zmq
 
     from shared.protocol import FrameError, Ping, Pong, decode, encode
+    from shared.zmq_security import CurveKeyError, secure_client
 
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
+        try:
+            secure_client(sock, Settings.from_env())  # with CURVE on, the probe needs the client keys too
+        except CurveKeyError as exc:
+            raise Unhealthy(str(exc)) from None
         sock.connect(probe_endpoint(endpoint))
         sent_at = time.time()
         sock.send(encode(Ping(sent_at=sent_at)))

@@ -218,6 +218,10 @@ class PrefixIndex:
         while True:
             await asyncio.sleep(delay)
             try:
+                # Pooled connections from before the outage are dead (a restarted
+                # server closed them): drop them, or the first commands after the
+                # reconnect fail on them and the index is lost again.
+                await self.redis.connection_pool.disconnect()
                 await self.redis.ping()
             except RedisError:
                 delay = min(delay * 2, BACKOFF_MAX_S)

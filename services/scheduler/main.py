@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import logging
 import signal
+import time
 
 import zmq
 
 from services.scheduler.service import Scheduler
 from shared.config import Settings
 from shared.telemetry import setup_tracing, shutdown_tracing
+from shared.zmq_security import CurveKeyError
 
 log = logging.getLogger("rose.scheduler")
 
@@ -21,7 +23,7 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     setup_tracing("scheduler", settings)
     try:
         asyncio.run(_serve(settings))
-    except zmq.ZMQError as exc:
+    except (zmq.ZMQError, CurveKeyError) as exc:
         log.error("cannot serve: %s (frontend %s, backend %s)", exc, settings.scheduler_frontend, settings.scheduler_backend)
         return 1
     finally:
@@ -30,12 +32,28 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 
 
 async def _serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT; the first drains (admitted requests finish), a second stops at once."""
     scheduler = Scheduler(settings)
     serving = asyncio.create_task(scheduler.run())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        deadline = time.monotonic() + settings.drain_timeout
+        while scheduler.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        stop.set()
+
+    def on_signal() -> None:
+        if scheduler.draining:
+            stop.set()
+            return
+        scheduler.draining = True
+        log.info("draining: %d requests admitted, up to %.0fs", len(scheduler.requests), settings.drain_timeout)
+        loop.create_task(drain())
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():

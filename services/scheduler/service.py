@@ -36,6 +36,7 @@ from shared.block_hash import prefix_hashes
 from shared.config import Settings
 from shared.protocol import Abort, FrameError, Heartbeat, KvEvent, Ping, Pong, Register, Resync, Submit, TokenEvent
 from shared.telemetry import extract, inject, tracer
+from shared.zmq_security import secure_server
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Scheduler:
         self._resync_sent: dict[bytes, float] = {}
         self._index_updates: asyncio.Queue = asyncio.Queue()
         self._queue_moved = asyncio.Event()
+        self.draining = False  # SIGTERM'd: new requests get 503, admitted ones run to their end
         self.tracer = tracer("rose.scheduler")
 
     def _router(self) -> zmq.asyncio.Socket:
@@ -88,6 +90,7 @@ class Scheduler:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, HWM)
         sock.setsockopt(zmq.RCVHWM, HWM)
+        secure_server(sock, self.settings)  # CURVE when configured (before bind)
         return sock
 
     # ------------------------------------------------------------ lifecycle
@@ -150,7 +153,7 @@ class Scheduler:
     def pong(self, sent_at: float) -> Pong:
         models = sorted({w.model for w in self.workers.values()})
         longest = max((w.max_model_len for w in self.workers.values()), default=0)
-        return Pong(sent_at=sent_at, ready=bool(self.workers), models=models, workers=len(self.workers), max_model_len=longest)
+        return Pong(sent_at=sent_at, ready=bool(self.workers) and not self.draining, models=models, workers=len(self.workers), max_model_len=longest)
 
     async def _on_submit(self, identity: bytes, msg: Submit) -> None:
         span = self.tracer.start_span(
@@ -159,6 +162,10 @@ class Scheduler:
             kind=SpanKind.INTERNAL,
             attributes={"rose.request_id": msg.request_id, "rose.prompt_tokens": len(msg.token_ids)},
         )
+        if self.draining:
+            self._send_nowait(self.frontend, identity, _error_event(msg.request_id, "the scheduler is shutting down; retry", 503))
+            span.end()
+            return
         if not msg.request_id or msg.request_id in self.requests:
             reason = "request_id is empty" if not msg.request_id else f"request_id {msg.request_id!r} is already running"
             self._send_nowait(self.frontend, identity, _error_event(msg.request_id, reason, 400))

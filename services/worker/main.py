@@ -34,6 +34,7 @@ from shared import protocol
 from shared.config import Settings
 from shared.protocol import Abort, FrameError, Heartbeat, KvEvent, Register, Resync, Submit, TokenEvent
 from shared.telemetry import extract, setup_tracing, shutdown_tracing, tracer
+from shared.zmq_security import CurveKeyError, secure_client
 
 log = logging.getLogger("rose.worker")
 
@@ -62,6 +63,7 @@ class WorkerService:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SNDHWM, HWM)
         self.sock.setsockopt(zmq.RCVHWM, HWM)
+        secure_client(self.sock, settings)  # CURVE when configured (before connect)
         self.cached: set[int] = set()  # block hashes the scheduler was told about
         self._outbox: list[bytes] = []  # encoded frames waiting for the end of this loop iteration
         self.draining = False
@@ -259,6 +261,9 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
         return 1
     try:
         asyncio.run(_serve(settings, engine))
+    except CurveKeyError as exc:
+        log.error("cannot connect to the scheduler: %s", exc)
+        return 2
     finally:
         shutdown_tracing()
     return 0

@@ -79,7 +79,7 @@ def secure_client(sock: zmq.Socket, settings) -> None:
 def _start_authenticator(context: zmq.Context, folder: str) -> None:
     if not os.path.isdir(folder):
         raise CurveKeyError(f"ROSE_CURVE_AUTHORIZED_KEYS={folder!r} is not a folder")
-    key = id(context.underlying)
+    key = context.underlying  # the address of the libzmq context: the same for shadows
     if key in _authenticators:
         return
     # A zmq.asyncio context's sockets are not for threads: the handler gets a plain

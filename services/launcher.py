@@ -165,7 +165,7 @@ class Mesh:
 
     # ------------------------------------------------------------ start / stop
     def start(self, ready_timeout: float = 300.0) -> "Mesh":
-        """Start every child and wait for /ready; MeshError (everything stopped) on failure."""
+        """Start every child, wait for /ready and every worker; MeshError (everything stopped) on failure."""
         if self.formatters < 1 or self.workers < 1:
             raise MeshError("a mesh needs at least one formatter and one worker")
         self.settings = absolute_paths(self.settings)
@@ -180,8 +180,7 @@ class Mesh:
             self.settings = dataclasses.replace(self.settings, formatter_urls=connect_urls)
             self.spawn("scheduler", "scheduler", {})
             for i in range(self.workers):
-                worker_id = f"{self.settings.worker_id or 'worker'}-{i}"
-                overrides = {"ROSE_WORKER_ID": worker_id}
+                overrides = {"ROSE_WORKER_ID": self.worker_ids()[i]}
                 if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in self.env:
                     overrides["OMP_NUM_THREADS"] = str(worker_threads(self.workers))
                 self.spawn(f"worker-{i}", "worker", overrides)
@@ -189,6 +188,7 @@ class Mesh:
                 self.spawn(f"formatter-{i}", "formatter", {"ROSE_FORMATTER_BIND": bind})
             self.spawn("gateway", "gateway", {})
             self.wait_ready(ready_timeout)
+            self.wait_workers(ready_timeout)
         except BaseException:
             self.stop()
             raise
@@ -209,6 +209,33 @@ class Mesh:
                 pass
             time.sleep(0.2)
         raise MeshError(f"the gateway at {self.url} was not ready within {timeout:.0f}s")
+
+    def worker_ids(self) -> list[str]:
+        return [f"{self.settings.worker_id or 'worker'}-{i}" for i in range(self.workers)]
+
+    def wait_workers(self, timeout: float) -> None:
+        """Wait until the scheduler has heard every worker (/ready needs only one).
+
+        The scheduler keeps each live worker's counters in Redis (rose:worker:<id>).
+        """
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=2)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                dead = self.crashed()
+                if dead:
+                    raise MeshError(self.describe_crash(dead[0]))
+                try:
+                    if all(client.exists(f"rose:worker:{w}") for w in self.worker_ids()):
+                        return
+                except redis.RedisError:
+                    pass
+                time.sleep(0.1)
+        finally:
+            client.close()
+        raise MeshError(f"not every worker of {self.worker_ids()} registered within {timeout:.0f}s")
 
     def stop(self) -> dict[str, int | None]:
         """Terminate every child (gateway first), kill what is left after a grace period."""

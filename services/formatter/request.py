@@ -56,11 +56,15 @@ def sampling_params(body: dict, endpoint: str, stop_token_ids: list[int], defaul
     else:
         max_tokens = body.get("max_tokens") or default_max
         logprobs = body.get("logprobs")
+    ignore_eos = bool(body.get("ignore_eos") or False)
+    # Harmony's stop tokens are the model's end-of-sequence ids: ignore_eos ignores them,
+    # as vLLM does with generation_config's eos ids; stop ids the caller names still stop.
+    implicit = [] if ignore_eos else list(stop_token_ids)
     params = SamplingParams(
         max_tokens=int(max_tokens),
-        stop_token_ids=list(stop_token_ids) + [t for t in body.get("stop_token_ids") or [] if t not in stop_token_ids],
+        stop_token_ids=implicit + [t for t in body.get("stop_token_ids") or [] if t not in implicit],
         logprobs=logprobs,
-        ignore_eos=bool(body.get("ignore_eos") or False),
+        ignore_eos=ignore_eos,
     )
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
         value = body.get(name)

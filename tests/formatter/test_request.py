@@ -89,6 +89,11 @@ def test_completion_prompt_batch_and_token_ids(encoding):
     assert 199999 in submits[0].params.stop_token_ids
 
 
+def test_ignore_eos_drops_the_implicit_end_tokens_but_keeps_named_ones(encoding):
+    _, submits = start(encoding, "completion", prompt=[1, 2, 3], ignore_eos=True, stop_token_ids=[42])
+    assert submits[0].params.ignore_eos and submits[0].params.stop_token_ids == [42]
+
+
 @pytest.mark.parametrize("body", [{"n": 0}, {"n": 1000}, {"messages": []}, {"temperature": "hot"}])
 def test_bad_requests_are_render_errors(encoding, body):
     with pytest.raises(RenderError):

@@ -81,8 +81,9 @@ async def test_full_queue_refuses_while_running_streams_go_on(small):
     async def queued_then_refuse():
         async with httpx.AsyncClient(base_url=small.url, timeout=60) as http:
             queued = asyncio.create_task(http.post("/v1/completions", json={**stream_body(90, 4), "stream": False}))
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.1)  # it reaches the queue; the two streams have ~15 tokens to go
             await refuse()
+            assert not queued.done(), "the queued request ran before the probe: the queue was not full"
             assert (await queued).status_code == 200
 
     outcomes = await streams_with_event(small.url, 2, 16, queued_then_refuse)

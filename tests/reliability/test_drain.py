@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.asyncio(loop_scope="module")]
 
 WORKERS = ("worker-0", "worker-1")
 STREAMS = 32
-MAX_TOKENS = 40
+MAX_TOKENS = 24
 DRAIN_TIMEOUT_S = 30
 
 

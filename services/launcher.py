@@ -84,6 +84,8 @@ def absolute_paths(settings: Settings) -> Settings:
         model=os.path.abspath(settings.model) if settings.model else "",
         tiktoken_encodings_base=os.path.abspath(settings.tiktoken_encodings_base) if settings.tiktoken_encodings_base else "",
         api_keys_file=os.path.abspath(settings.api_keys_file) if settings.api_keys_file else "",
+        **{name: os.path.abspath(getattr(settings, name)) if getattr(settings, name) else ""
+           for name in ("curve_server_key", "curve_server_public_key", "curve_client_key", "curve_authorized_keys")},
     )
 
 
@@ -238,12 +240,13 @@ class Mesh:
         raise MeshError(f"not every worker of {self.worker_ids()} registered within {timeout:.0f}s")
 
     def stop(self) -> dict[str, int | None]:
-        """Terminate every child (gateway first), kill what is left after a grace period."""
+        """Terminate every child (gateway first), kill what is left after its drain and a grace period."""
         for child in reversed(self.children):
             if child.returncode is None:
                 child.expected_exit = True
                 child.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
+        # Each child drains first (its requests in flight finish, up to drain_timeout).
+        deadline = time.monotonic() + self.settings.drain_timeout + STOP_GRACE_S
         for child in reversed(self.children):
             try:
                 child.process.wait(max(0.0, deadline - time.monotonic()))

@@ -15,8 +15,13 @@ from .generation import Generation, GenerationFailed
 DONE = "data: [DONE]\n\n"
 
 
+# Characters that str.splitlines() (and so httpx's aiter_lines, among other clients)
+# takes as line ends: escaped, an event is always one line to every reader.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def event(payload: dict) -> str:
-    return "data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False) + "\n\n"
+    return "data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS) + "\n\n"
 
 
 def stream_response(gen: Generation, chunks: Callable[[Generation], AsyncIterator[dict]]) -> StreamingResponse:

@@ -31,7 +31,7 @@ def stream_body(index: int, max_tokens: int) -> dict:
 
 
 async def read_stream(http: httpx.AsyncClient, body: dict, on_first=None) -> str:
-    """How one stream ended: 'completed', 'error' (an error event or status), or 'truncated' (a bug)."""
+    """How one stream ended: 'completed', 'error' (an error event or status), or else what went wrong (a bug)."""
     try:
         async with http.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -44,7 +44,10 @@ async def read_stream(http: httpx.AsyncClient, body: dict, on_first=None) -> str
                 payload = line[len("data: "):]
                 if payload == "[DONE]":
                     return "completed" if finished else "truncated"
-                chunk = json.loads(payload)
+                try:
+                    chunk = json.loads(payload)
+                except ValueError:
+                    return f"garbled event: {payload[:80]!r}"
                 if "error" in chunk:
                     return "error"
                 if first and on_first is not None:

@@ -115,6 +115,8 @@ async def test_redis_restart_rebuilds_the_prefix_index(mesh2, store):
     wait_until(lambda: all(indexed_blocks(store, w) >= before[w] for w in WORKERS), 15.0, "the prefix index rebuilt")
     wait_until(lambda: all(worker_stats(store, w) for w in WORKERS), 5.0, "worker counters back in Redis")
     await assert_serving(mesh2.url)
+    # the gateway reconnected too: its rate-limit buckets are kept in the new Redis
+    assert store.keys("rose:ratelimit*"), "no rate-limit keys in the restarted Redis"
     kv_all_free(store, WORKERS)
 
 

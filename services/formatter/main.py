@@ -73,7 +73,7 @@ class FormatterService:
 
     # ------------------------------------------------------------------ loop
     def stop(self, *_):
-        """Stop at once (what the request in flight get: a 503 error)."""
+        """Stop at once (the requests in flight end with a 503 error)."""
         self._running = False
 
     def drain(self, *_):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import time
 
 import zmq
 
 from services.scheduler.service import Scheduler
 from shared.config import Settings
+from shared.lifecycle import serve_until_signalled
 from shared.telemetry import setup_tracing, shutdown_tracing
 from shared.zmq_security import CurveKeyError
 
@@ -34,31 +34,12 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 async def _serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; the first drains (admitted requests finish), a second stops at once."""
     scheduler = Scheduler(settings)
-    serving = asyncio.create_task(scheduler.run())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
     async def drain() -> None:
+        scheduler.draining = True
+        log.info("draining: %d requests admitted, up to %.0fs", len(scheduler.requests), settings.drain_timeout)
         deadline = time.monotonic() + settings.drain_timeout
         while scheduler.requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        stop.set()
 
-    def on_signal() -> None:
-        if scheduler.draining:
-            stop.set()
-            return
-        scheduler.draining = True
-        log.info("draining: %d requests admitted, up to %.0fs", len(scheduler.requests), settings.drain_timeout)
-        loop.create_task(drain())
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if not serving.done():
-        serving.cancel()
-    try:
-        await serving
-    except asyncio.CancelledError:
-        pass
+    await serve_until_signalled(scheduler.run(), drain)

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -32,6 +31,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from services.worker.engine import AsyncEngine, Engine, EngineInputError
 from shared import protocol
 from shared.config import Settings
+from shared.lifecycle import serve_until_signalled
 from shared.protocol import Abort, FrameError, Heartbeat, KvEvent, Register, Resync, Submit, TokenEvent
 from shared.telemetry import extract, setup_tracing, shutdown_tracing, tracer
 from shared.zmq_security import CurveKeyError, secure_client
@@ -272,24 +272,9 @@ def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
 async def _serve(settings: Settings, engine: Engine) -> None:
     """Serve until SIGTERM/SIGINT; the first drains (running requests finish), a second stops at once."""
     service = WorkerService(settings, engine)
-    serving = asyncio.create_task(service.run())
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
 
-    def on_signal() -> None:
-        if service.draining:
-            stop.set()
-            return
+    async def drain() -> None:
         service.drain()
-        loop.create_task(service.drained()).add_done_callback(lambda _: stop.set())
+        await service.drained()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait([serving, stopped], return_when=asyncio.FIRST_COMPLETED)
-    if not serving.done():
-        serving.cancel()
-    try:
-        await serving
-    except asyncio.CancelledError:
-        pass
+    await serve_until_signalled(service.run(), drain)

@@ -51,6 +51,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP port can be bound right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def with_port(url: str, port: int) -> str:
     """tcp://host:old or redis://host:old/db with the port replaced."""
     parts = urlsplit(url)
@@ -149,6 +159,7 @@ class Mesh:
     env: dict[str, str] = field(default_factory=dict)
     log_dir: str | None = None
     children: list[Child] = field(default_factory=list)
+    _formatter_binds: list[str] | None = field(default=None, init=False, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -161,9 +172,15 @@ class Mesh:
         return f"http://{host}:{self.settings.port}"
 
     def formatter_binds(self) -> list[str]:
-        """Formatter i binds at the configured port + i."""
-        base = port_of(self.settings.formatter_bind)
-        return [with_port(self.settings.formatter_bind, base + i) for i in range(self.formatters)]
+        """Formatter i binds at the configured port + i, or a free port where that one is taken.
+
+        Decided once, so a formatter restarted later binds where the gateway connects.
+        """
+        if self._formatter_binds is None:
+            base = port_of(self.settings.formatter_bind)
+            ports = [base] + [base + i if port_is_free(base + i) else free_port() for i in range(1, self.formatters)]
+            self._formatter_binds = [with_port(self.settings.formatter_bind, p) for p in ports]
+        return self._formatter_binds
 
     # ------------------------------------------------------------ start / stop
     def start(self, ready_timeout: float = 300.0) -> "Mesh":

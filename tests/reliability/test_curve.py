@@ -87,7 +87,7 @@ def test_a_rogue_worker_cannot_register(secured):
             except zmq.Again:  # no peer to queue for: the handshake did not complete
                 pass
             time.sleep(0.1)
-        # without CURVE the scheduler would list it (it stays for heartbeat_timeout, 1.5 s)
+        # without CURVE the scheduler would list it (it stays for heartbeat_timeout)
         assert ready_workers(secured.url) == 1
     finally:
         sock.close(0)

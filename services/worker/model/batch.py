@@ -69,3 +69,18 @@ class PagedKVCache:
         k = [torch.zeros(shape(g), dtype=dtype, device=device) for g in layer_groups]
         v = [torch.zeros(shape(g), dtype=dtype, device=device) for g in layer_groups]
         return cls(k=k, v=v, layer_groups=list(layer_groups), block_size=block_size)
+
+
+def check_forward_inputs(batch: ForwardBatch, kv: PagedKVCache, layer_groups: list[str], vocab_size: int) -> None:
+    """ValueError naming what is inconsistent between a batch, its cache and the model."""
+    if kv.layer_groups != layer_groups:
+        raise ValueError(f"KV cache groups {kv.layer_groups} do not match the model's {layer_groups}")
+    if batch.num_seqs == 0:
+        raise ValueError("ForwardBatch holds no sequence")
+    if len(batch.context_lens) != batch.num_seqs:
+        raise ValueError(f"{batch.num_seqs} query_lens but {len(batch.context_lens)} context_lens")
+    if batch.token_ids.dim() != 1 or batch.positions.shape != batch.token_ids.shape:
+        raise ValueError(f"token_ids {tuple(batch.token_ids.shape)} and positions {tuple(batch.positions.shape)} "
+                         "must both be [T]")
+    if batch.token_ids.numel() and (int(batch.token_ids.min()) < 0 or int(batch.token_ids.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size})")

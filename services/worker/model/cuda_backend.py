@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.worker.model.batch import ForwardBatch, PagedKVCache
+from services.worker.model.batch import ForwardBatch, PagedKVCache, check_forward_inputs
 from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import apply_rotary
 
@@ -96,12 +96,9 @@ class CudaGptOss(nn.Module):
         """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits."""
         from kernels.embedding import embedding
         from kernels.rmsnorm import rmsnorm
-        from services.worker.model.torch_model import _check_batch
 
         c = self.config
-        if kv.layer_groups != c.layer_groups:
-            raise ValueError(f"KV cache groups {kv.layer_groups} do not match the model's {c.layer_groups}")
-        _check_batch(batch, c.vocab_size)
+        check_forward_inputs(batch, kv, c.layer_groups, c.vocab_size)
         dev = self._device
         cos, sin = self.rotary.cos_sin(batch.positions.to(dev))
         keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.worker.model.batch import ForwardBatch, PagedKVCache
+from services.worker.model.batch import ForwardBatch, PagedKVCache, check_forward_inputs
 from services.worker.model.checkpoint import Checkpoint
 from services.worker.model.config import GptOssConfig
 from services.worker.model.errors import CheckpointError
@@ -223,9 +223,7 @@ class GptOssForCausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits."""
         c = self.config
-        if kv.layer_groups != c.layer_groups:
-            raise ValueError(f"KV cache groups {kv.layer_groups} do not match the model's {c.layer_groups}")
-        _check_batch(batch, c.vocab_size)
+        check_forward_inputs(batch, kv, c.layer_groups, c.vocab_size)
         device = self.device
         token_ids = batch.token_ids.to(device)
         cos, sin = self.rotary.cos_sin(batch.positions.to(device))
@@ -240,19 +238,6 @@ class GptOssForCausalLM(nn.Module):
             last = torch.cumsum(torch.tensor(batch.query_lens), 0) - 1
             x = x[last.to(device)]
         return self.lm_head(self.model.norm(x)).float()
-
-
-def _check_batch(batch: ForwardBatch, vocab_size: int) -> None:
-    """ValueError naming what is inconsistent in a batch (the block tables are checked per group)."""
-    if batch.num_seqs == 0:
-        raise ValueError("ForwardBatch holds no sequence")
-    if len(batch.context_lens) != batch.num_seqs:
-        raise ValueError(f"{batch.num_seqs} query_lens but {len(batch.context_lens)} context_lens")
-    if batch.token_ids.dim() != 1 or batch.positions.shape != batch.token_ids.shape:
-        raise ValueError(f"token_ids {tuple(batch.token_ids.shape)} and positions {tuple(batch.positions.shape)} "
-                         "must both be [T]")
-    if batch.token_ids.numel() and (int(batch.token_ids.min()) < 0 or int(batch.token_ids.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size})")
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:

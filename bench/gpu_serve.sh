@@ -3,17 +3,16 @@
 # mesh's own Python packages (the device machines: Python 3.12, torch 2.11+cu130, transformers).
 #
 #   bash bench/gpu_serve.sh                 # reduced sweep, < 10 minutes
-#   ROSE_BENCH_LAYERS=24 bash bench/gpu_serve.sh --workloads random:1024:1024,random:8192:1024,random:128:2048,sharegpt \
+#   bash bench/gpu_serve.sh --workloads random:1024:1024,random:8192:1024,random:128:2048,sharegpt \
 #       --concurrency 1,4,16,64,256 --max-num-seqs 256 --deadline-s 0        # the full sweep (hours)
 #
 # Needs .device/redis and .device/serve-wheels from bench/fetch_device_deps.sh (run that on a
 # machine with package registries) carried along. Steps: install the wheels into /tmp/rose-site,
 # unpack redis-server into /tmp/rose-redis (never onto /), write a random gpt-oss-20b checkpoint
-# (real shapes, MXFP4 experts) with ROSE_BENCH_LAYERS of its 24 layers (default 2: the
-# generator quantizes on the CPU, about 1.5 s per 16.6M values on one core, so a layer's 32
-# experts take over a minute; a 1-layer checkpoint took 117 s on a 2-core machine), then run
-# bench.serve on cuda with the cuda backend, or the torch backend if the cuda one does not start. Extra arguments go to bench.serve
-# and override the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
+# (real shapes, MXFP4 experts; values drawn and quantized on the GPU) with ROSE_BENCH_LAYERS of
+# its 24 layers (default: all), then run bench.serve on cuda with the cuda backend, or the
+# torch backend if the cuda one does not start. Extra arguments go to bench.serve and override
+# the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
 # A CPU smoke test of the same steps (the carried redis-server included):
 #   ROSE_BENCH_DEVICE=cpu ROSE_BENCH_PRESET=tiny ROSE_BENCH_CARRIED_REDIS=1 bash bench/gpu_serve.sh \
 #       --workloads random:32:8 --concurrency 1,2 --num-prompts 2
@@ -21,12 +20,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-python3}
-LAYERS=${ROSE_BENCH_LAYERS:-2}
+LAYERS=${ROSE_BENCH_LAYERS:-}  # empty: all of the preset's layers
 PRESET=${ROSE_BENCH_PRESET:-20b}
 DEVICE=${ROSE_BENCH_DEVICE:-cuda}
 DTYPE=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)
 RESULTS=${OUT:-$REPO/bench/out/gpu-serve}
-CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-${PRESET}-${LAYERS}l}
+CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-${PRESET}-${LAYERS:-all}l}
 SITE=/tmp/rose-site
 REDIS=/tmp/rose-redis
 start=$(date +%s)
@@ -69,10 +68,10 @@ if ! command -v redis-server >/dev/null || [ -n "${ROSE_BENCH_CARRIED_REDIS:-}" 
 fi
 
 # 3. the checkpoint: real gpt-oss-20b shapes, random weights
-if [ "$PRESET" = 20b ] && [ "$LAYERS" != 24 ]; then
+if [ "$PRESET" = 20b ] && [ -n "$LAYERS" ] && [ "$LAYERS" != 24 ]; then
   stamp "NOTE: the checkpoint keeps $LAYERS of gpt-oss-20b's 24 layers (ROSE_BENCH_LAYERS); the roofline uses the same $LAYERS"
 fi
-"$PY" -m services.cli make-checkpoint --preset "$PRESET" --layers "$LAYERS" --out "$CKPT"
+"$PY" -m services.cli make-checkpoint --preset "$PRESET" ${LAYERS:+--layers "$LAYERS"} --out "$CKPT" --generate-on "$DEVICE"
 stamp "checkpoint ready at $CKPT ($(du -sh "$CKPT" | cut -f1))"
 
 # 4. the sweep: the cuda backend if it starts, else torch on cuda

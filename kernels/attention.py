@@ -40,26 +40,33 @@ def write_slots(batch: ForwardBatch, group: str, block_size: int) -> torch.Tenso
     return torch.tensor(slots, dtype=torch.int64)
 
 
-def page_metadata(batch: ForwardBatch, group: str, block_size: int) -> tuple[torch.Tensor, ...]:
+def page_metadata(
+    batch: ForwardBatch, group: str, block_size: int, pad_to: int | None = None, scratch_block: int = 0
+) -> tuple[torch.Tensor, ...]:
     """FlashInfer paging for one group: (qo_indptr, kv_indptr, kv_indices, last_page_len), int32 CPU.
 
     Leading NO_BLOCK entries of a sliding table (blocks wholly out of every new token's
     window) are skipped: FlashInfer's causal and window masks count from the end of the
     keys, so dropping whole leading blocks only drops keys no query may see.
+    pad_to appends one-token sequences on `scratch_block` up to that many sequences (the
+    padding rows of a CUDA graph captured for a larger batch).
     """
     qo, kv_indptr, indices, last = [0], [0], [], []
     for s, (q_len, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
         pages = (ctx + block_size - 1) // block_size
         table = batch.block_tables[group][s][:pages]
-        first = 0
-        while first < len(table) and table[first] == NO_BLOCK:
-            first += 1
-        if NO_BLOCK in table[first:]:
+        first = table.count(NO_BLOCK)  # C-speed scans: long tables are thousands of blocks
+        if NO_BLOCK in table[first:]:  # then table[:first] are exactly the NO_BLOCKs
             raise ValueError(f"{group} block table of sequence {s} has a NO_BLOCK hole inside its keys")
         indices.extend(table[first:])
         qo.append(qo[-1] + q_len)
         kv_indptr.append(len(indices))
         last.append(ctx - (pages - 1) * block_size)
+    for _ in range(batch.num_seqs, pad_to or 0):
+        indices.append(scratch_block)
+        qo.append(qo[-1] + 1)
+        kv_indptr.append(len(indices))
+        last.append(1)
     as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
     return as_i32(qo), as_i32(kv_indptr), as_i32(indices), as_i32(last)
 
@@ -69,6 +76,13 @@ class SinkAttention:
 
     One FlashInfer wrapper per (group, window) pair, made at first use: window None is
     full attention; a window of w keeps the w newest keys (FlashInfer window_left w - 1).
+
+    With graph_batch set, the wrappers run in FlashInfer's CUDA-graph mode for exactly
+    that many one-token sequences: page metadata and cache slots go into fixed device
+    buffers that a captured step reads, and plan() pads a smaller batch with one-token
+    sequences on the group's scratch block. max_pages[group] bounds the pages of a step
+    (the pool size); workspaces, shared between instances that never run at once, holds
+    one float workspace per (group, window).
     """
 
     def __init__(
@@ -80,6 +94,9 @@ class SinkAttention:
         dtype: torch.dtype,
         device: torch.device | str,
         backend: str = "fa2",
+        graph_batch: int | None = None,
+        max_pages: dict[str, int] | None = None,
+        workspaces: dict | None = None,
     ):
         missing = missing_attention_packages()
         if missing:
@@ -88,39 +105,57 @@ class SinkAttention:
         self.block_size, self.dtype, self.backend = block_size, dtype, backend
         self.scale = head_dim**-0.5
         self.device = torch.device(device)
-        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.graph_batch, self.max_pages = graph_batch, max_pages or {}
+        self.workspaces = {} if workspaces is None else workspaces
         self.wrappers: dict[tuple[str, int | None], object] = {}
         self.slots: dict[str, torch.Tensor] = {}
+        if graph_batch is not None:
+            self.slots = {g: torch.zeros(graph_batch, dtype=torch.int64, device=self.device) for g in self.max_pages}
 
     def _wrapper(self, group: str, window: int | None):
         key = (group, window)
         if key not in self.wrappers:
             import flashinfer
 
-            # each wrapper keeps plan state in its workspace: one buffer per wrapper
-            workspace = self.workspace if not self.wrappers else torch.empty_like(self.workspace)
+            # each wrapper keeps plan state in its workspace: one buffer per (group, window)
+            if key not in self.workspaces:
+                self.workspaces[key] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            graph = {}
+            if self.graph_batch is not None:
+                i32 = lambda n: torch.zeros(n, dtype=torch.int32, device=self.device)  # noqa: E731
+                b = self.graph_batch
+                graph = dict(use_cuda_graph=True, qo_indptr_buf=i32(b + 1), paged_kv_indptr_buf=i32(b + 1),
+                             paged_kv_indices_buf=i32(self.max_pages[group] + b), paged_kv_last_page_len_buf=i32(b))
             self.wrappers[key] = flashinfer.BatchAttentionWithAttentionSinkWrapper(
-                workspace, kv_layout="NHD", backend=self.backend, q_data_type=self.dtype, kv_data_type=self.dtype,
-                head_dim_qk=self.head_dim, head_dim_vo=self.head_dim, window_left=_window_left(window),
+                self.workspaces[key], kv_layout="NHD", backend=self.backend, q_data_type=self.dtype,
+                kv_data_type=self.dtype, head_dim_qk=self.head_dim, head_dim_vo=self.head_dim,
+                window_left=_window_left(window), **graph,
             )
         return self.wrappers[key]
 
-    def plan(self, batch: ForwardBatch, keys) -> None:
-        """Page metadata for this step of every (group, window) in keys (host work, once per step)."""
+    def plan(self, batch: ForwardBatch, keys, scratch_blocks: dict[str, int] | None = None) -> None:
+        """Page metadata and cache slots of this step for every (group, window) in keys (host work, once a step).
+
+        scratch_blocks[group]: the block padding rows use (graph mode only).
+        """
+        pad_to = self.graph_batch
+        if pad_to is not None and (batch.num_seqs > pad_to or any(q != 1 for q in batch.query_lens)):
+            raise ValueError(f"a graph-mode plan takes up to {pad_to} one-token sequences")
+        scratch = scratch_blocks or {}
         for group, window in keys:
-            qo, kv_indptr, indices, last = page_metadata(batch, group, self.block_size)
+            meta = page_metadata(batch, group, self.block_size, pad_to, scratch.get(group, 0))
             self._wrapper(group, window).plan(
-                qo, kv_indptr, indices, last,
-                self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
+                *meta, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
                 causal=True, sm_scale=self.scale, window_left=_window_left(window),
                 q_data_type=self.dtype, kv_data_type=self.dtype,
             )
-            if group not in self.slots:
-                self.slots[group] = write_slots(batch, group, self.block_size).to(self.device, non_blocking=True)
-
-    def reset(self) -> None:
-        """Forget the last step's cache slots (call before planning a new step)."""
-        self.slots.clear()
+        for group in {g for g, _ in keys}:
+            slots = write_slots(batch, group, self.block_size)
+            if pad_to is None:
+                self.slots[group] = slots.to(self.device, non_blocking=True)
+            else:
+                padding = torch.full((pad_to - len(slots),), scratch.get(group, 0) * self.block_size)
+                self.slots[group].copy_(torch.cat([slots, padding]), non_blocking=True)
 
     def __call__(
         self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 
-HIDDEN = ("cutlass", "flashinfer")
+HIDDEN = ("cutlass", "flashinfer", "triton")
 
 
 @pytest.fixture
 def without_gpu_packages(monkeypatch):
-    """Make nvidia-cutlass-dsl and flashinfer unimportable, whatever this host has."""
+    """Make nvidia-cutlass-dsl, flashinfer and triton unimportable, whatever this host has."""
     real_find_spec, real_import = importlib.util.find_spec, builtins.__import__
 
     def find_spec(name, *args, **kwargs):
@@ -43,7 +43,7 @@ def test_backend_cuda_names_what_is_missing(without_gpu_packages, tiny_checkpoin
     with pytest.raises(RuntimeError) as err:
         load_model(tiny_checkpoint, backend="cuda")
     message = str(err.value)
-    assert "nvidia-cutlass-dsl" in message and "flashinfer-python" in message
+    assert "nvidia-cutlass-dsl" in message and "flashinfer-python" in message and "triton" in message
     assert "pip install -e .[gpu]" in message
 
 

@@ -53,6 +53,8 @@ class PagedKVCache:
     v: list[torch.Tensor]
     layer_groups: list[str]  # "full" or "sliding" per layer
     block_size: int
+    # per pool, a block past those the engine hands out (the cuda backend's CUDA-graph padding rows use it)
+    scratch_blocks: dict[str, int] | None = None
 
     @classmethod
     def allocate(

@@ -6,12 +6,15 @@
 It reuses the torch backend's loader and weights (`load_model(..., backend="torch")`)
 and replaces the per-op code: embedding gather, RMSNorm fused with the residual add,
 QKV as one cuBLAS GEMM, FlashInfer paged attention with sinks and sliding windows,
-router top-k, MoE dispatch, grouped expert GEMMs, SwiGLU and combine (cuda_moe.py).
-Rotary embedding stays in torch. Attention for head dims FlashInfer does not build
-(it does 64, 128, 256; the tiny test checkpoint has 16) runs the torch paged attention.
+router top-k, MoE dispatch, MXFP4 grouped expert GEMMs, SwiGLU and combine (cuda_moe.py),
+and replays decode steps as CUDA graphs (cuda_graphs.py). Rotary embedding stays in
+torch. Attention for head dims FlashInfer does not build (it does 64, 128, 256; the tiny
+test checkpoint has 16) runs the torch paged attention, eagerly.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,8 @@ def missing_cuda_requirements() -> list[str]:
     from kernels.attention import missing_attention_packages
 
     missing = missing_gpu_packages() + missing_attention_packages()
+    if importlib.util.find_spec("triton") is None:  # the MXFP4 expert GEMM (kernels/moe_mxfp4.py)
+        missing.append("triton")
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
     return missing
@@ -46,9 +51,13 @@ def require_cuda_backend() -> None:
 
 
 class CudaGptOss(nn.Module):
-    """Wraps a loaded bf16 torch GptOssForCausalLM; the engine calls it like the torch model."""
+    """Wraps a loaded bf16 torch GptOssForCausalLM; the engine calls it like the torch model.
 
-    def __init__(self, model, block_size: int = 16):
+    Decode steps (one new token per sequence) replay CUDA graphs (cuda_graphs.py) unless
+    cuda_graphs=False; prefill and mixed steps run eagerly.
+    """
+
+    def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
         super().__init__()
         from kernels.attention import SinkAttention
         from services.worker.model.cuda_moe import GroupedExperts
@@ -75,56 +84,84 @@ class CudaGptOss(nn.Module):
                 group=c.layer_groups[i], window=a.window,
                 moe=GroupedExperts(layer.mlp, c),
             ))
+        self.attention_keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
         self.flash = c.head_dim in FLASHINFER_HEAD_DIMS
         self.attention = (
             SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
                           self._device)
             if self.flash else None
         )
+        self.cuda_graphs = cuda_graphs and self.flash  # the torch attention fallback is not capturable
+        self.graphs = None  # DecodeGraphs over the KV cache of the last decode step
 
     @property
     def device(self) -> torch.device:
         return self._device
 
     def make_kv_cache(self, num_blocks: dict[str, int], block_size: int, dtype: torch.dtype | None = None):
+        """The paged cache plus one scratch block per pool (never handed out) for CUDA-graph padding rows."""
         c = self.config
-        return PagedKVCache.allocate(c.layer_groups, num_blocks, block_size, c.num_key_value_heads, c.head_dim,
-                                     dtype or self.dtype, self._device)
+        kv = PagedKVCache.allocate(c.layer_groups, {g: n + 1 for g, n in num_blocks.items()}, block_size,
+                                   c.num_key_value_heads, c.head_dim, dtype or self.dtype, self._device)
+        kv.scratch_blocks = dict(num_blocks)
+        return kv
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
-        """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits."""
-        from kernels.embedding import embedding
-        from kernels.rmsnorm import rmsnorm
+        """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits.
+
+        A decode step's logits may be a view of a graph's output buffer: read them before the next step.
+        """
+        from services.worker.model.cuda_graphs import DecodeGraphs, is_decode
 
         c = self.config
         check_forward_inputs(batch, kv, c.layer_groups, c.vocab_size)
+        if self.cuda_graphs and not all_logits and kv.scratch_blocks is not None and is_decode(batch):
+            if self.graphs is None or self.graphs.kv is not kv:
+                self.graphs = DecodeGraphs(self, kv)
+            if self.graphs.fits(batch):
+                return self.graphs(batch)
         dev = self._device
-        cos, sin = self.rotary.cos_sin(batch.positions.to(dev))
-        keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
         if self.flash:
             self.attention.block_size = kv.block_size
-            self.attention.reset()
-            self.attention.plan(batch, keys)
-            plans = None
+            self.attention.plan(batch, self.attention_keys)
+            attention, plans = self.attention, None
         else:
-            plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in keys}
+            attention = None
+            plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in self.attention_keys}
+        mlp, resid = self._layers(batch.token_ids.to(dev), batch.positions.to(dev), attention, plans, kv)
+        if not all_logits:
+            last = (torch.cumsum(torch.tensor(batch.query_lens), 0) - 1).to(dev)
+            mlp, resid = mlp[last].contiguous(), resid[last].contiguous()
+        return self._logits(mlp, resid)
 
-        resid = embedding(self.embed, batch.token_ids.to(dev))
+    def decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, attention, kv: PagedKVCache) -> torch.Tensor:
+        """One token per sequence, planned on `attention`: logits [T, vocab] float32 (what a graph captures)."""
+        return self._logits(*self._layers(tokens, positions, attention, None, kv))
+
+    def _layers(self, tokens, positions, attention, plans, kv: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding through the last layer: (last MLP output, residual before it), each [T, hidden] bf16."""
+        from kernels.embedding import embedding
+        from kernels.rmsnorm import rmsnorm
+
+        cos, sin = self.rotary.cos_sin(positions)
+        resid = embedding(self.embed, tokens)
         y, _ = rmsnorm(resid, self.layers[0]["norm1"], self.eps)
         for i, L in enumerate(self.layers):
-            attn = self._attention(L, y, cos, sin, kv.k[i], kv.v[i], plans)
+            attn = self._attention(L, y, cos, sin, kv.k[i], kv.v[i], attention, plans)
             y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
             mlp = L["moe"](y)
             if i + 1 < len(self.layers):
                 y, resid = rmsnorm(mlp, self.layers[i + 1]["norm1"], self.eps, residual=resid)
-        if not all_logits:
-            last = (torch.cumsum(torch.tensor(batch.query_lens), 0) - 1).to(dev)
-            mlp, resid = mlp[last].contiguous(), resid[last].contiguous()
+        return mlp, resid
+
+    def _logits(self, mlp: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+        from kernels.rmsnorm import rmsnorm
+
         y, _ = rmsnorm(mlp, self.final_norm, self.eps, residual=resid)
         return F.linear(y, self.lm_head).float()
 
-    def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, plans) -> torch.Tensor:
+    def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, attention, plans) -> torch.Tensor:
         c = self.config
         t = x.shape[0]
         qkv = F.linear(x, L["qkv_w"], L["qkv_b"])
@@ -132,17 +169,19 @@ class CudaGptOss(nn.Module):
         q = apply_rotary(q.view(t, c.num_attention_heads, c.head_dim), cos, sin)
         k = apply_rotary(k.view(t, c.num_key_value_heads, c.head_dim), cos, sin)
         v = v.reshape(t, c.num_key_value_heads, c.head_dim)
-        if self.flash:
-            out = self.attention(L["group"], L["window"], q, k, v, k_cache, v_cache, L["sinks"])
+        if attention is not None:
+            out = attention(L["group"], L["window"], q, k, v, k_cache, v_cache, L["sinks"])
         else:
             plan = plans[(L["group"], L["window"])]
             out = paged_attention(q, k, v, k_cache, v_cache, plan, L["sinks"], c.head_dim**-0.5)
         return F.linear(out.reshape(t, c.q_size).to(x.dtype), L["o_w"], L["o_b"])
 
 
-def load_cuda_model(path: str, device: torch.device | str = "cuda", block_size: int = 16) -> CudaGptOss:
-    """The cuda backend for the checkpoint at path (bf16; raises first if a GPU package is missing)."""
+def load_cuda_model(path: str, device: torch.device | str = "cuda", block_size: int = 16,
+                    cuda_graphs: bool = True) -> CudaGptOss:
+    """The cuda backend for the checkpoint at path (bf16, experts kept MXFP4; raises first if a GPU package is missing)."""
     from services.worker.model.torch_model import load_model
 
     require_cuda_backend()
-    return CudaGptOss(load_model(path, backend="torch", device=device, dtype=torch.bfloat16), block_size)
+    model = load_model(path, backend="torch", device=device, dtype=torch.bfloat16, keep_mxfp4=True)
+    return CudaGptOss(model, block_size, cuda_graphs)

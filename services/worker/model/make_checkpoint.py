@@ -82,12 +82,18 @@ def make_checkpoint(
     seed: int = 0,
     preset: str = "tiny",
     max_shard_bytes: int | None = None,
+    device: str = "cpu",
     **config_overrides,
 ) -> str:
-    """Write (or keep, if already complete) a random checkpoint at path; returns path."""
+    """Write (or keep, if already complete) a random checkpoint at path; returns path.
+
+    device: where the values are drawn and quantized. "cuda" makes the 20b/120b shapes in
+    seconds instead of many CPU minutes; its random stream differs from the CPU's, so the
+    index records the device and the same seed gives the same bytes per device.
+    """
     config = preset_config(preset, **config_overrides)
     shards = plan_shards(expected_tensors(config), max_shard_bytes or DEFAULT_MAX_SHARD_BYTES[preset])
-    index = build_index(shards, seed)
+    index = build_index(shards, seed, torch.device(device).type)
     if _is_complete(path, config, index):
         return path
     os.makedirs(path, exist_ok=True)
@@ -99,7 +105,7 @@ def make_checkpoint(
     _write_json(os.path.join(path, "config.json"), config.to_dict())
     _write_json(os.path.join(path, "generation_config.json"), _generation_config(config))
     for file_name, specs in shards:
-        tensors = {spec.name: spec_tensor for spec, spec_tensor in _generate(specs, config, seed)}
+        tensors = {spec.name: t.cpu() for spec, t in _generate(specs, config, seed, torch.device(device))}
         tmp = os.path.join(path, f"{file_name}.{os.getpid()}.tmp")  # unique: two writers may race
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, file_name))
@@ -123,11 +129,14 @@ def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[tuple[str
     return [(f"model-{i + 1:05d}-of-{total:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
-def build_index(shards: list[tuple[str, list[TensorSpec]]], seed: int) -> dict:
+def build_index(shards: list[tuple[str, list[TensorSpec]]], seed: int, device_type: str = "cpu") -> dict:
     """model.safetensors.index.json: total_size plus tensor -> shard file."""
     weight_map = {spec.name: file_name for file_name, specs in shards for spec in specs}
     total = sum(spec.nbytes for _, specs in shards for spec in specs)
-    return {"metadata": {"total_size": total, "rose_seed": seed}, "weight_map": dict(sorted(weight_map.items()))}
+    metadata = {"total_size": total, "rose_seed": seed}
+    if device_type != "cpu":
+        metadata["rose_device"] = device_type
+    return {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}
 
 
 def _is_complete(path: str, config: GptOssConfig, index: dict) -> bool:
@@ -163,9 +172,9 @@ def _write_json(file: str, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------- values
-def _generator(seed: int, name: str) -> torch.Generator:
+def _generator(seed: int, name: str, device: torch.device = torch.device("cpu")) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 def _std_of(name: str, config: GptOssConfig) -> tuple[float, float]:
@@ -188,7 +197,7 @@ def _std_of(name: str, config: GptOssConfig) -> tuple[float, float]:
     return 0.0, 1.0 / math.sqrt(h)  # q/k/v, router, gate_up
 
 
-def _generate(specs: list[TensorSpec], config: GptOssConfig, seed: int):
+def _generate(specs: list[TensorSpec], config: GptOssConfig, seed: int, device: torch.device = torch.device("cpu")):
     """Yield (spec, tensor) for each spec; MXFP4 pairs come from one float matrix."""
     floats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for spec in specs:
@@ -197,9 +206,9 @@ def _generate(specs: list[TensorSpec], config: GptOssConfig, seed: int):
             if base not in floats:
                 experts, rows, groups = spec.shape[:3]
                 mean, std = _std_of(base, config)
-                generator = _generator(seed, base)
+                generator = _generator(seed, base, device)
                 # one expert at a time keeps quantize's temporaries small on the 20b/120b shapes
-                packed = [quantize(torch.randn((rows, groups * 32), generator=generator) * std + mean)
+                packed = [quantize(torch.randn((rows, groups * 32), generator=generator, device=device) * std + mean)
                           for _ in range(experts)]
                 floats[base] = (torch.stack([b for b, _ in packed]), torch.stack([s for _, s in packed]))
                 del packed
@@ -207,7 +216,7 @@ def _generate(specs: list[TensorSpec], config: GptOssConfig, seed: int):
             yield spec, (blocks if spec.name.endswith("_blocks") else scales)
             continue
         mean, std = _std_of(spec.name, config)
-        values = torch.randn(spec.shape, generator=_generator(seed, spec.name)) * std + mean
+        values = torch.randn(spec.shape, generator=_generator(seed, spec.name, device), device=device) * std + mean
         yield spec, values.to(spec.dtype)
 
 
@@ -227,6 +236,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-mb", type=float, default=None,
                         help="largest shard file in MiB (default 16 for tiny, 4096 for 20b/120b)")
     parser.add_argument("--print-config", action="store_true", help="print config.json and write nothing")
+    parser.add_argument("--generate-on", default="cpu", metavar="DEVICE",
+                        help="torch device that draws the values: cpu (default) or cuda (seconds for 20b/120b)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
@@ -271,6 +282,7 @@ def main(settings, args) -> int:
         return 0
     out = args.out or settings.model_path
     shard_bytes = int(args.max_shard_mb * 2**20) if args.max_shard_mb else None
-    make_checkpoint(out, seed=args.seed, preset=args.preset, max_shard_bytes=shard_bytes, **overrides)
+    make_checkpoint(out, seed=args.seed, preset=args.preset, max_shard_bytes=shard_bytes, device=args.generate_on,
+                    **overrides)
     print(f"checkpoint written to {out}")
     return 0

@@ -1,0 +1,103 @@
+"""CUDA graphs of the cuda backend's decode step, one per batch-size bucket.
+
+A decode step (one new token for each of n sequences) launches some 30 kernels a
+layer; eager, the host cannot issue them as fast as the GPU runs them. Here each
+bucket size b is captured once, at its first use, and a step of n <= b sequences
+replays the graph of the smallest such b:
+
+    plan      host: FlashInfer page metadata and cache slots into the bucket's fixed
+              buffers, token ids and positions into its input buffers
+    replay    device: embedding .. lm_head for b rows
+    logits    the first n rows of the bucket's output buffer
+
+Rows n..b are padding: token 0 at position 0, writing and reading only the scratch
+block the model added to each KV pool (`PagedKVCache.scratch_blocks`), so they
+touch no sequence's cache. Graphs share one memory pool and one FlashInfer float
+workspace per (group, window): steps run one at a time, and a step's logits are read
+before the next step starts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from services.worker.model.batch import GROUPS, ForwardBatch, PagedKVCache
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def is_decode(batch: ForwardBatch) -> bool:
+    """Whether every sequence of the step brings exactly one new token."""
+    return all(q == 1 for q in batch.query_lens)
+
+
+class _Captured:
+    """One bucket: its graph, the buffers it reads and the logits it writes."""
+
+    def __init__(self, graph, attention, tokens, positions, logits):
+        self.graph, self.attention = graph, attention
+        self.tokens, self.positions, self.logits = tokens, positions, logits
+
+
+class DecodeGraphs:
+    """The decode graphs of one model over one KV cache (graphs bind the cache's tensors)."""
+
+    def __init__(self, model, kv: PagedKVCache, buckets: tuple[int, ...] = BUCKETS):
+        if kv.scratch_blocks is None:
+            raise ValueError("decode graphs need a KV cache with scratch blocks (make it with model.make_kv_cache)")
+        self.model, self.kv, self.buckets = model, kv, buckets
+        self.pool = torch.cuda.graph_pool_handle()
+        self.workspaces: dict = {}
+        self.max_pages = {g: kv.k[kv.layer_groups.index(g)].shape[0] for g in set(kv.layer_groups)}
+        self.captured: dict[int, _Captured] = {}
+
+    def fits(self, batch: ForwardBatch) -> bool:
+        return batch.num_seqs <= self.buckets[-1] and is_decode(batch)
+
+    def bucket(self, num_seqs: int) -> int:
+        return next(b for b in self.buckets if b >= num_seqs)
+
+    def __call__(self, batch: ForwardBatch) -> torch.Tensor:
+        """Logits [num_seqs, vocab] float32 of a decode step; a view valid until the next step."""
+        n = batch.num_seqs
+        b = self.bucket(n)
+        step = self.captured.get(b) or self._capture(b)
+        step.attention.plan(batch, self.model.attention_keys, self.kv.scratch_blocks)
+        step.tokens.copy_(_padded(batch.token_ids, b), non_blocking=True)
+        step.positions.copy_(_padded(batch.positions, b), non_blocking=True)
+        step.graph.replay()
+        return step.logits[:n]
+
+    def _capture(self, b: int) -> _Captured:
+        from kernels.attention import SinkAttention
+
+        m = self.model
+        c = m.config
+        dev = m.device
+        attention = SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.kv.block_size,
+                                  m.dtype, dev, graph_batch=b, max_pages=self.max_pages, workspaces=self.workspaces)
+        # plan a step of padding rows only: capture needs valid metadata, not real sequences
+        empty = ForwardBatch(token_ids=torch.zeros(0, dtype=torch.long), positions=torch.zeros(0, dtype=torch.long),
+                             query_lens=[], context_lens=[], block_tables={g: [] for g in GROUPS})
+        attention.plan(empty, m.attention_keys, self.kv.scratch_blocks)
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        positions = torch.zeros(b, dtype=torch.long, device=dev)
+        # one eager run first on a side stream: compiles kernels and makes lazy handles outside the capture
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            m.decode_logits(tokens, positions, attention, self.kv)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = m.decode_logits(tokens, positions, attention, self.kv)
+        step = _Captured(graph, attention, tokens, positions, logits)
+        self.captured[b] = step
+        return step
+
+
+def _padded(values: torch.Tensor, size: int) -> torch.Tensor:
+    """values [n] int64 (CPU) followed by zeros up to size."""
+    out = torch.zeros(size, dtype=torch.long)
+    out[: values.numel()] = values
+    return out

@@ -154,8 +154,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    # the same torch threads as the mesh's worker gets from the launcher
+    from services.worker.main import reuse_freed_memory
+
+    # the same torch threads and allocator settings as the mesh's worker
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or worker_threads(1)))
+    if settings.device == "cpu":
+        reuse_freed_memory()
     print(f"in process: {settings.model_path}, {torch.get_num_threads()} torch threads", file=sys.stderr)
     engine = AsyncEngine(Engine.from_settings(settings))
     local: dict[int, Run] = {}

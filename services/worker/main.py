@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import socket
@@ -251,9 +252,30 @@ class WorkerService:
 
 
 # ---------------------------------------------------------------- rose worker
+def reuse_freed_memory() -> bool:
+    """Have glibc serve big allocations from its heap instead of fresh mappings; False off glibc.
+
+    A CPU step allocates several [seqs, vocab] float32 tensors (64 x 201,088 is 51 MB:
+    the logits, the sampler's weights). glibc maps anything above its 32 MiB ceiling
+    fresh and unmaps it on free, so each one is zero-filled page by page on first
+    touch: ~30 ms apiece on the 2-core box, a third of a 64-sequence step
+    (docs/BENCHMARKS.md, Mesh overhead). With mmap off and trimming above 1 GiB the
+    freed blocks are reused; the heap keeps its high-water mark.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def main(settings: Settings, args: argparse.Namespace | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     setup_tracing("worker", settings)
+    if settings.device == "cpu" and not reuse_freed_memory():
+        log.info("not glibc: big CPU tensors are mapped afresh each step")
     try:
         engine = Engine.from_settings(settings)
     except (OSError, ValueError) as exc:  # CheckpointError is a ValueError

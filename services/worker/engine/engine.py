@@ -216,7 +216,7 @@ class Engine:
         rows = [i for i, c in enumerate(chunks) if c.completes]
         if not rows:
             return
-        finite = torch.isfinite(logits[rows]).all(dim=-1).tolist()
+        finite = _finite_rows(logits if len(rows) == logits.shape[0] else logits[rows])
         good = [i for i, ok in zip(rows, finite) if ok]
         for i, ok in zip(rows, finite):
             if not ok:
@@ -226,7 +226,7 @@ class Engine:
         seqs = [chunks[i].seq for i in good]
         try:
             sampled = sample(
-                logits[good],
+                logits if len(good) == logits.shape[0] else logits[good],
                 [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs],
                 self.generator,
             )
@@ -316,6 +316,21 @@ class Engine:
     def drain_kv_events(self) -> tuple[list[int], list[int]]:
         """(stored, removed) prefix-block hashes since the last call, for the scheduler's index."""
         return self.blocks.drain_kv_events()
+
+
+def _finite_rows(logits: torch.Tensor) -> list[bool]:
+    """Whether each row of logits [rows, vocab] is all finite.
+
+    A non-finite value makes its row's sum non-finite, so one summing pass settles
+    every row but those whose sum is not finite (a NaN/inf, or finite values that
+    overflowed the sum): only they get the exact test.
+    """
+    finite = torch.isfinite(logits.sum(dim=-1))
+    if bool(finite.all()):
+        return finite.tolist()
+    unsure = (~finite).nonzero().squeeze(1)
+    finite[unsure] = torch.isfinite(logits[unsure]).all(dim=-1)
+    return finite.tolist()
 
 
 def _eos_token_ids(path: str, config) -> list[int]:

@@ -2,9 +2,11 @@
 
 Order per row: penalties (repetition over prompt and output, frequency and presence
 over output) -> greedy argmax when temperature is 0 -> temperature -> top_k ->
-top_p and min_p over what top_k kept -> a draw. Draws use the exponential race
-(argmax of probs / Exp(1) noise) so a seeded request reads only its own generator:
-the same seed gives the same tokens whatever else is in the batch.
+top_p and min_p over what top_k kept -> a draw. A seeded request draws by the
+exponential race (argmax of probs / Exp(1) noise, one draw per vocabulary column)
+from its own generator: the same seed gives the same tokens whatever else is in the
+batch. Requests without a seed draw from the engine's stream by inverse CDF, one
+uniform per row: the same distribution without 201k exponential draws per token.
 
 Logprobs are the raw model's: log_softmax of the logits before penalties,
 temperature and truncation (vLLM's default), so they do not depend on the sampling
@@ -24,6 +26,7 @@ from shared.protocol import SamplingParams
 # Below this a temperature means greedy (as in vLLM): dividing by it overflows.
 GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+CDF_CHUNK = 1024  # columns summed in order per row when drawing from the shared stream
 
 
 def check_params(params: SamplingParams, vocab_size: int) -> None:
@@ -99,36 +102,34 @@ class SamplingRow:
 def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None = None) -> SampledTokens:
     """Pick the next token of each row.
 
-    logits: [rows, vocab] float32, the model's last-token logits.
+    logits: [rows, vocab] float32, the model's last-token logits (not modified).
     generator: the stream of rows without a seed.
     """
     logits = logits.float()
     raw_logprobs = _raw_logprobs(logits, rows)
-    logits = _apply_penalties(logits.clone(), rows)
+    if any(_has_penalty(r) for r in rows):
+        logits = _apply_penalties(logits.clone(), rows)
 
     temperatures = [r.params.temperature for r in rows]
-    greedy = [t < GREEDY_TEMPERATURE for t in temperatures]
+    greedy = [i for i, t in enumerate(temperatures) if t < GREEDY_TEMPERATURE]
+    seeded = [i for i, t in enumerate(temperatures) if t >= GREEDY_TEMPERATURE and rows[i].generator is not None]
+    shared = [i for i, t in enumerate(temperatures) if t >= GREEDY_TEMPERATURE and rows[i].generator is None]
     chosen = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    if any(greedy):
-        idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
-        chosen[idx] = logits[idx].argmax(dim=-1)
-    drawn = [i for i, g in enumerate(greedy) if not g]
-    if drawn:
-        idx = torch.tensor(drawn, device=logits.device)
-        temps = torch.tensor([temperatures[i] for i in drawn], dtype=logits.dtype, device=logits.device)
-        scaled = _truncate(logits[idx] / temps[:, None], [rows[i].params for i in drawn])
-        probs = torch.softmax(scaled, dim=-1)
+    if greedy:
+        _put(chosen, greedy, _rows(logits, greedy).argmax(dim=-1))
+    if seeded:
+        probs = torch.softmax(_scaled(logits, seeded, rows), dim=-1)
         noise = torch.empty_like(probs)
-        shared = [j for j, i in enumerate(drawn) if rows[i].generator is None]
-        if shared:
-            noise[shared] = torch.empty((len(shared), probs.shape[-1]), dtype=probs.dtype,
-                                        device=probs.device).exponential_(generator=generator)
-        for j, i in enumerate(drawn):
-            if rows[i].generator is not None:  # a seeded row reads only its own stream
-                noise[j].exponential_(generator=rows[i].generator)
+        for j, i in enumerate(seeded):  # a seeded row reads only its own stream
+            noise[j].exponential_(generator=rows[i].generator)
         # An exact 0 draw would make 0/0 = NaN on a masked token, and argmax picks NaN.
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        chosen[idx] = (probs / noise).argmax(dim=-1)
+        _put(chosen, seeded, (probs / noise).argmax(dim=-1))
+    if shared:
+        weights = _scaled(logits, shared, rows)
+        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # softmax without the division
+        uniform = torch.rand(len(shared), dtype=torch.float64, device=logits.device, generator=generator)
+        _put(chosen, shared, _inverse_cdf(weights, uniform))
 
     token_ids = chosen.tolist()
     logprobs: list[float | None] = [None] * len(rows)
@@ -171,16 +172,85 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Mask (-inf) tokens outside top_k, then outside top_p / below min_p of the rest.
+def _has_penalty(row: SamplingRow) -> bool:
+    p = row.params
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
 
-    logits: [rows, vocab] float32, already divided by the temperature.
+
+def _rows(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """logits[idx]; the tensor itself (no copy) when idx is every row in order."""
+    if len(idx) == logits.shape[0]:
+        return logits
+    return logits[torch.tensor(idx, device=logits.device)]
+
+
+def _put(chosen: torch.Tensor, idx: list[int], values: torch.Tensor) -> None:
+    if len(idx) == chosen.shape[0]:
+        chosen.copy_(values)
+    else:
+        chosen[torch.tensor(idx, device=chosen.device)] = values
+
+
+def _scaled(logits: torch.Tensor, idx: list[int], rows: list[SamplingRow]) -> torch.Tensor:
+    """A new [len(idx), vocab] float32: those rows over their temperature, truncated."""
+    temps = torch.tensor([rows[i].params.temperature for i in idx], dtype=logits.dtype, device=logits.device)
+    return _truncate(_rows(logits, idx) / temps[:, None], [rows[i].params for i in idx])
+
+
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The column of each row where its cumulative weight passes uniform x the row's total.
+
+    weights: [rows, vocab] float32 >= 0 (unnormalised probabilities), each row with
+    some positive weight; uniform: [rows] float64 in [0, 1). Returns [rows] int64.
+    Exact sampling from weights / sum with one draw per row, in two levels: the row's
+    chunk of CDF_CHUNK columns from the chunk totals, then the column inside that chunk
+    from its running sum in float64.
     """
+    n, vocab = weights.shape
+    full = vocab // CDF_CHUNK
+    totals = []
+    if full:
+        totals.append(weights.unfold(1, CDF_CHUNK, CDF_CHUNK).sum(dim=-1))  # [rows, full]
+    if vocab > full * CDF_CHUNK:
+        totals.append(weights[:, full * CDF_CHUNK:].sum(dim=-1, keepdim=True))
+    chunk_totals = torch.cat(totals, dim=1).double()  # [rows, chunks]
+    chunk_cdf = chunk_totals.cumsum(dim=1)
+    total = chunk_cdf[:, -1]
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))  # under the last step
+    chunk = torch.searchsorted(chunk_cdf, target[:, None], right=True).clamp_(max=chunk_cdf.shape[1] - 1)
+    # where the draw falls inside its chunk, as a fraction of the chunk's total
+    inside_chunk = (target - (chunk_cdf.gather(1, chunk).squeeze(1) - chunk_totals.gather(1, chunk).squeeze(1)))
+    fraction = (inside_chunk / chunk_totals.gather(1, chunk).squeeze(1)).clamp_(0.0, 1.0)
+    start = chunk.squeeze(1) * CDF_CHUNK
+    columns = start[:, None] + torch.arange(CDF_CHUNK, device=weights.device)[None, :]
+    cdf = weights.gather(1, columns.clamp(max=vocab - 1)).double().masked_fill_(columns >= vocab, 0.0).cumsum_(dim=1)
+    last = cdf[:, -1]
+    target = torch.minimum(fraction * last, torch.nextafter(last, torch.zeros_like(last)))
+    return start + torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
+
+
+def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask (-inf) tokens outside top_k, then outside top_p / below min_p, in the rows that ask.
+
+    logits: [rows, vocab] float32, already divided by the temperature; returned, or a
+    new tensor when some row truncates.
+    """
+    need = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0]
+    if not need:
+        return logits
+    if len(need) == len(params):
+        return _truncate_rows(logits, params)
+    logits = logits.clone()
+    idx = torch.tensor(need, device=logits.device)
+    logits[idx] = _truncate_rows(logits[idx], [params[j] for j in need])
+    return logits
+
+
+def _truncate_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """_truncate for rows that all ask for some truncation: a new tensor."""
     top_k = [p.top_k if p.top_k > 0 else 0 for p in params]
     top_p = [p.top_p for p in params]
     min_p = [p.min_p for p in params]
-    if not any(top_k) and all(v >= 1.0 for v in top_p) and not any(min_p):
-        return logits
     vocab = logits.shape[-1]
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.worker.engine.errors import EngineInputError
-from services.worker.engine.sampler import SamplingRow, check_params, make_generator, sample
+from services.worker.engine.sampler import CDF_CHUNK, SamplingRow, check_params, make_generator, sample
 from shared.protocol import SamplingParams
 
 VOCAB = 8
@@ -50,6 +50,29 @@ def test_draws_follow_the_softmax_distribution():
     assert torch.allclose(counts, probs, atol=0.03), (counts, probs)
 
 
+def test_unseeded_draws_over_a_vocabulary_of_many_chunks_follow_the_softmax():
+    # mass in the first chunk, in a middle chunk and in the short last chunk, the rest ~0
+    vocab = 3 * CDF_CHUNK + 37
+    logits = torch.full((1, vocab), -40.0)
+    hot = [0, 5, CDF_CHUNK + 17, 2 * CDF_CHUNK - 1, 3 * CDF_CHUNK + 36]
+    logits[0, hot] = torch.tensor([1.0, 0.0, 0.5, -0.5, 0.8])
+    before = logits.clone()
+    n = 4000
+    out = sample(logits.expand(n, vocab), [row() for _ in range(n)], torch.Generator().manual_seed(3))
+    assert torch.equal(logits, before)
+    counts = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).float() / n
+    assert set(out.token_ids) <= set(hot)
+    assert torch.allclose(counts[hot], torch.softmax(logits[0], -1)[hot], atol=0.03), counts[hot]
+
+
+def test_unseeded_draws_never_pick_a_masked_token():
+    vocab = 2 * CDF_CHUNK
+    logits = torch.randn(64, vocab, generator=torch.Generator().manual_seed(4))
+    out = sample(logits, [row(top_k=3) for _ in range(64)], torch.Generator().manual_seed(5))
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(t in top3[i].tolist() for i, t in enumerate(out.token_ids))
+
+
 def test_top_k_and_top_p_restrict_the_support():
     logits = logits_of([3.0, 2.9, 2.8, 2.7, 0, 0, 0, 0])
     n = 400
@@ -86,6 +109,15 @@ def test_seed_reproducible_and_independent_of_the_batch():
     assert sequence_alone == batched
     other_seed = row(seed=43)
     assert [sample(logits[1:2], [other_seed]).token_ids[0] for _ in range(20)] != sequence_alone
+
+
+def test_a_seeded_row_ignores_the_truncation_of_its_batch_mates():
+    logits = torch.randn(3, 4 * VOCAB, generator=torch.Generator().manual_seed(6))
+    alone = row(seed=11, temperature=1.2)
+    expected = [sample(logits[1:2], [alone]).token_ids[0] for _ in range(30)]
+    batched = row(seed=11, temperature=1.2)
+    got = [sample(logits, [row(top_p=0.3), batched, row(top_k=2, seed=step)]).token_ids[1] for step in range(30)]
+    assert got == expected
 
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():

@@ -197,54 +197,96 @@ def run_attention(batches: list[int], bw: float) -> list[dict]:
     return rows
 
 
-def run_experts(token_counts: list[int]) -> list[dict]:
-    """The MoE expert GEMMs (gate_up then down, 20b: 32 experts, top-4) by three paths.
+EXPERT_TOKENS = "1,8,64,256,4096"
+EXPERT_SETS = 4  # routings per timed graph: the touched experts differ call to call, as in decode
 
-    grouped: torch._grouped_mm over bf16 experts with device offsets (the cuda backend's path);
+
+def run_experts(token_counts: list[int]) -> list[dict]:
+    """The MoE expert GEMMs (gate_up then down, 20b: 32 experts, random top-4) by four paths.
+
+    mxfp4 triton: kernels/moe_mxfp4.py on the checkpoint's packed experts, bias fused, device offsets;
+    grouped: torch._grouped_mm over bf16 experts with device offsets (the cuda backend's path; its
+    bias add is a separate op and not timed here);
     loop: one cuBLAS matmul per expert (host sync on the counts: the eager reference);
-    mxfp4+grouped: the MXFP4 checkpoint experts dequantized every step, then grouped (what
+    mxfp4+grouped: the MXFP4 experts dequantized every step in torch eager, then grouped (what
     keeping experts packed costs without a fused MXFP4 GEMM).
-    Reported: time, TFLOP/s of the useful products, and the share of the copy ceiling the
-    active experts' bf16 weights would take to stream once.
+    Reported: time, TFLOP/s of the useful products, and the share of the copy ceiling of the
+    bytes each path must move: bf16 weights of the active experts for the bf16 paths;
+    for mxfp4 triton, their fp4 blocks + scales + bias plus the activations in and out.
     """
+    from kernels.moe_mxfp4 import grouped_mxfp4_linear
     from services.worker.model.cuda_moe import grouped_linear, grouped_linear_reference
     from services.worker.model.mxfp4 import dequantize, quantize
 
-    w_gu = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) / 50
-    w_d = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) / 50
-    q_gu, q_d = quantize(w_gu.float()), quantize(w_d.float())
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    w_gu, w_d = torch.randn(E, 2 * I, H, **bf) / 50, torch.randn(E, H, I, **bf) / 50
+    b_gu, b_d = torch.randn(E, 2 * I, **bf), torch.randn(E, H, **bf)
+    q_gu, q_d = quantize(w_gu.float()), quantize(w_d.float())  # [E, out, K/32, 16], [E, out, K/32]
     rows = []
     inputs = []  # every random input before any graph capture (an aborted capture upsets the RNG)
     for tokens in token_counts:
         n = tokens * K
-        counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
-        inputs.append((tokens, n, counts, torch.cumsum(counts, 0).to(torch.int32).cuda(),
-                       torch.randn(n, H, device="cuda", dtype=torch.bfloat16),
-                       torch.randn(n, I, device="cuda", dtype=torch.bfloat16)))
-    for tokens, n, counts, ends, xs, hs in inputs:
-        active = int((counts > 0).sum())
+        sets = []
+        for _ in range(EXPERT_SETS):
+            counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
+            offsets = torch.zeros(E + 1, dtype=torch.int32)
+            offsets[1:] = torch.cumsum(counts, 0)
+            sets.append((counts, offsets.cuda(), offsets[1:].cuda(), torch.randn(n, H, **bf), torch.randn(n, I, **bf)))
+        inputs.append((tokens, n, sets))
+    for tokens, n, sets in inputs:
+        active = sum(int((c > 0).sum()) for c, *_ in sets) / len(sets)
         flops = 2 * n * (2 * I * H + H * I)
         wbytes = active * (2 * I * H + H * I) * 2
+        # fp4 codes (half a byte) + one scale byte per 32 + bf16 bias, per active expert; activations
+        # x in, gate_up out, h in, down out
+        mx_bytes = active * ((2 * I * H + H * I) * (0.5 + 1 / 32) + (2 * I + H) * 2) + n * (H + 2 * I + I + H) * 2
 
-        def grouped():
-            grouped_linear(xs, w_gu, ends)
-            grouped_linear(hs, w_d, ends)
+        def paths(counts, offsets, ends, xs, hs):
+            def mxfp4_triton():
+                grouped_mxfp4_linear(xs, *q_gu, b_gu, offsets)
+                grouped_mxfp4_linear(hs, *q_d, b_d, offsets)
 
-        def loop():
-            grouped_linear_reference(xs, w_gu, ends)
-            grouped_linear_reference(hs, w_d, ends)
+            def grouped():
+                grouped_linear(xs, w_gu, ends)
+                grouped_linear(hs, w_d, ends)
 
-        def mxfp4():
-            grouped_linear(xs, dequantize(*q_gu, torch.bfloat16), ends)
-            grouped_linear(hs, dequantize(*q_d, torch.bfloat16), ends)
+            def loop():
+                grouped_linear_reference(xs, w_gu, ends)
+                grouped_linear_reference(hs, w_d, ends)
 
-        for name, fn in (("grouped", grouped), ("loop", loop), ("mxfp4+grouped", mxfp4)):
-            t, how = measure([fn])
+            def mxfp4_grouped():
+                grouped_linear(xs, dequantize(*q_gu, torch.bfloat16), ends)
+                grouped_linear(hs, dequantize(*q_d, torch.bfloat16), ends)
+
+            return {"mxfp4 triton": mxfp4_triton, "grouped": grouped, "loop": loop, "mxfp4+grouped": mxfp4_grouped}
+
+        fns = [paths(*s) for s in sets]
+        times = {}
+        for name in fns[0]:
+            sets_of = [f[name] for f in fns] if name in ("mxfp4 triton", "grouped") else [fns[0][name]]
+            times[name] = measure(sets_of)
+        for name, (t, how) in times.items():
+            nbytes = mx_bytes if name == "mxfp4 triton" else wbytes
             row = {"kernel": f"experts {name}", "tokens": tokens, "us": t * 1e6, "how": how,
-                   "tflops": flops / t / 1e12, "weight_bw_pct": 100 * wbytes / t / COPY_BW[0]}
+                   "tflops": flops / t / 1e12, "weight_bw_pct": 100 * nbytes / t / COPY_BW[0]}
+            if name == "mxfp4 triton":
+                row["x_grouped"] = times["grouped"][0] / t
+                row["x_dequant"] = times["mxfp4+grouped"][0] / t
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
+
+
+def expert_table(rows: list[dict]) -> str:
+    """The expert GEMM rows: speedups of the MXFP4 kernel over the bf16 grouped path and over
+    dequantize-then-grouped in eager."""
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["| path | tokens | time (us) | timed by | TFLOP/s | % copy BW | x grouped bf16 | x dequant+grouped |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | {r['tflops']:.1f} | "
+                     f"{r['weight_bw_pct']:.0f} | {fmt(r.get('x_grouped'))} | {fmt(r.get('x_dequant'))} |")
+    return "\n".join(lines)
 
 
 COPY_BW = [0.0]
@@ -287,7 +329,7 @@ def run_model(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> list[dict]:
 
 
 def run(token_counts: list[int], attention: bool = False, kernels: bool = True, experts: bool = False,
-        model: bool = False) -> list[dict]:
+        model: bool = False, expert_tokens: list[int] | None = None) -> list[dict]:
     bw_torch, bw_vec = copy_bandwidth()
     bw = max(bw_torch, bw_vec)
     COPY_BW[0] = bw
@@ -298,7 +340,7 @@ def run(token_counts: list[int], attention: bool = False, kernels: bool = True, 
     if attention:
         rows += run_attention([1, 64], bw)
     if experts:
-        rows += run_experts(token_counts)
+        rows += run_experts(expert_tokens or token_counts)
     if model:
         rows += run_model()
     for tokens in token_counts if kernels else []:
@@ -332,9 +374,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| kernel | tokens | time (us) | timed by | % copy BW | x eager | x compile | x quack |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        if "tflops" in r:
-            lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | "
-                         f"{r['tflops']:.1f} TFLOP/s, weights {r['weight_bw_pct']:.0f}% | - | - | - |")
+        if "tflops" in r:  # expert GEMMs: expert_table
             continue
         bw_pct = f"{r['bw_pct']:.0f}" if "bw_pct" in r else "-"
         lines.append(f"| {r['kernel']} | {r['tokens']} | {r['us']:.1f} | {r['how']} | {bw_pct} | "
@@ -348,15 +388,19 @@ def main() -> None:
     parser.add_argument("--json", default="")
     parser.add_argument("--attention", action="store_true", help="also time FlashInfer decode attention")
     parser.add_argument("--experts", action="store_true", help="also time the MoE expert GEMM paths")
+    parser.add_argument("--expert-tokens", default=EXPERT_TOKENS, help="token counts of the --experts rows")
     parser.add_argument("--model", action="store_true", help="also time a 2-layer 20b-shaped model step")
     parser.add_argument("--no-kernels", action="store_true", help="skip the CuTeDSL kernels")
     args = parser.parse_args()
     rows = run([int(t) for t in args.tokens.split(",")], attention=args.attention, kernels=not args.no_kernels,
-               experts=args.experts, model=args.model)
+               experts=args.experts, model=args.model,
+               expert_tokens=[int(t) for t in args.expert_tokens.split(",")])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     print(table(rows))
+    if args.experts:
+        print(expert_table([r for r in rows if "tflops" in r]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,263 @@
+"""Grouped MoE expert GEMM on MXFP4 weights (Triton): y = x W_e^T + b_e per expert group.
+
+    x       [N, K]              bf16   rows grouped by expert (rows offsets[e]:offsets[e+1] -> expert e)
+    blocks  [E, out, K/32, 16]  uint8  the checkpoint's packed e2m1 codes (even element in the low nibble)
+    scales  [E, out, K/32]      uint8  e8m0 exponents (value = code * 2**(scale - 127))
+    bias    [E, out]            bf16
+    offsets [E+1]               int32  on the device
+    y       [N, out]            bf16
+
+Hopper has no FP4 tensor cores, so the weights are a weight-only format: each program
+loads a [BK/2, BN] tile of packed bytes and its [BN, BK/32] scales, widens them to bf16
+in registers and multiplies with bf16 activations on the tensor cores, accumulating in
+float32. On the GPU the widening is `tl.dot_scaled` (Triton's own fp4 -> bf16 upcast);
+`dot_scaled=False` widens with plain integer/float ops instead (the path Triton's CPU
+interpreter can run, and a fallback).
+
+No host synchronisation: the grid is (cdiv(N, BM) + E, cdiv(out, BN)), enough M tiles for
+any split of N rows into E groups (sum_e cdiv(n_e, BM) <= N/BM + E). Each program reads
+the E+1 offsets, counts every expert's tiles, and finds the expert whose tile range
+holds its program id; programs past the last tile return at once. So the launch is
+fixed for a given (N, E, out, K) and the step can be captured in a CUDA graph.
+
+Under TRITON_INTERPRET=1 the same kernel runs on CPU tensors in Triton's interpreter (slow;
+for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from services.worker.model.mxfp4 import BYTES_PER_BLOCK, VALUES_PER_SCALE, dequantize
+
+try:  # optional: importing this module must work where Triton is absent (CPU CI, macOS)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = tl = None
+
+# Triton reads TRITON_INTERPRET when it decorates: then every kernel runs on the CPU.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One launch shape: rows x outputs x reduction per program, warps, pipeline depth."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool = False  # compute (W x^T)^T: weight rows on the MMA's wide side, for few rows
+
+
+# Keyed by N (routed rows, i.e. tokens * top-k): the first entry whose bound holds.
+# Decode (N <= ~1024) is bound by streaming the touched experts' weights: small BM (the
+# smallest MMA tile) wastes no weight bytes on padding and many narrow programs keep
+# enough loads in flight. Prefill is bound by the tensor cores: wide tiles reuse each
+# dequantized weight tile over many rows.
+TILE_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
+    (64, TileConfig(16, 64, 128, 4, 4)),
+    (1024, TileConfig(16, 64, 128, 4, 4)),
+    (8192, TileConfig(64, 128, 128, 8, 3)),
+    (1 << 62, TileConfig(128, 128, 128, 8, 3)),
+)
+
+
+def tile_config(n_rows: int) -> TileConfig:
+    """The tile config for N routed rows (TILE_CONFIGS' first bound >= N)."""
+    for bound, config in TILE_CONFIGS:
+        if n_rows <= bound:
+            return config
+    return TILE_CONFIGS[-1][1]
+
+
+def grouped_mxfp4_linear_reference(
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Plain torch (host sync on offsets): dequantize each expert, matmul in float32.
+
+    x [N, K] bf16; blocks [E, out, K/32, 16] uint8; scales [E, out, K/32] uint8; bias [E, out];
+    offsets [E+1] int -> [N, out] in x's dtype.
+    """
+    out = torch.zeros(x.shape[0], blocks.shape[1], dtype=torch.float32, device=x.device)
+    bounds = offsets.tolist()
+    for e in range(blocks.shape[0]):
+        start, end = bounds[e], bounds[e + 1]
+        if end > start:
+            w = dequantize(blocks[e], scales[e], torch.float32)  # [out, K]
+            out[start:end] = x[start:end].float() @ w.T + bias[e].float()
+    return out.to(x.dtype)
+
+
+def _check(x, blocks, scales, bias, offsets, out):
+    if triton is None:
+        raise ImportError("grouped_mxfp4_linear needs Triton: pip install triton (it ships with CUDA torch)")
+    n, k = x.shape
+    e, n_out = blocks.shape[:2]
+    if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError(f"x must be contiguous bf16 [N, K], got {x.dtype} {tuple(x.shape)}")
+    if k % VALUES_PER_SCALE:
+        raise ValueError(f"K must be a multiple of {VALUES_PER_SCALE}, got {k}")
+    groups = k // VALUES_PER_SCALE
+    if blocks.dtype != torch.uint8 or tuple(blocks.shape) != (e, n_out, groups, BYTES_PER_BLOCK):
+        raise ValueError(f"blocks must be uint8 [E, out, {groups}, {BYTES_PER_BLOCK}], got {blocks.dtype} "
+                         f"{tuple(blocks.shape)}")
+    if scales.dtype != torch.uint8 or tuple(scales.shape) != (e, n_out, groups):
+        raise ValueError(f"scales must be uint8 [E, out, {groups}], got {scales.dtype} {tuple(scales.shape)}")
+    if tuple(bias.shape) != (e, n_out):
+        raise ValueError(f"bias must be [E, out] = [{e}, {n_out}], got {tuple(bias.shape)}")
+    if offsets.dtype != torch.int32 or tuple(offsets.shape) != (e + 1,):
+        raise ValueError(f"offsets must be int32 [E+1] = [{e + 1}], got {offsets.dtype} {tuple(offsets.shape)}")
+    for name, t in (("blocks", blocks), ("scales", scales), ("bias", bias), ("offsets", offsets)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}")
+    if out is not None and (tuple(out.shape) != (n, n_out) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous {x.dtype} [{n}, {n_out}]")
+
+
+def grouped_mxfp4_linear(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor,
+    offsets: torch.Tensor,
+    out: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+    dot_scaled: bool | None = None,
+) -> torch.Tensor:
+    """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e].
+
+    x [N, K] bf16 (contiguous); blocks [E, out, K/32, 16] uint8; scales [E, out, K/32] uint8;
+    bias [E, out] bf16; offsets [E+1] int32 on x's device -> [N, out] bf16. Rows outside
+    offsets[0]:offsets[E] are left unwritten. `config` overrides the tile table (tile_config(N));
+    `dot_scaled` picks the widening (default: tl.dot_scaled on CUDA, plain ops elsewhere).
+    """
+    _check(x, blocks, scales, bias, offsets, out)
+    n, k = x.shape
+    num_experts, n_out = blocks.shape[:2]
+    y = torch.empty(n, n_out, dtype=x.dtype, device=x.device) if out is None else out
+    if n == 0:
+        return y
+    cfg = tile_config(n) if config is None else config
+    if dot_scaled is None:
+        dot_scaled = x.is_cuda
+    grid = (triton.cdiv(n, cfg.block_m) + num_experts, triton.cdiv(n_out, cfg.block_n))
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError("grouped_mxfp4_linear on CPU tensors runs only under Triton's interpreter "
+                           "(TRITON_INTERPRET=1 set before triton is imported)")
+    _grouped_mxfp4_kernel[grid](
+        x, blocks, scales, bias, offsets, y, N_OUT=n_out, K=k,
+        NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
+        BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0, DOT_SCALED=dot_scaled,
+        SWAP_AB=cfg.swap_ab, INTERPRETED=_INTERPRETED,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_mxfp4_kernel(
+        x_ptr, blocks_ptr, scales_ptr, bias_ptr, offsets_ptr, y_ptr, N_OUT: tl.constexpr, K: tl.constexpr,
+        NUM_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT_SCALED: tl.constexpr,
+        SWAP_AB: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+
+        # which expert's M tile is pid_m: count each expert's tiles from the device offsets
+        e = tl.arange(0, EXPERTS_POW2)
+        real = e < NUM_EXPERTS
+        starts = tl.load(offsets_ptr + e, mask=real, other=0)
+        ends = tl.load(offsets_ptr + e + 1, mask=real, other=0)
+        tiles = (ends - starts + BM - 1) // BM
+        last = tl.cumsum(tiles, 0)  # one past each expert's last tile
+        # experts whose tiles all end at or before pid_m come before ours (empty ones too)
+        expert = tl.sum((last <= pid_m).to(tl.int32), 0)
+        if expert >= NUM_EXPERTS:  # past the last tile
+            return
+        mine = e == expert
+        first_tile = tl.sum(tl.where(mine, last - tiles, 0), 0)
+        row_end = tl.sum(tl.where(mine, ends, 0), 0)
+        rows = tl.sum(tl.where(mine, starts, 0), 0) + (pid_m - first_tile) * BM + tl.arange(0, BM)
+        cols = pid_n * BN + tl.arange(0, BN)
+
+        # loads wrap rows and columns into range instead of masking (the stores are masked):
+        # unmasked M/N loads stay vectorised
+        rows_in = tl.minimum(rows, row_end - 1)
+        cols_in = cols % N_OUT
+        KB = K // 2  # packed bytes per weight row
+        KG = K // 32  # scale groups per weight row
+        expert = expert.to(tl.int64)  # E * out * K/2 can pass 2**31 (120b gate_up: 1.06e9 bytes)
+        k_x = tl.arange(0, BK)
+        k_w = tl.arange(0, BK // 2)
+        k_s = tl.arange(0, BK // 32)
+        w_base = blocks_ptr + expert * N_OUT * KB
+        s_tile = scales_ptr + expert * N_OUT * KG + cols_in[:, None] * KG + k_s[None, :]  # [BN, BK/32]
+        if SWAP_AB:  # acc^T = W x^T: the weight rows are the MMA's M side (wgmma wants M >= 64)
+            x_tile = x_ptr + rows_in[None, :].to(tl.int64) * K + k_x[:, None]  # [BK, BM]
+            w_tile = w_base + cols_in[:, None] * KB + k_w[None, :]  # [BN, BK/2]
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            x_tile = x_ptr + rows_in[:, None].to(tl.int64) * K + k_x[None, :]  # [BM, BK]
+            w_tile = w_base + cols_in[None, :] * KB + k_w[:, None]  # [BK/2, BN]
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if EVEN_K:
+                a = tl.load(x_tile)  # bf16
+                w = tl.load(w_tile)  # uint8, two codes a byte along K
+                s = tl.load(s_tile)  # uint8
+            else:
+                x_in, w_in = k0 + k_x < K, k0 // 2 + k_w < KB
+                s = tl.load(s_tile, mask=(k0 // 32 + k_s < KG)[None, :], other=0)
+                if SWAP_AB:
+                    a = tl.load(x_tile, mask=x_in[:, None], other=0.0)
+                    w = tl.load(w_tile, mask=w_in[None, :], other=0)
+                else:
+                    a = tl.load(x_tile, mask=x_in[None, :], other=0.0)
+                    w = tl.load(w_tile, mask=w_in[:, None], other=0)
+            if DOT_SCALED:
+                if SWAP_AB:
+                    acc = tl.dot_scaled(w, s, "e2m1", a, None, "bf16", acc, fast_math=True)
+                else:
+                    acc = tl.dot_scaled(a, None, "bf16", w, s, "e2m1", acc, fast_math=True)
+            else:
+                if SWAP_AB:
+                    w = tl.trans(w)  # [BK/2, BN]
+                codes = tl.join(w & 0xF, w >> 4)  # [BK/2, BN, 2]: the low nibble is the even k
+                codes = tl.permute(codes, (0, 2, 1)).reshape(BK, BN).to(tl.int32)
+                magnitude = codes & 7
+                # e2m1 with exponent field >= 1 is 2**(e-1) * (1 + m/2): its 3 bits shifted into
+                # float32 with exponent bias 126; exponent field 0 (codes 0, 1) is 0 or 0.5
+                normal = ((magnitude << 22) + (126 << 23)).to(tl.float32, bitcast=True)
+                value = tl.where(magnitude < 2, magnitude.to(tl.float32) * 0.5, normal)
+                value = tl.where((codes & 8) != 0, -value, value)
+                # 2**(s - 127) from its float32 bits (s == 0 gives 0, not 2**-127: far below bf16 here)
+                factor = (tl.trans(s).to(tl.int32) << 23).to(tl.float32, bitcast=True)  # [BK/32, BN]
+                factor = tl.broadcast_to(factor[:, None, :], (BK // 32, 32, BN)).reshape(BK, BN)
+                wide = (value * factor).to(tl.bfloat16)  # [BK, BN]
+                if INTERPRETED:  # Triton 3.6's interpreter multiplies bf16's raw uint16 bits in tl.dot
+                    a = a.to(tl.float32)
+                    wide = wide.to(tl.float32)
+                if SWAP_AB:
+                    acc = tl.dot(tl.trans(wide), a, acc)
+                else:
+                    acc = tl.dot(a, wide, acc)
+            x_tile += BK
+            w_tile += BK // 2
+            s_tile += BK // 32
+        if SWAP_AB:
+            acc = tl.trans(acc)  # [BM, BN]
+
+        acc += tl.load(bias_ptr + expert * N_OUT + cols_in).to(tl.float32)[None, :]
+        keep = (rows < row_end)[:, None] & (cols < N_OUT)[None, :]
+        tl.store(y_ptr + rows[:, None].to(tl.int64) * N_OUT + cols[None, :], acc.to(tl.bfloat16), mask=keep)

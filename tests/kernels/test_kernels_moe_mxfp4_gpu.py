@@ -1,0 +1,91 @@
+"""The MXFP4 grouped expert GEMM (Triton) against its torch reference at gpt-oss shapes (GPU only)."""
+
+import pytest
+import torch
+
+from kernel_checks import poisoned, rel_err
+
+pytestmark = pytest.mark.gpu
+
+TOL = 1e-2
+HIDDEN = 2880  # K of both projections, and out of down (gpt-oss-20b and -120b alike)
+ROWS = [1, 4, 37, 256, 4096]  # routed rows N = tokens * top-k: one row, odd, decode, prefill
+
+
+def random_mxfp4(experts: int, n_out: int, k: int):
+    """Random packed experts: any byte is a valid pair of e2m1 codes; scales 2**-7 .. 2**-3 keep
+    outputs O(1). -> blocks [E, out, k/32, 16] uint8, scales [E, out, k/32] uint8, bias [E, out] bf16."""
+    blocks = torch.randint(0, 256, (experts, n_out, k // 32, 16), dtype=torch.uint8, device="cuda")
+    scales = torch.randint(120, 125, (experts, n_out, k // 32), dtype=torch.uint8, device="cuda")
+    bias = torch.randn(experts, n_out, device="cuda").to(torch.bfloat16)
+    return blocks, scales, bias
+
+
+def expert_offsets(rows: int, experts: int, split: str) -> torch.Tensor:
+    """[E+1] int32 on the device: rows split at random ('random'), among a quarter of the
+    experts (the rest empty: 'sparse'), or all in one expert ('one')."""
+    if split == "one":
+        counts = torch.zeros(experts, dtype=torch.int64)
+        counts[torch.randint(experts, ()).item()] = rows
+    else:
+        pool = experts if split == "random" else max(1, experts // 4)
+        chosen = torch.randperm(experts)[:pool]
+        counts = torch.bincount(chosen[torch.randint(pool, (rows,))], minlength=experts)
+    offsets = torch.zeros(experts + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.cuda()
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("experts,n_out", [(32, 2 * HIDDEN), (32, HIDDEN), (128, 2 * HIDDEN), (128, HIDDEN)])
+@pytest.mark.parametrize("split", ["random", "sparse", "one"])
+@pytest.mark.parametrize("dot_scaled", [True, False])
+def test_grouped_mxfp4_linear(rows, experts, n_out, split, dot_scaled):
+    from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
+
+    blocks, scales, bias = random_mxfp4(experts, n_out, HIDDEN)
+    offsets = expert_offsets(rows, experts, split)
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    out = poisoned(rows, n_out)
+    y = grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, dot_scaled=dot_scaled)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel_err(y, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
+
+
+def test_grouped_mxfp4_linear_uneven_tiles():
+    """K and out not multiples of the tiles (masked K tail, wrapped columns)."""
+    from kernels.moe_mxfp4 import TileConfig, grouped_mxfp4_linear, grouped_mxfp4_linear_reference
+
+    experts, n_out, k, rows = 8, 200, 96 * 3, 45
+    blocks, scales, bias = random_mxfp4(experts, n_out, k)
+    offsets = expert_offsets(rows, experts, "random")
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    ref = grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)
+    for dot_scaled in (True, False):
+        out = poisoned(rows, n_out)
+        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=TileConfig(16, 64, 128, 4, 2),
+                             dot_scaled=dot_scaled)
+        assert rel_err(out, ref) <= TOL
+
+
+def test_grouped_mxfp4_linear_graph_replay():
+    """Captured once, replayed after the routing changed in place: the grid and the kernel
+    read nothing from the host, so the new offsets take effect."""
+    from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
+
+    experts, rows = 32, 64
+    blocks, scales, bias = random_mxfp4(experts, HIDDEN, HIDDEN)
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    offsets = expert_offsets(rows, experts, "random")
+    out = poisoned(rows, HIDDEN)
+    grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out)
+    for split in ("one", "sparse", "random"):
+        offsets.copy_(expert_offsets(rows, experts, split))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL

@@ -278,8 +278,10 @@ class GatewayHop(Hop):
                     async for line in response.aiter_lines():
                         if line.startswith("data: {") and self.run is not None:
                             chunk = json.loads(line[6:])
-                            if any(c.get("text") for c in chunk.get("choices", [])):
-                                self.count(chunk["id"], 1)
+                            # one "x" per token; a client that lags gets several in one chunk
+                            tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
+                            if tokens:
+                                self.count(chunk["id"], tokens)
 
             clients = [asyncio.create_task(client()) for _ in range(concurrency)]
             await until(lambda: len(self.requests) >= concurrency, "the gateway forwarded every request")

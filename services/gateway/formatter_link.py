@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -88,11 +89,33 @@ class RequestStream:
         self.request_id = request_id
         self.link = link
         self._pool = pool
-        self.queue: asyncio.Queue[Delta] = asyncio.Queue()
+        self._deltas: deque[Delta] = deque()
+        self._waiter: asyncio.Future | None = None
         self.closed = False
 
+    def put(self, delta: Delta) -> None:
+        self._deltas.append(delta)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
     async def next(self) -> Delta:
-        return await self.queue.get()
+        """The oldest Delta not yet taken, waiting for one if none is here."""
+        while not self._deltas:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._deltas.popleft()
+
+    def poll(self) -> Delta | None:
+        """The oldest Delta not yet taken, or None without waiting."""
+        return self._deltas.popleft() if self._deltas else None
+
+    def merge_queued(self, delta: Delta, merge) -> None:
+        """Fold the Deltas already queued behind `delta` into it while merge(delta, next) accepts."""
+        while self._deltas and merge(delta, self._deltas[0]):
+            self._deltas.popleft()
 
     def close(self, abort: bool) -> None:
         """Stop listening; with abort, tell the formatter to stop generating (safe when cancelled)."""
@@ -235,7 +258,7 @@ class FormatterPool:
         for request_id in list(link.inflight):
             stream = self.streams.get(request_id)
             if stream is not None:
-                stream.queue.put_nowait(Delta(request_id, error=why, status=503, finish_reason="error"))
+                stream.put(Delta(request_id, error=why, status=503, finish_reason="error"))
         link.inflight.clear()
 
     async def _resolve(self) -> None:
@@ -287,26 +310,44 @@ class FormatterPool:
             monitor.close(0)
 
     async def _read_loop(self, link: Link) -> None:
+        """A formatter's messages; one may carry several frames (the Deltas of one worker step)."""
         while True:
             try:
-                frame = await link.socket.recv()
+                batch = [await link.socket.recv_multipart()]
+                batch += _queued(link.socket)
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as exc:
                 log.warning("formatter %s receive failed: %s", link.address, exc)
                 return
-            try:
-                message = decode(frame)
-            except FrameError as exc:
-                log.warning("dropping a bad frame from formatter %s: %s", link.address, exc)
-                continue
             link.heard_at = time.monotonic()
-            if isinstance(message, Delta):
-                stream = self.streams.get(message.request_id)
-                if stream is not None and stream.link is link:
-                    stream.queue.put_nowait(message)
-            elif isinstance(message, Pong):
-                link.ready, link.models, link.workers = message.ready, list(message.models), message.workers
-                link.max_model_len = message.max_model_len
-            else:
-                log.warning("unexpected %s from formatter %s", type(message).__name__, link.address)
+            for parts in batch:
+                for frame in parts:
+                    self._on_frame(link, frame)
+
+    def _on_frame(self, link: Link, frame: bytes) -> None:
+        try:
+            message = decode(frame)
+        except FrameError as exc:
+            log.warning("dropping a bad frame from formatter %s: %s", link.address, exc)
+            return
+        if isinstance(message, Delta):
+            stream = self.streams.get(message.request_id)
+            if stream is not None and stream.link is link:
+                stream.put(message)
+        elif isinstance(message, Pong):
+            link.ready, link.models, link.workers = message.ready, list(message.models), message.workers
+            link.max_model_len = message.max_model_len
+        else:
+            log.warning("unexpected %s from formatter %s", type(message).__name__, link.address)
+
+
+def _queued(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[bytes]]:
+    """Messages already waiting on a socket, taken without going back to the event loop."""
+    out = []
+    for _ in range(limit):
+        got = sock.recv_multipart(flags=zmq.NOBLOCK)  # zmq.asyncio: an already finished future
+        if got.exception() is not None:
+            break
+        out.append(got.result())
+    return out

@@ -145,12 +145,18 @@ class Generation:
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise GenerationFailed(f"the request did not finish within {self.pool.settings.request_timeout:g}s", 504)
+            delta = self.stream.poll()  # one already here needs no timer
+            if delta is not None:
+                break
             try:
                 delta = await asyncio.wait_for(self.stream.next(), timeout=min(remaining, CLIENT_POLL_S) if watch_client else remaining)
                 break
             except asyncio.TimeoutError:
                 if watch_client and await self.request.is_disconnected():
                     raise GenerationFailed("the client closed the request", 499) from None
+        # Deltas already queued behind this one (the client is behind, or one worker step
+        # brought several): one chunk carries them, as vLLM coalesces when it lags.
+        self.stream.merge_queued(delta, merge_delta)
         if delta.error:
             raise GenerationFailed(delta.error, delta.status or 500)
         if not 0 <= delta.index < self.choices:
@@ -188,6 +194,27 @@ class Generation:
         self.span.set_attribute("http.status_code", self._status)
         self.span.set_attribute("rose.completion_tokens", usage["completion_tokens"])
         self.span.end()
+
+
+def merge_delta(into: Delta, later: Delta) -> bool:
+    """Append `later` to `into` when one chunk can say both in order; False (nothing changed) if not.
+
+    Only text of one choice merges: not an error, not tool calls, nothing after a
+    finish, and not reasoning after content (a chunk puts reasoning first).
+    """
+    if (later.index != into.index or into.finish_reason is not None or into.error or later.error
+            or into.tool_calls or later.tool_calls or (into.content and later.reasoning_content)):
+        return False
+    into.reasoning_content += later.reasoning_content
+    into.content += later.content
+    into.token_ids += later.token_ids
+    into.logprobs += later.logprobs
+    into.finish_reason = later.finish_reason
+    into.prompt_tokens = max(into.prompt_tokens, later.prompt_tokens)
+    into.completion_tokens = max(into.completion_tokens, later.completion_tokens)
+    into.reasoning_tokens = max(into.reasoning_tokens, later.reasoning_tokens)
+    into.cached_tokens = max(into.cached_tokens, later.cached_tokens)
+    return True
 
 
 def _abort_reason(status: int) -> str:

@@ -20,18 +20,45 @@ DONE = "data: [DONE]\n\n"
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def json_text(value) -> str:
+    """Compact JSON with no character that a line reader splits on."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def event(payload: dict) -> str:
-    return "data: " + json.dumps(payload, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS) + "\n\n"
+    return "data: " + json_text(payload) + "\n\n"
 
 
-def stream_response(gen: Generation, chunks: Callable[[Generation], AsyncIterator[dict]]) -> StreamingResponse:
-    """The SSE response for a started generation; an error midway becomes an error event."""
+class ChunkEvents:
+    """The chunk events of one streamed response, written as text around the choices.
+
+    `choices(text)` with the JSON text of the choices array's items gives the same
+    characters as `event({"id": ..., "object": ..., "created": ..., "model": ...,
+    "choices": [...], ("usage": None)})`, without building and encoding the dicts of
+    every chunk again.
+    """
+
+    def __init__(self, gen: Generation, object_name: str, include_usage: bool):
+        head = json_text({"id": gen.request_id, "object": object_name, "created": gen.created, "model": gen.model})
+        self._open = "data: " + head[:-1] + ',"choices":['
+        self._close = '],"usage":null}\n\n' if include_usage else "]}\n\n"
+
+    def choices(self, items: str) -> str:
+        return self._open + items + self._close
+
+    def usage(self, usage: dict) -> str:
+        """The last chunk of include_usage: no choices, the request's usage."""
+        return self._open + '],"usage":' + json_text(usage) + "}\n\n"
+
+
+def stream_response(gen: Generation, chunks: Callable[[Generation], AsyncIterator[str]]) -> StreamingResponse:
+    """The SSE response for a started generation (chunks yields whole events); an error midway becomes an error event."""
 
     async def body():
         status = 200
         try:
-            async for payload in chunks(gen):
-                yield event(payload)
+            async for text in chunks(gen):
+                yield text
         except GenerationFailed as exc:
             status = exc.status
             yield event(error_body(exc.status, exc.message))

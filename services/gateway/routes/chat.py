@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from ..auth import authorize
 from ..generation import Generation
 from ..schemas import ChatCompletion, ChatCompletionRequest
-from ..sse import collect, stream_response
+from ..sse import ChunkEvents, collect, json_text, stream_response
 
 router = APIRouter(dependencies=[Depends(authorize)])
 
@@ -83,38 +83,45 @@ class ChatMessageBuilder:
 
 
 async def chat_chunks(gen: Generation, include_usage: bool, logprobs: bool):
-    """chat.completion.chunk payloads: a role chunk per choice, deltas, a finish chunk each."""
-
-    def chunk(choices: list[dict]) -> dict:
-        payload = {"id": gen.request_id, "object": "chat.completion.chunk", "created": gen.created, "model": gen.model, "choices": choices}
-        if include_usage:
-            payload["usage"] = None
-        return payload
-
+    """chat.completion.chunk events: a role chunk per choice, deltas, a finish chunk each."""
+    events = ChunkEvents(gen, "chat.completion.chunk", include_usage)
     for i in range(gen.choices):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+        yield events.choices(f'{{"index":{i},"delta":{{"role":"assistant","content":""}},"logprobs":null,"finish_reason":null}}')
     async for d in gen.deltas():
-        delta: dict = {}
-        if d.reasoning_content:
-            delta["reasoning_content"] = d.reasoning_content
-        if d.content:
-            delta["content"] = d.content
-        if d.tool_calls:
-            calls = []
-            for call in d.tool_calls:
-                item: dict = {"index": call.index}
-                if call.id:
-                    item.update(id=call.id, type="function", function={"name": call.name, "arguments": call.arguments})
-                else:
-                    item["function"] = {"arguments": call.arguments}
-                calls.append(item)
-            delta["tool_calls"] = calls
         entries = d.logprobs if logprobs else []
+        if d.tool_calls or entries:
+            delta = _delta_text(d)
+        else:  # text only, the hot path: the delta object written directly
+            parts = []
+            if d.reasoning_content:
+                parts.append('"reasoning_content":' + json_text(d.reasoning_content))
+            if d.content:
+                parts.append('"content":' + json_text(d.content))
+            delta = "{" + ",".join(parts) + "}" if parts else ""
         if delta or entries:
-            yield chunk([{"index": d.index, "delta": delta, "logprobs": {"content": entries} if entries else None, "finish_reason": None}])
+            lp = json_text({"content": entries}) if entries else "null"
+            yield events.choices(f'{{"index":{d.index},"delta":{delta or "{}"},"logprobs":{lp},"finish_reason":null}}')
         if d.finish_reason is not None:
-            yield chunk([{"index": d.index, "delta": {}, "logprobs": None, "finish_reason": d.finish_reason}])
+            yield events.choices(f'{{"index":{d.index},"delta":{{}},"logprobs":null,"finish_reason":{json_text(d.finish_reason)}}}')
     if include_usage:
-        final = chunk([])
-        final["usage"] = gen.usage.as_dict()
-        yield final
+        yield events.usage(gen.usage.as_dict())
+
+
+def _delta_text(d) -> str:
+    """The JSON of one Delta's chunk delta (reasoning, content, tool calls); "" when it has none."""
+    delta: dict = {}
+    if d.reasoning_content:
+        delta["reasoning_content"] = d.reasoning_content
+    if d.content:
+        delta["content"] = d.content
+    if d.tool_calls:
+        calls = []
+        for call in d.tool_calls:
+            item: dict = {"index": call.index}
+            if call.id:
+                item.update(id=call.id, type="function", function={"name": call.name, "arguments": call.arguments})
+            else:
+                item["function"] = {"arguments": call.arguments}
+            calls.append(item)
+        delta["tool_calls"] = calls
+    return json_text(delta) if delta else ""

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from ..auth import authorize
 from ..generation import Generation
 from ..schemas import Completion, CompletionRequest
-from ..sse import collect, stream_response
+from ..sse import ChunkEvents, collect, json_text, stream_response
 
 router = APIRouter(dependencies=[Depends(authorize)])
 
@@ -72,23 +72,17 @@ class CompletionBuilder:
 
 
 async def completion_chunks(gen: Generation, include_usage: bool, logprobs: bool):
+    """text_completion chunk events: one per Delta with text (or a finish), then usage if asked."""
+    events = ChunkEvents(gen, "text_completion", include_usage)
     offsets: dict[int, int] = {}
-
-    def chunk(choices: list[dict]) -> dict:
-        payload = {"id": gen.request_id, "object": "text_completion", "created": gen.created, "model": gen.model, "choices": choices}
-        if include_usage:
-            payload["usage"] = None
-        return payload
-
     async for d in gen.deltas():
         if not (d.content or d.finish_reason is not None or (logprobs and d.logprobs)):
             continue
-        lp = None
+        lp = "null"
         if logprobs:
-            lp = legacy_logprobs(d.logprobs, offsets.get(d.index, 0))
+            lp = json_text(legacy_logprobs(d.logprobs, offsets.get(d.index, 0)))
             offsets[d.index] = offsets.get(d.index, 0) + sum(len(e["token"]) for e in d.logprobs)
-        yield chunk([{"index": d.index, "text": d.content, "logprobs": lp, "finish_reason": d.finish_reason}])
+        yield events.choices(f'{{"index":{d.index},"text":{json_text(d.content)},"logprobs":{lp},'
+                             f'"finish_reason":{json_text(d.finish_reason)}}}')
     if include_usage:
-        final = chunk([])
-        final["usage"] = gen.usage.as_dict()
-        yield final
+        yield events.usage(gen.usage.as_dict())

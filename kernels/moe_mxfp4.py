@@ -55,16 +55,17 @@ class TileConfig:
     swap_ab: bool = False  # compute (W x^T)^T: weight rows on the MMA's wide side, for few rows
 
 
-# Keyed by N (routed rows, i.e. tokens * top-k): the first entry whose bound holds.
-# Decode (N <= ~1024) is bound by streaming the touched experts' weights: small BM (the
-# smallest MMA tile) wastes no weight bytes on padding and many narrow programs keep
-# enough loads in flight. Prefill is bound by the tensor cores: wide tiles reuse each
-# dequantized weight tile over many rows.
+# Keyed by N (routed rows, i.e. tokens * top-k): the first entry whose bound holds. Tuned on
+# an H100 at gpt-oss-20b shapes (32 experts, K 2880, out 5760 / 2880; bench/kernels.py --experts).
+# Decode (N <= 256) streams the touched experts' weights: the smallest MMA tile (BM 16) wastes
+# no weight bytes on padding rows, and BK 256 reads 128 contiguous bytes of each weight row per
+# step. More warps, wider BN, BK 512 and the swapped (weights-as-M) form were all slower there.
+# Prefill is bound by the tensor cores: wide tiles reuse each widened weight tile over many rows.
 TILE_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
-    (64, TileConfig(16, 64, 128, 4, 4)),
-    (1024, TileConfig(16, 64, 128, 4, 4)),
-    (8192, TileConfig(64, 128, 128, 8, 3)),
-    (1 << 62, TileConfig(128, 128, 128, 8, 3)),
+    (256, TileConfig(16, 64, 256, 4, 3)),
+    (1024, TileConfig(32, 64, 128, 4, 4)),
+    (4096, TileConfig(64, 128, 128, 8, 3)),
+    (1 << 62, TileConfig(128, 128, 64, 4, 4)),
 )
 
 

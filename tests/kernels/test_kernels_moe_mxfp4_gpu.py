@@ -62,10 +62,11 @@ def test_grouped_mxfp4_linear_uneven_tiles():
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     ref = grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)
     for dot_scaled in (True, False):
-        out = poisoned(rows, n_out)
-        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=TileConfig(16, 64, 128, 4, 2),
-                             dot_scaled=dot_scaled)
-        assert rel_err(out, ref) <= TOL
+        for config in (TileConfig(16, 64, 128, 4, 2), TileConfig(16, 64, 128, 4, 2, swap_ab=True),
+                       TileConfig(64, 128, 64, 8, 3), TileConfig(32, 128, 64, 4, 3, swap_ab=True)):
+            out = poisoned(rows, n_out)
+            grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config, dot_scaled=dot_scaled)
+            assert rel_err(out, ref) <= TOL, (config, dot_scaled)
 
 
 def test_grouped_mxfp4_linear_graph_replay():

@@ -82,6 +82,7 @@ class Scheduler:
         self._resync_sent: dict[bytes, float] = {}
         self._index_updates: asyncio.Queue = asyncio.Queue()
         self._queue_moved = asyncio.Event()
+        self._relayed: dict[bytes, list[bytes]] | None = None  # formatter -> frames, while a worker batch is read
         self.draining = False  # SIGTERM'd: new requests get 503, admitted ones run to their end
         self.tracer = tracer("rose.scheduler")
 
@@ -281,12 +282,18 @@ class Scheduler:
         while True:
             batch = [await self.backend.recv_multipart()]
             batch += _queued(self.backend)
-            for parts in batch:
-                if len(parts) < 2:
-                    log.warning("backend: dropped a message without a frame")
-                    continue
-                for frame in parts[1:]:
-                    self._on_backend_frame(parts[0], frame)
+            self._relayed = {}
+            try:
+                for parts in batch:
+                    if len(parts) < 2:
+                        log.warning("backend: dropped a message without a frame")
+                        continue
+                    for frame in parts[1:]:
+                        self._on_backend_frame(parts[0], frame)
+            finally:
+                relayed, self._relayed = self._relayed, None
+                for formatter, frames in relayed.items():
+                    self._send_frames(self.frontend, formatter, frames)
 
     def _on_backend_frame(self, identity: bytes, frame: bytes) -> None:
         worker = self.workers.get(self.by_identity.get(identity, ""))
@@ -377,7 +384,7 @@ class Scheduler:
         if has_tokens:
             pending.streamed = True
         if last is None or last.finish_reason is None:
-            self._send_nowait(self.frontend, pending.formatter, frame)
+            self._to_formatter(pending.formatter, frame)
         else:
             self._finish(pending, last, frame)
 
@@ -410,7 +417,7 @@ class Scheduler:
 
     def _finish(self, pending: Pending, event: TokenEvent, frame: bytes | None = None) -> None:
         """Send the request's last event to its formatter and forget the request."""
-        self._send_nowait(self.frontend, pending.formatter, frame if frame is not None else event)
+        self._to_formatter(pending.formatter, frame if frame is not None else protocol.encode(event))
         self.requests.pop(pending.request_id, None)
         worker = self.workers.get(pending.worker_id or "")
         if worker is not None:
@@ -428,12 +435,22 @@ class Scheduler:
             self.queue.remove(pending)
         self._finish(pending, _error_event(pending.request_id, reason, status))
 
+    def _to_formatter(self, formatter: bytes, frame: bytes) -> None:
+        """A TokenEvent frame for a formatter: held while a batch of worker messages is read,
+        then sent as one message per formatter (in order), else sent now."""
+        if self._relayed is None:
+            self._send_frames(self.frontend, formatter, [frame])
+        else:
+            self._relayed.setdefault(formatter, []).append(frame)
+
     def _send_nowait(self, sock: zmq.asyncio.Socket, identity: bytes, message) -> None:
         """Send without waiting; the high-water mark is far above any burst, so a full pipe is logged and dropped."""
-        frame = message if isinstance(message, bytes) else protocol.encode(message)
-        sent = sock.send_multipart([identity, frame], flags=zmq.DONTWAIT)
+        self._send_frames(sock, identity, [message if isinstance(message, bytes) else protocol.encode(message)])
+
+    def _send_frames(self, sock: zmq.asyncio.Socket, identity: bytes, frames: list[bytes]) -> None:
+        sent = sock.send_multipart([identity, *frames], flags=zmq.DONTWAIT)
         if sent.done() and sent.exception() is not None:
-            log.warning("could not send to %r: %s", identity, sent.exception())
+            log.warning("could not send %d frames to %r: %s", len(frames), identity, sent.exception())
 
     # ------------------------------------------------------------ background loops
     async def _index_writer(self) -> None:

@@ -136,6 +136,21 @@ def test_request_round_trip_with_trace(ends):
     assert eventually(lambda: not ends.service.inflight)  # forgotten once finished
 
 
+def test_events_relayed_together_come_out_as_one_message_in_order(ends):
+    wait_ready(ends)
+    ends.gateway.send(encode(GenerateRequest("req-m", "completion", {"model": "tiny", "prompt": "x", "max_tokens": 9})))
+    submit = ends.from_formatter()
+    pieces = [ends.service.encoding.encode(text) for text in ("one", " two", " three")]
+    events = [TokenEvent("req-m/0", pieces[0]), TokenEvent("req-m/0", pieces[1]),
+              TokenEvent("req-m/0", pieces[2], finish_reason="length", prompt_tokens=len(submit.token_ids))]
+    ends.scheduler.send_multipart([ends.formatter_id, *map(encode, events)])  # one step's events, one message
+    assert ends.gateway.poll(3000)
+    deltas = [decode(frame) for frame in ends.gateway.recv_multipart()]
+    assert [d.content for d in deltas] == ["one", " two", " three"]
+    assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == sum(map(len, pieces))
+    assert eventually(lambda: not ends.service.inflight)
+
+
 def test_gateway_abort_reaches_the_scheduler(ends):
     wait_ready(ends)
     ends.gateway.send(encode(GenerateRequest("req-2", "completion", {"model": "tiny", "prompt": "x", "n": 2})))

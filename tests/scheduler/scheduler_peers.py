@@ -7,6 +7,7 @@ import asyncio
 import shutil
 import subprocess
 import time
+from collections import deque
 
 import pytest
 import zmq
@@ -25,6 +26,8 @@ class Peer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self._beat: asyncio.Task | None = None
+        self._frames: deque[bytes] = deque()  # of the last message, not yet read
+        self.last_message_frames = 0
 
     async def send(self, message) -> None:
         await self.sock.send_multipart([protocol.encode(message)])
@@ -39,8 +42,10 @@ class Peer:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no message")
-            (frame,) = await asyncio.wait_for(self.sock.recv_multipart(), left)
-            msg = protocol.decode(frame)
+            if not self._frames:  # a message may carry several frames (events relayed together)
+                self._frames.extend(await asyncio.wait_for(self.sock.recv_multipart(), left))
+                self.last_message_frames = len(self._frames)
+            msg = protocol.decode(self._frames.popleft())
             if not isinstance(msg, tuple(skip)):
                 return msg
 

@@ -64,6 +64,7 @@ async def test_tokens_are_relayed_to_the_submitting_formatter(scheduler_factory)
     assert (await f1.recv()).token_ids == [5]
     last = await f1.recv()
     assert (last.token_ids, last.finish_reason, last.prompt_tokens) == ([6], "length", 40)
+    assert f1.last_message_frames == 2  # relayed on together, in order
     assert (await f2.recv()).token_ids == [7, 8]
     assert await f1.silent(0.2) == []
     # a finished request is forgotten: a late event for it is answered with an Abort

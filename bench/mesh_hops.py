@@ -5,8 +5,10 @@ gateway`) between two load peers in this process that speak its protocol: the
 upstream peer streams tokens for N requests in rounds (one token per request per
 round, like an engine step, paced at --step-ms), the downstream peer timestamps
 each token as it comes out. Per hop and concurrency it reports offered and
-delivered tokens/s and the per-token latency through the hop (p50/p99), then
-the same with no pacing (the hop's capacity).
+delivered tokens/s, the per-token latency through the hop (p50/p99) and the
+inter-token latency the receiver sees (p50/p99; the source's is --step-ms), then
+the same with no pacing (the hop's capacity). The `mesh` hop is the scheduler,
+formatter and gateway together, with this process in the worker's place.
 
     python -m bench.mesh_hops [--concurrency 1,16,64] [--rounds 200] [--step-ms 10]
 """
@@ -31,6 +33,7 @@ from shared.config import Settings
 from shared.protocol import (
     Delta,
     GenerateRequest,
+    Heartbeat,
     Ping,
     Pong,
     Register,
@@ -50,6 +53,7 @@ class HopRun:
     latencies: list[float] = field(default_factory=list)
     first_send: float = 0.0
     last_recv: float = 0.0
+    arrivals: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # per stream: (time, tokens)
 
     def received(self, stream: str, index: int) -> None:
         now = time.perf_counter()
@@ -64,10 +68,27 @@ class HopRun:
         return len(self.latencies) / span if span > 0 else 0.0
 
     def pct(self, q: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+        """q-th percentile of the per-token latency through the hop, ms."""
+        return _percentile(self.latencies, q)
+
+    def itl(self, q: float) -> float:
+        """q-th percentile of the inter-token latency as the receiver sees it, ms.
+
+        As in bench.mesh_overhead: the gap between a stream's consecutive arrivals,
+        shared by the tokens of one arrival; the first arrival of a stream is excluded.
+        """
+        gaps = []
+        for seen in self.arrivals.values():
+            for (t0, _), (t1, n) in zip(seen, seen[1:]):
+                gaps.extend([(t1 - t0) / n] * n)
+        return _percentile(gaps, q)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return 1000 * ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
 async def pace(streams: list[str], rounds: int, step_s: float, send, run: HopRun, send_round=None) -> None:
@@ -128,6 +149,7 @@ class Hop:
         self.received: dict[str, int] = {}
 
     def count(self, stream: str, tokens: int) -> None:
+        self.run.arrivals.setdefault(stream, []).append((time.perf_counter(), tokens))
         for _ in range(tokens):
             k = self.received.get(stream, 0)
             self.run.received(stream, k)
@@ -303,6 +325,75 @@ class GatewayHop(Hop):
         self.formatter.close(0)
 
 
+# ---------------------------------------------------------------- the whole mesh
+class MeshHop(Hop):
+    """worker peer --TokenEvent--> scheduler -> formatter -> gateway --SSE--> HTTP client.
+
+    Every service of the mesh, real, in its own process; only the engine is this
+    process's worker peer, which registers like `rose worker` and sends one step's
+    TokenEvents (one token per stream) as one multi-frame message, as
+    services/worker/main.py does. The latency is what the mesh adds to a token on its
+    way from the worker to the client.
+    """
+
+    TEXT_TOKEN = 87  # "x" in o200k: a token is one character of a chunk's text
+
+    def __init__(self, settings: Settings, base_url: str):
+        super().__init__()
+        self.base_url = base_url
+        self.worker = dealer(settings.scheduler_backend)
+        self.submits: dict[str, str] = {}  # gateway request id -> the Submit's (sub-request) id
+        self.background(self._worker_rx())
+        self.background(self._heartbeats())
+
+    async def _heartbeats(self):
+        await self.worker.send(protocol.encode(Register("bench", MODEL, 4096, 16, 100_000, 1024)))
+        while True:
+            await self.worker.send(protocol.encode(Heartbeat("bench", total_blocks=100_000, free_blocks=100_000)))
+            await asyncio.sleep(0.5)
+
+    async def _worker_rx(self):
+        while True:
+            msg = protocol.decode(await self.worker.recv())
+            if isinstance(msg, Submit):
+                self.submits[msg.request_id.rsplit("/", 1)[0]] = msg.request_id
+
+    async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
+        import httpx
+
+        await asyncio.sleep(1.0)  # the scheduler has the worker, the gateway a ready formatter
+        self.submits.clear()
+        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as http:
+
+            async def client():
+                body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    if response.status_code != 200:
+                        raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: {") and self.run is not None:
+                            chunk = json.loads(line[6:])
+                            tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
+                            if tokens:
+                                self.count(chunk["id"], tokens)
+
+            clients = [asyncio.create_task(client()) for _ in range(concurrency)]
+            await until(lambda: len(self.submits) >= concurrency, "the mesh submitted every request")
+            streams = list(self.submits)
+            step = [protocol.encode(TokenEvent(self.submits[s], token_ids=[self.TEXT_TOKEN], worker_id="bench")) for s in streams]
+            run = await self.measure(streams, rounds, step_s, None, lambda k: self.worker.send_multipart(step, flags=zmq.DONTWAIT))
+            done = [protocol.encode(TokenEvent(self.submits[s], finish_reason="length", prompt_tokens=2, worker_id="bench"))
+                    for s in streams]
+            self.worker.send_multipart(done, flags=zmq.DONTWAIT)
+            await asyncio.wait_for(asyncio.gather(*clients), 30)
+        return run
+
+    def close(self) -> None:
+        super().close()
+        self.worker.close(0)
+
+
 async def until(predicate, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -323,9 +414,14 @@ def run_hop(name: str, levels: list[int], rounds: int, step_s: float, home: str)
             mesh.spawn("scheduler", "scheduler", {})
         elif name == "formatter":
             mesh.spawn("formatter", "formatter", {})
-        else:
+        elif name == "gateway":
             mesh.settings = dataclasses.replace(mesh.settings, formatter_urls=mesh.settings.formatter_bind)
             mesh.spawn("gateway", "gateway", {})
+        else:  # the whole mesh, the engine aside
+            mesh.settings = dataclasses.replace(mesh.settings, redis_url=mesh.start_redis(),
+                                                formatter_urls=mesh.settings.formatter_bind)
+            for role in ("scheduler", "formatter", "gateway"):
+                mesh.spawn(role, role, {})
         time.sleep(4.0)  # imports
         if mesh.crashed():
             raise RuntimeError(mesh.describe_crash(mesh.crashed()[0]))
@@ -337,7 +433,7 @@ def run_hop(name: str, levels: list[int], rounds: int, step_s: float, home: str)
 
 async def _measure_levels(name: str, mesh: Mesh, levels: list[int], rounds: int, step_s: float):
     hop = {"scheduler": lambda: SchedulerHop(mesh.settings), "formatter": lambda: FormatterHop(mesh.settings),
-           "gateway": lambda: GatewayHop(mesh.settings, mesh.url)}[name]()
+           "gateway": lambda: GatewayHop(mesh.settings, mesh.url), "mesh": lambda: MeshHop(mesh.settings, mesh.url)}[name]()
     results = []
     try:
         for c in levels:
@@ -351,10 +447,12 @@ async def _measure_levels(name: str, mesh: Mesh, levels: list[int], rounds: int,
 
 
 def table(rows: list[tuple[str, int, HopRun, HopRun]]) -> str:
-    head = ("hop", "streams", "offered tok/s", "delivered tok/s", "latency p50", "latency p99", "capacity tok/s (unpaced)")
+    head = ("hop", "streams", "offered tok/s", "delivered tok/s", "latency p50", "latency p99", "ITL p50", "ITL p99",
+            "capacity tok/s (unpaced)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, c, paced, unpaced in rows:
-        lines.append(f"| {name} | {c} | {paced.offered:.0f} | {paced.delivered:.0f} | {paced.pct(50):.2f} ms | {paced.pct(99):.2f} ms | {unpaced.delivered:.0f} |")
+        lines.append(f"| {name} | {c} | {paced.offered:.0f} | {paced.delivered:.0f} | {paced.pct(50):.2f} ms | {paced.pct(99):.2f} ms | "
+                     f"{paced.itl(50):.2f} ms | {paced.itl(99):.2f} ms | {unpaced.delivered:.0f} |")
     return "\n".join(lines)
 
 
@@ -363,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16,64")
     parser.add_argument("--rounds", type=int, default=200, help="tokens per stream")
     parser.add_argument("--step-ms", type=float, default=10.0, help="time between rounds when paced")
-    parser.add_argument("--hops", default="scheduler,formatter,gateway")
+    parser.add_argument("--hops", default="scheduler,formatter,gateway,mesh",
+                        help="mesh: scheduler, formatter and gateway together, a worker peer in place of the engine")
     parser.add_argument("--home", default=None)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c]

@@ -138,8 +138,7 @@ class AsyncEngine:
                 for h, kept in [(h, False) for h in removed] + [(h, True) for h in stored]:
                     self._kv_events.pop(h, None)
                     self._kv_events[h] = kept
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
         self._close_streams()
 
     def _apply(self, command: tuple) -> None:
@@ -162,6 +161,20 @@ class AsyncEngine:
         except Exception:
             log.exception("engine step failed while failing every request")
         return [RequestOutput(request_id=i, finish_reason="error", error=message) for i in ids]
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs: one wake-up per event loop, not one per request (64 at 64 streams)."""
+        puts: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._cond:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:  # else the consumer left; its abort is queued or done
+                    puts.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in puts.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed
+                pass
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         with self._cond:
@@ -190,3 +203,8 @@ class AsyncEngine:
             log.exception("final engine step failed")
         with self._cond:
             self._stats = self.engine.stats()
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

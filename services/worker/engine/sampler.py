@@ -126,8 +126,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
         noise.clamp_(min=torch.finfo(noise.dtype).tiny)
         _put(chosen, seeded, (probs / noise).argmax(dim=-1))
     if shared:
-        weights = _scaled(logits, shared, rows)
-        weights.sub_(weights.amax(dim=-1, keepdim=True)).exp_()  # softmax without the division
+        if all(rows[i].params.temperature == 1.0 and not _truncates(rows[i].params) for i in shared):
+            plain = _rows(logits, shared)  # nothing to scale or mask: one pass less over [rows, vocab]
+            weights = plain - plain.amax(dim=-1, keepdim=True)
+        else:
+            weights = _scaled(logits, shared, rows)
+            weights.sub_(weights.amax(dim=-1, keepdim=True))
+        weights.exp_()  # softmax without the division
         uniform = torch.rand(len(shared), dtype=torch.float64, device=logits.device, generator=generator)
         _put(chosen, shared, _inverse_cdf(weights, uniform))
 
@@ -229,13 +234,17 @@ def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return start + torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)
 
 
+def _truncates(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0
+
+
 def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask (-inf) tokens outside top_k, then outside top_p / below min_p, in the rows that ask.
 
     logits: [rows, vocab] float32, already divided by the temperature; returned, or a
     new tensor when some row truncates.
     """
-    need = [j for j, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0]
+    need = [j for j, p in enumerate(params) if _truncates(p)]
     if not need:
         return logits
     if len(need) == len(params):

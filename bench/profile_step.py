@@ -1,53 +1,53 @@
-"""Where a cuda-backend decode step spends its time (host vs device), on the 2-layer 20b model.
+"""Where a cuda-backend decode step spends its GPU time, kernel by kernel.
 
-    python -m bench.profile_step
+    python -m bench.profile_step                    # 24-layer gpt-oss-20b shapes, batch 1
+    python -m bench.profile_step --batch 64 --layers 2
+
+Runs the step eagerly under torch.profiler (the kernels are the ones a CUDA graph
+replays; only the gaps between them differ) and prints GPU time per kernel name, then
+the replayed graph's time for comparison.
 """
 
-import time
+from __future__ import annotations
+
+import argparse
 
 import torch
 
-from services.worker.model import ForwardBatch, load_model, make_checkpoint
+from bench.decode_step import BLOCK, decode_batch, time_replay, time_steps
+from services.worker.model import load_model, make_checkpoint
 
 
-def main(path: str = "/tmp/rose-bench/gpt-oss-20b-2layer") -> None:
-    from kernels.rmsnorm import rmsnorm
-
-    x = torch.randn(1, 2880, device="cuda", dtype=torch.bfloat16)
-    rmsnorm(x, None, 1e-5)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(200):
-        rmsnorm(x, None, 1e-5)
-    host = (time.perf_counter() - t) / 200
-    torch.cuda.synchronize()
-    print(f"host time per CuTeDSL rmsnorm call: {host * 1e6:.1f} us")
-
-    make_checkpoint(path, seed=1, preset="20b", num_hidden_layers=2)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--rows", type=int, default=25, help="kernels to list")
+    args = parser.parse_args()
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    path = make_checkpoint(f"/tmp/rose-bench/gpt-oss-20b-{args.layers or 'all'}-layers", seed=1, preset="20b",
+                           device="cuda", **overrides)
     model = load_model(path, backend="cuda")
-    seqs, ctx, block = 64, 1024, 16
-    pages = ctx // block
-    batch = ForwardBatch(
-        token_ids=torch.randint(0, 200000, (seqs,)), positions=torch.full((seqs,), ctx - 1),
-        query_lens=[1] * seqs, context_lens=[ctx] * seqs,
-        block_tables={g: [list(range(s * pages, (s + 1) * pages)) for s in range(seqs)] for g in ("full", "sliding")},
-    )
-    kv = model.make_kv_cache({"full": seqs * pages, "sliding": seqs * pages}, block)
-    for _ in range(2):
-        model(batch, kv)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.inference_mode():  # the model plans inside inference mode too
-        model.attention.reset()
-        model.attention.plan(batch, [("full", None), ("sliding", 128)])
-    torch.cuda.synchronize()
-    print(f"attention plan (2 wrappers): {(time.perf_counter() - t) * 1e6:.0f} us")
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model(batch, kv)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    batch, blocks = decode_batch(args.batch, args.context, model.config.sliding_window, model.config.vocab_size)
+    kv = model.make_kv_cache(blocks, BLOCK)
+    time_steps(model, batch, kv, 3)
+    replay = time_replay(model, 20)
+    model.cuda_graphs = False
+    time_steps(model, batch, kv, 2)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        time_steps(model, batch, kv, 1)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in events)
+    count = sum(e.count for e in events)
+    print(f"batch {args.batch}, {model.config.num_hidden_layers} layers: {count} kernels, "
+          f"{total / 1e3:.3f} ms of kernel time; graph replay {replay * 1e3:.3f} ms")
+    print("| kernel | calls | total us | us/call | share |")
+    print("| --- | --- | --- | --- | --- |")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]:
+        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
+        print(f"| {name} | {e.count} | {e.self_device_time_total:.0f} | {e.self_device_time_total / e.count:.1f} | "
+              f"{100 * e.self_device_time_total / total:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -167,6 +167,20 @@ class SinkAttention:
         v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
         return self.run(group, window, q, k_cache, v_cache, sinks)
 
+    def attend_qkv(
+        self, group: str, window: int | None, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    ) -> torch.Tensor:
+        """From the QKV projection: rotary + cache write in one kernel (kernels/rope_cache.py), then attend.
+
+        qkv [T, (heads + 2 kv_heads) * D] bf16, cos/sin [T, D/2] float32 -> [T, heads, D].
+        """
+        from kernels.rope_cache import rope_and_cache
+
+        q = rope_and_cache(qkv, cos, sin, self.slots[group], k_cache, v_cache, self.num_heads, self.num_kv_heads,
+                           self.head_dim)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
+
     def run(self, group: str, window: int | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             sinks: torch.Tensor) -> torch.Tensor:
         """Attention only (cache already written). q [T, heads, D] -> [T, heads, D] in q's dtype."""

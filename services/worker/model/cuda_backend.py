@@ -5,11 +5,12 @@
 
 It reuses the torch backend's loader and weights (`load_model(..., backend="torch")`)
 and replaces the per-op code: embedding gather, RMSNorm fused with the residual add,
-QKV as one cuBLAS GEMM, FlashInfer paged attention with sinks and sliding windows,
+QKV as one cuBLAS GEMM, rotary + KV-cache write in one Triton kernel (kernels/rope_cache.py),
+FlashInfer paged attention with sinks and sliding windows,
 router top-k, MoE dispatch, MXFP4 grouped expert GEMMs, SwiGLU and combine (cuda_moe.py),
-and replays decode steps as CUDA graphs (cuda_graphs.py). Rotary embedding stays in
-torch. Attention for head dims FlashInfer does not build (it does 64, 128, 256; the tiny
-test checkpoint has 16) runs the torch paged attention, eagerly.
+and replays decode steps as CUDA graphs (cuda_graphs.py). Attention for head dims
+FlashInfer does not build (it does 64, 128, 256; the tiny test checkpoint has 16) runs
+the torch rotary and paged attention, eagerly.
 """
 
 from __future__ import annotations
@@ -165,13 +166,13 @@ class CudaGptOss(nn.Module):
         c = self.config
         t = x.shape[0]
         qkv = F.linear(x, L["qkv_w"], L["qkv_b"])
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rotary(k.view(t, c.num_key_value_heads, c.head_dim), cos, sin)
-        v = v.reshape(t, c.num_key_value_heads, c.head_dim)
-        if attention is not None:
-            out = attention(L["group"], L["window"], q, k, v, k_cache, v_cache, L["sinks"])
+        if attention is not None:  # FlashInfer, after rotary and the cache write fused in one kernel
+            out = attention.attend_qkv(L["group"], L["window"], qkv, cos, sin, k_cache, v_cache, L["sinks"])
         else:
+            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q = apply_rotary(q.view(t, c.num_attention_heads, c.head_dim), cos, sin)
+            k = apply_rotary(k.view(t, c.num_key_value_heads, c.head_dim), cos, sin)
+            v = v.reshape(t, c.num_key_value_heads, c.head_dim)
             plan = plans[(L["group"], L["window"])]
             out = paged_attention(q, k, v, k_cache, v_cache, plan, L["sinks"], c.head_dim**-0.5)
         return F.linear(out.reshape(t, c.q_size).to(x.dtype), L["o_w"], L["o_b"])

@@ -270,6 +270,21 @@ class FormatterHop(Hop):
 
 
 # ---------------------------------------------------------------- gateway
+async def sse_client(http, rounds: int, hop: Hop) -> None:
+    """One streamed completion; counts the tokens of each chunk (one character of text each,
+    several in a chunk when the client lags) for hop."""
+    body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
+        async for line in response.aiter_lines():
+            if line.startswith("data: {") and hop.run is not None:
+                chunk = json.loads(line[6:])
+                tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
+                if tokens:
+                    hop.count(chunk["id"], tokens)
+
+
 class GatewayHop(Hop):
     """formatter peer --Delta--> gateway --SSE--> HTTP client."""
 
@@ -292,20 +307,7 @@ class GatewayHop(Hop):
         limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as http:
 
-            async def client():
-                body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    if response.status_code != 200:
-                        raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {") and self.run is not None:
-                            chunk = json.loads(line[6:])
-                            # one "x" per token; a client that lags gets several in one chunk
-                            tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
-                            if tokens:
-                                self.count(chunk["id"], tokens)
-
-            clients = [asyncio.create_task(client()) for _ in range(concurrency)]
+            clients = [asyncio.create_task(sse_client(http, rounds, self)) for _ in range(concurrency)]
             await until(lambda: len(self.requests) >= concurrency, "the gateway forwarded every request")
             streams = list(self.requests)
 
@@ -366,19 +368,7 @@ class MeshHop(Hop):
         limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as http:
 
-            async def client():
-                body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
-                async with http.stream("POST", "/v1/completions", json=body) as response:
-                    if response.status_code != 200:
-                        raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-                    async for line in response.aiter_lines():
-                        if line.startswith("data: {") and self.run is not None:
-                            chunk = json.loads(line[6:])
-                            tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
-                            if tokens:
-                                self.count(chunk["id"], tokens)
-
-            clients = [asyncio.create_task(client()) for _ in range(concurrency)]
+            clients = [asyncio.create_task(sse_client(http, rounds, self)) for _ in range(concurrency)]
             await until(lambda: len(self.submits) >= concurrency, "the mesh submitted every request")
             streams = list(self.submits)
             step = [protocol.encode(TokenEvent(self.submits[s], token_ids=[self.TEXT_TOKEN], worker_id="bench")) for s in streams]

@@ -24,6 +24,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from shared.protocol import Abort, Delta, FrameError, GenerateRequest, Ping, Pong, decode, encode
+from shared.zmq_io import queued
 from shared.zmq_security import secure_client
 
 log = logging.getLogger("rose.gateway.formatters")
@@ -314,7 +315,7 @@ class FormatterPool:
         while True:
             try:
                 batch = [await link.socket.recv_multipart()]
-                batch += _queued(link.socket)
+                batch += queued(link.socket)
             except asyncio.CancelledError:
                 raise
             except zmq.ZMQError as exc:
@@ -340,14 +341,3 @@ class FormatterPool:
             link.max_model_len = message.max_model_len
         else:
             log.warning("unexpected %s from formatter %s", type(message).__name__, link.address)
-
-
-def _queued(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[bytes]]:
-    """Messages already waiting on a socket, taken without going back to the event loop."""
-    out = []
-    for _ in range(limit):
-        got = sock.recv_multipart(flags=zmq.NOBLOCK)  # zmq.asyncio: an already finished future
-        if got.exception() is not None:
-            break
-        out.append(got.result())
-    return out

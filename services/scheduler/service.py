@@ -36,6 +36,7 @@ from shared.block_hash import prefix_hashes
 from shared.config import Settings
 from shared.protocol import Abort, FrameError, Heartbeat, KvEvent, Ping, Pong, Register, Resync, Submit, TokenEvent
 from shared.telemetry import extract, inject, tracer
+from shared.zmq_io import queued
 from shared.zmq_security import secure_server
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class Scheduler:
     # ------------------------------------------------------------ formatters
     async def _frontend_loop(self) -> None:
         while True:
-            for parts in [await self.frontend.recv_multipart(), *_queued(self.frontend)]:
+            for parts in [await self.frontend.recv_multipart(), *queued(self.frontend)]:
                 await self._on_frontend_message(parts)
 
     async def _on_frontend_message(self, parts: list[bytes]) -> None:
@@ -281,7 +282,7 @@ class Scheduler:
         """Worker messages; a message may carry several frames (a worker batches one step's events)."""
         while True:
             batch = [await self.backend.recv_multipart()]
-            batch += _queued(self.backend)
+            batch += queued(self.backend)
             self._relayed = {}
             try:
                 for parts in batch:
@@ -503,17 +504,6 @@ class Scheduler:
 
 def _error_event(request_id: str, message: str, status: int) -> TokenEvent:
     return TokenEvent(request_id, finish_reason="error", error=message, status=status)
-
-
-def _queued(sock: zmq.asyncio.Socket, limit: int = 512) -> list[list[bytes]]:
-    """Messages already waiting on a socket, taken without going back to the event loop."""
-    out = []
-    for _ in range(limit):
-        got = sock.recv_multipart(flags=zmq.NOBLOCK)  # zmq.asyncio: an already finished future
-        if got.exception() is not None:
-            break
-        out.append(got.result())
-    return out
 
 
 def peek_streaming_token_event(frame: bytes) -> tuple[str, list] | None:

@@ -2,6 +2,7 @@
 
     python -m bench.profile_step                    # 24-layer gpt-oss-20b shapes, batch 1
     python -m bench.profile_step --batch 64 --layers 2
+    python -m bench.profile_step --batch 256 --host  # and where the host time of a graph step goes
 
 Runs the step eagerly under torch.profiler (the kernels are the ones a CUDA graph
 replays; only the gaps between them differ) and prints GPU time per kernel name, then
@@ -24,6 +25,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")
+    parser.add_argument("--host", action="store_true", help="also profile the host side of graph steps (cProfile)")
     args = parser.parse_args()
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     path = make_checkpoint(f"/tmp/rose-bench/gpt-oss-20b-{args.layers or 'all'}-layers", seed=1, preset="20b",
@@ -33,6 +35,16 @@ def main() -> None:
     kv = model.make_kv_cache(blocks, BLOCK)
     time_steps(model, batch, kv, 3)
     replay = time_replay(model, 20)
+    if args.host:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        time_steps(model, batch, kv, 20)
+        profiler.disable()
+        print(f"host side of 20 graph steps at batch {args.batch} (cProfile, by own time):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
     model.cuda_graphs = False
     time_steps(model, batch, kv, 2)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 import zmq
 import zmq.asyncio
 
+from bench.streaming import post_sse
 from services.launcher import Mesh, with_free_ports
 from shared import protocol
 from shared.config import Settings
@@ -270,19 +270,14 @@ class FormatterHop(Hop):
 
 
 # ---------------------------------------------------------------- gateway
-async def sse_client(http, rounds: int, hop: Hop) -> None:
+async def sse_client(base_url: str, rounds: int, hop: Hop) -> None:
     """One streamed completion; counts the tokens of each chunk (one character of text each,
     several in a chunk when the client lags) for hop."""
     body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
-    async with http.stream("POST", "/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-        async for line in response.aiter_lines():
-            if line.startswith("data: {") and hop.run is not None:
-                chunk = json.loads(line[6:])
-                tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
-                if tokens:
-                    hop.count(chunk["id"], tokens)
+    async for chunk in post_sse(base_url, "/v1/completions", body):
+        tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
+        if tokens and hop.run is not None:
+            hop.count(chunk["id"], tokens)
 
 
 class GatewayHop(Hop):
@@ -300,26 +295,21 @@ class GatewayHop(Hop):
             self.requests[msg.request_id] = ident
 
     async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
-        import httpx
-
         await asyncio.sleep(1.0)  # the gateway has heard a Pong and is ready
         self.requests.clear()
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as http:
+        clients = [asyncio.create_task(sse_client(self.base_url, rounds, self)) for _ in range(concurrency)]
+        await until(lambda: len(self.requests) >= concurrency, "the gateway forwarded every request")
+        streams = list(self.requests)
 
-            clients = [asyncio.create_task(sse_client(http, rounds, self)) for _ in range(concurrency)]
-            await until(lambda: len(self.requests) >= concurrency, "the gateway forwarded every request")
-            streams = list(self.requests)
+        def send(s: str, k: int) -> None:
+            delta = Delta(s, content="x", token_ids=[TOKEN], completion_tokens=k + 1)
+            self.formatter.send_multipart([self.requests[s], protocol.encode(delta)], flags=zmq.DONTWAIT)
 
-            def send(s: str, k: int) -> None:
-                delta = Delta(s, content="x", token_ids=[TOKEN], completion_tokens=k + 1)
-                self.formatter.send_multipart([self.requests[s], protocol.encode(delta)], flags=zmq.DONTWAIT)
-
-            run = await self.measure(streams, rounds, step_s, send)
-            for s in streams:
-                done = Delta(s, finish_reason="length", prompt_tokens=2, completion_tokens=rounds)
-                self.formatter.send_multipart([self.requests[s], protocol.encode(done)], flags=zmq.DONTWAIT)
-            await asyncio.wait_for(asyncio.gather(*clients), 30)
+        run = await self.measure(streams, rounds, step_s, send)
+        for s in streams:
+            done = Delta(s, finish_reason="length", prompt_tokens=2, completion_tokens=rounds)
+            self.formatter.send_multipart([self.requests[s], protocol.encode(done)], flags=zmq.DONTWAIT)
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
         return run
 
     def close(self) -> None:
@@ -361,22 +351,17 @@ class MeshHop(Hop):
                 self.submits[msg.request_id.rsplit("/", 1)[0]] = msg.request_id
 
     async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
-        import httpx
-
         await asyncio.sleep(1.0)  # the scheduler has the worker, the gateway a ready formatter
         self.submits.clear()
-        limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=120, limits=limits) as http:
-
-            clients = [asyncio.create_task(sse_client(http, rounds, self)) for _ in range(concurrency)]
-            await until(lambda: len(self.submits) >= concurrency, "the mesh submitted every request")
-            streams = list(self.submits)
-            step = [protocol.encode(TokenEvent(self.submits[s], token_ids=[self.TEXT_TOKEN], worker_id="bench")) for s in streams]
-            run = await self.measure(streams, rounds, step_s, None, lambda k: self.worker.send_multipart(step, flags=zmq.DONTWAIT))
-            done = [protocol.encode(TokenEvent(self.submits[s], finish_reason="length", prompt_tokens=2, worker_id="bench"))
-                    for s in streams]
-            self.worker.send_multipart(done, flags=zmq.DONTWAIT)
-            await asyncio.wait_for(asyncio.gather(*clients), 30)
+        clients = [asyncio.create_task(sse_client(self.base_url, rounds, self)) for _ in range(concurrency)]
+        await until(lambda: len(self.submits) >= concurrency, "the mesh submitted every request")
+        streams = list(self.submits)
+        step = [protocol.encode(TokenEvent(self.submits[s], token_ids=[self.TEXT_TOKEN], worker_id="bench")) for s in streams]
+        run = await self.measure(streams, rounds, step_s, None, lambda k: self.worker.send_multipart(step, flags=zmq.DONTWAIT))
+        done = [protocol.encode(TokenEvent(self.submits[s], finish_reason="length", prompt_tokens=2, worker_id="bench"))
+                for s in streams]
+        self.worker.send_multipart(done, flags=zmq.DONTWAIT)
+        await asyncio.wait_for(asyncio.gather(*clients), 30)
         return run
 
     def close(self) -> None:

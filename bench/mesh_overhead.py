@@ -5,8 +5,8 @@ against the same engine called in process.
 
 For each concurrency it runs that many streams of `--max-tokens` tokens (distinct
 token-id prompts, ignore_eos) twice: through AsyncEngine in this process, then
-through a started mesh (1 formatter, 1 worker, a private redis) over HTTP/SSE.
-It reports streamed tokens/s (all streams' tokens over the wall time) and the
+through a started mesh (1 formatter, 1 worker, a private redis) over HTTP/SSE, read
+by a lean client (bench.streaming.post_sse). It reports streamed tokens/s (all streams' tokens over the wall time) and the
 inter-token latency (time between a stream's consecutive tokens, first token
 excluded) at p50/p99; "added" is mesh minus in-process. Everything shares this
 machine's cores, so the mesh's numbers include its processes competing with the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -87,40 +86,34 @@ async def in_process(engine, concurrency: int, max_tokens: int, tag: str) -> Run
 
 # ---------------------------------------------------------------- through the mesh
 async def through_mesh(base_url: str, concurrency: int, max_tokens: int, tag: int) -> Run:
-    import httpx
+    """The same streams through the gateway, read by bench.streaming.post_sse (a lean client:
+    it shares the cores with the mesh, so httpx's CPU per chunk would be charged to the mesh)."""
+    from bench.streaming import post_sse
 
     run = Run()
 
-    async def stream(http, i: int) -> None:
+    async def stream(i: int) -> None:
         body = {"model": "gpt-oss-tiny", "prompt": prompt(i + tag), "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         arrivals = []
         usage_tokens = None
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(f"stream error: {chunk['error']}")
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
-                    arrivals.append((time.perf_counter(), 1))
+        async for chunk in post_sse(base_url, "/v1/completions", body):
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
+            if chunk.get("usage"):
+                usage_tokens = chunk["usage"]["completion_tokens"]
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                arrivals.append((time.perf_counter(), 1))
         if usage_tokens and arrivals and usage_tokens != len(arrivals):
             # a chunk carried several tokens: spread them over the chunks evenly
             per = usage_tokens / len(arrivals)
             arrivals = [(t, per) for t, _ in arrivals]
         record(run, arrivals, started)
 
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
-    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(stream(http, i) for i in range(concurrency)))
-        run.wall_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(stream(i) for i in range(concurrency)))
+    run.wall_s = time.perf_counter() - t0
     return run
 
 

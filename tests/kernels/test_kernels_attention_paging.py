@@ -1,0 +1,49 @@
+"""FlashInfer page metadata and cache slots built from the engine's block tables (CPU: no kernel runs)."""
+
+import pytest
+import torch
+
+from kernels.attention import page_metadata, write_slots
+from services.worker.model.batch import NO_BLOCK, ForwardBatch
+
+BS = 4
+
+
+def _batch(tables, query_lens, context_lens):
+    tokens = sum(query_lens)
+    return ForwardBatch(token_ids=torch.zeros(tokens, dtype=torch.long), positions=torch.zeros(tokens, dtype=torch.long),
+                        query_lens=query_lens, context_lens=context_lens,
+                        block_tables={"full": tables, "sliding": tables})
+
+
+def test_pages_skip_leading_no_blocks_and_pad():
+    # seq 0: 10 tokens (3 pages, last holds 2), 2 new; seq 1: 13 tokens, its first 2 blocks left the window
+    batch = _batch([[7, 3, 9, 11], [NO_BLOCK, NO_BLOCK, 5, 6]], [2, 1], [10, 13])
+    qo, kv_indptr, indices, last = page_metadata(batch, "sliding", BS, pad_to=4, scratch_block=99)
+    assert qo.tolist() == [0, 2, 3, 4, 5]
+    assert kv_indptr.tolist() == [0, 3, 5, 6, 7]
+    assert indices.tolist() == [7, 3, 9, 5, 6, 99, 99]
+    assert last.tolist() == [2, 1, 1, 1]
+    assert all(t.dtype == torch.int32 for t in (qo, kv_indptr, indices, last))
+    assert write_slots(batch, "sliding", BS).tolist() == [9 * BS + 0, 9 * BS + 1, 6 * BS + 0]
+
+
+def test_a_hole_inside_the_keys_is_refused():
+    batch = _batch([[NO_BLOCK, 4, NO_BLOCK, 6]], [1], [13])
+    with pytest.raises(ValueError, match="hole"):
+        page_metadata(batch, "sliding", BS)
+
+
+def test_writing_into_a_dropped_block_is_refused():
+    batch = _batch([[NO_BLOCK, NO_BLOCK]], [1], [5])
+    with pytest.raises(ValueError, match="NO_BLOCK where a new token is written"):
+        write_slots(batch, "sliding", BS)
+
+
+def test_empty_step_of_padding_only():
+    batch = ForwardBatch(token_ids=torch.zeros(0, dtype=torch.long), positions=torch.zeros(0, dtype=torch.long),
+                         query_lens=[], context_lens=[], block_tables={"full": [], "sliding": []})
+    qo, kv_indptr, indices, last = page_metadata(batch, "full", BS, pad_to=2, scratch_block=3)
+    assert qo.tolist() == [0, 1, 2] and kv_indptr.tolist() == [0, 1, 2]
+    assert indices.tolist() == [3, 3] and last.tolist() == [1, 1]
+    assert write_slots(batch, "full", BS).numel() == 0

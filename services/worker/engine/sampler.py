@@ -127,12 +127,9 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
         _put(chosen, seeded, (probs / noise).argmax(dim=-1))
     if shared:
         if all(rows[i].params.temperature == 1.0 and not _truncates(rows[i].params) for i in shared):
-            plain = _rows(logits, shared)  # nothing to scale or mask: one pass less over [rows, vocab]
-            weights = plain - plain.amax(dim=-1, keepdim=True)
+            weights = torch.softmax(_rows(logits, shared), dim=-1)  # nothing to scale or mask: no copy first
         else:
-            weights = _scaled(logits, shared, rows)
-            weights.sub_(weights.amax(dim=-1, keepdim=True))
-        weights.exp_()  # softmax without the division
+            weights = torch.softmax(_scaled(logits, shared, rows), dim=-1)
         uniform = torch.rand(len(shared), dtype=torch.float64, device=logits.device, generator=generator)
         _put(chosen, shared, _inverse_cdf(weights, uniform))
 
@@ -205,8 +202,8 @@ def _scaled(logits: torch.Tensor, idx: list[int], rows: list[SamplingRow]) -> to
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """The column of each row where its cumulative weight passes uniform x the row's total.
 
-    weights: [rows, vocab] float32 >= 0 (unnormalised probabilities), each row with
-    some positive weight; uniform: [rows] float64 in [0, 1). Returns [rows] int64.
+    weights: [rows, vocab] float32 >= 0 (probabilities, normalised or not), each row
+    with some positive weight; uniform: [rows] float64 in [0, 1). Returns [rows] int64.
     Exact sampling from weights / sum with one draw per row, in two levels: the row's
     chunk of CDF_CHUNK columns from the chunk totals, then the column inside that chunk
     from its running sum in float64.

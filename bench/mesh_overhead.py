@@ -117,6 +117,36 @@ async def through_mesh(base_url: str, concurrency: int, max_tokens: int, tag: in
     return run
 
 
+# ---------------------------------------------------------------- the engine's floor
+def engine_floor(rows: int = 64) -> None:
+    """Print what a step costs whatever the checkpoint, given the o200k vocabulary:
+    the unembedding at two hidden sizes and the sampler over [rows, vocab], one torch thread."""
+    import torch
+
+    from services.worker.engine.sampler import SamplingRow, sample
+    from services.worker.main import reuse_freed_memory
+
+    reuse_freed_memory()
+    torch.set_num_threads(1)
+    vocab = 201088
+
+    def ms(f, k: int = 10) -> float:
+        f()
+        t = time.perf_counter()
+        for _ in range(k):
+            f()
+        return (time.perf_counter() - t) / k * 1000
+
+    for hidden in (64, 32):
+        x, w = torch.randn(rows, hidden), torch.randn(vocab, hidden)
+        print(f"unembedding, {rows} rows, hidden {hidden}: {ms(lambda: torch.nn.functional.linear(x, w)):.1f} ms")
+    logits = torch.randn(rows, vocab)
+    for temperature in (1.0, 0.0):
+        params = [SamplingRow(SamplingParams(temperature=temperature), [1], 1) for _ in range(rows)]
+        took = ms(lambda: sample(logits, params, torch.Generator().manual_seed(0)))
+        print(f"sample {rows} rows over {vocab} columns, temperature {temperature}: {took:.1f} ms")
+
+
 # ---------------------------------------------------------------- main
 def table(rows: list[tuple[int, Run, Run]]) -> str:
     head = ("streams", "in-proc tok/s", "mesh tok/s", "ITL p50 in-proc", "ITL p50 mesh", "added p50", "ITL p99 in-proc", "ITL p99 mesh", "added p99")
@@ -134,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated stream counts")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per stream")
     parser.add_argument("--home", default=None, help="rose home (default: a temporary folder)")
+    parser.add_argument("--floor", action="store_true", help="only time the unembedding and sampling of a 64-row step")
     args = parser.parse_args(argv)
+    if args.floor:
+        engine_floor()
+        return 0
     levels = [int(c) for c in args.concurrency.split(",") if c]
 
     from services.launcher import Mesh, with_free_ports, worker_threads

@@ -10,6 +10,15 @@ pytestmark = pytest.mark.gpu
 TOL = 1e-2
 HIDDEN = 2880  # K of both projections, and out of down (gpt-oss-20b and -120b alike)
 ROWS = [1, 4, 37, 256, 4096]  # routed rows N = tokens * top-k: one row, odd, decode, prefill
+SHAPES = [(32, 2 * HIDDEN), (32, HIDDEN), (128, 2 * HIDDEN), (128, HIDDEN)]  # (experts, out): 20b, 120b
+
+
+def gemv_configs():
+    """The CUDA-core kernel at one row a program (the table's decode entry) and two rows with
+    two steps loaded ahead."""
+    from kernels.moe_mxfp4 import TileConfig
+
+    return [TileConfig(1, 16, 256, 1, 1, gemv=True), TileConfig(2, 32, 512, 2, 2, gemv=True)]
 
 
 def random_mxfp4(experts: int, n_out: int, k: int):
@@ -37,7 +46,7 @@ def expert_offsets(rows: int, experts: int, split: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", ROWS)
-@pytest.mark.parametrize("experts,n_out", [(32, 2 * HIDDEN), (32, HIDDEN), (128, 2 * HIDDEN), (128, HIDDEN)])
+@pytest.mark.parametrize("experts,n_out", SHAPES)
 @pytest.mark.parametrize("split", ["random", "sparse", "one"])
 @pytest.mark.parametrize("dot_scaled", [True, False])
 def test_grouped_mxfp4_linear(rows, experts, n_out, split, dot_scaled):
@@ -48,6 +57,24 @@ def test_grouped_mxfp4_linear(rows, experts, n_out, split, dot_scaled):
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     out = poisoned(rows, n_out)
     y = grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, dot_scaled=dot_scaled)
+    assert y.data_ptr() == out.data_ptr()
+    assert rel_err(y, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
+
+
+@pytest.mark.parametrize("rows", [1, 4, 37, 256])
+@pytest.mark.parametrize("experts,n_out", SHAPES)
+@pytest.mark.parametrize("split", ["random", "sparse", "one"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_grouped_mxfp4_gemv(rows, experts, n_out, split, which):
+    """The CUDA-core kernel at any N, whatever the table picks there."""
+    from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
+
+    config = gemv_configs()[which]
+    blocks, scales, bias = random_mxfp4(experts, n_out, HIDDEN)
+    offsets = expert_offsets(rows, experts, split)
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    out = poisoned(rows, n_out)
+    y = grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config)
     assert y.data_ptr() == out.data_ptr()
     assert rel_err(y, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
 
@@ -67,23 +94,31 @@ def test_grouped_mxfp4_linear_uneven_tiles():
             out = poisoned(rows, n_out)
             grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config, dot_scaled=dot_scaled)
             assert rel_err(out, ref) <= TOL, (config, dot_scaled)
+    for config in (TileConfig(1, 16, 64, 1, 1, gemv=True), TileConfig(2, 32, 128, 2, 2, gemv=True),
+                   TileConfig(4, 64, 256, 4, 1, gemv=True)):
+        out = poisoned(rows, n_out)
+        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config)
+        assert rel_err(out, ref) <= TOL, config
 
 
-def test_grouped_mxfp4_linear_graph_replay():
+@pytest.mark.parametrize("rows,gemv", [(64, False), (4, False), (64, True)])
+def test_grouped_mxfp4_linear_graph_replay(rows, gemv):
     """Captured once, replayed after the routing changed in place: the grid and the kernel
-    read nothing from the host, so the new offsets take effect."""
+    read nothing from the host, so the new offsets take effect (the table's kernel for N rows,
+    or the GEMV)."""
     from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
 
-    experts, rows = 32, 64
+    config = gemv_configs()[1] if gemv else None
+    experts = 32
     blocks, scales, bias = random_mxfp4(experts, HIDDEN, HIDDEN)
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     offsets = expert_offsets(rows, experts, "random")
     out = poisoned(rows, HIDDEN)
-    grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out)  # compile outside the capture
+    grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out)
+        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config)
     for split in ("one", "sparse", "random"):
         offsets.copy_(expert_offsets(rows, experts, split))
         out.fill_(float("nan"))

@@ -63,7 +63,7 @@ class TileConfig:
     num_stages: int
     swap_ab: bool = False  # compute (W x^T)^T: weight rows on the MMA's wide side, for few rows
     gemv: bool = False  # the CUDA-core kernel (no MMA): block_m rows share each widened weight tile;
-    # there num_stages is how many weight steps are loaded ahead into registers (1 or 2)
+    # it ignores num_stages (it loads one step ahead itself: a deeper register ring was slower)
 
 
 # Keyed by N (routed rows, i.e. tokens * top-k): the first entry whose bound holds. Tuned on
@@ -163,8 +163,6 @@ def grouped_mxfp4_linear(
     if n == 0:
         return y
     cfg = tile_config(n) if config is None else config
-    if cfg.gemv and cfg.num_stages not in (1, 2):
-        raise ValueError(f"the GEMV loads 1 or 2 weight steps ahead (num_stages), got {cfg.num_stages}")
     if dot_scaled is None:
         dot_scaled = x.is_cuda
     # every tile holds at least one row: no more tiles than rows, nor than N/BM + one per expert
@@ -176,7 +174,7 @@ def grouped_mxfp4_linear(
         _grouped_mxfp4_gemv_kernel[grid](
             x, blocks.view(torch.int32), scales, bias, offsets, y, N_OUT=n_out, K=k,
             NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0, AHEAD=cfg.num_stages,
+            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
             num_warps=cfg.num_warps, num_stages=1,
         )
         return y
@@ -303,8 +301,9 @@ if triton is not None:
 
         e2m1 code s|e1 e0|m at bits 4j..4j+3 (the low nibble of a byte is the even element):
         its magnitude bits shifted to float32 bits 22..24 and its sign to bit 31 give the value
-        times 2**-126 for every code (exponent field 0 makes 0.5 a subnormal; the caller scales
-        each 32-group's sum by 2**126). Masking the code and one multiply place both copies.
+        times 2**-126 for every code (exponent field 0 makes 0.5 a subnormal, which Triton's
+        float32 FMA keeps: it does not flush to zero; the caller scales each 32-group's sum by
+        2**126). Masking the code and one multiply place both copies.
         """
         if j < 6:
             code = u & (0xF << (4 * j))
@@ -322,7 +321,7 @@ if triton is not None:
     def _grouped_mxfp4_gemv_kernel(
         x_ptr, words_ptr, scales_ptr, bias_ptr, offsets_ptr, y_ptr, N_OUT: tl.constexpr, K: tl.constexpr,
         NUM_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, AHEAD: tl.constexpr,
+        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -344,30 +343,19 @@ if triton is not None:
         x_off = g[:, None, None] * 32 + word[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [G, 4, 8]
         m_idx = tl.arange(0, BM)
         acc = tl.zeros((BM, BN, G), dtype=tl.float32)
-        # the weights of the next AHEAD steps are loaded before this step's arithmetic (a register
-        # ring): Triton pipelines only loads that feed a dot, and few programs (4 experts for one
-        # token) must each keep several loads in flight
+        # the next step's weights are loaded before this step's arithmetic (a register double
+        # buffer): Triton pipelines only loads that feed a dot
         u_next = tl.load(w_tile, mask=(g < KG)[None, :, None], other=0)
         s_next = tl.load(s_tile, mask=(g < KG)[None, :], other=0)
-        if AHEAD == 2:
-            u_after = tl.load(w_tile + BK // 8, mask=(BK // 32 + g < KG)[None, :, None], other=0)
-            s_after = tl.load(s_tile + G, mask=(BK // 32 + g < KG)[None, :], other=0)
         for k0 in range(0, K, BK):
             u = u_next
             s = s_next
             g_in = k0 // 32 + g < KG
+            g_next = (k0 + BK) // 32 + g < KG
             w_tile += BK // 8
             s_tile += G
-            if AHEAD == 2:
-                u_next = u_after
-                s_next = s_after
-                g_load = (k0 + 2 * BK) // 32 + g < KG
-                u_after = tl.load(w_tile + BK // 8, mask=g_load[None, :, None], other=0)
-                s_after = tl.load(s_tile + G, mask=g_load[None, :], other=0)
-            else:
-                g_load = (k0 + BK) // 32 + g < KG
-                u_next = tl.load(w_tile, mask=g_load[None, :, None], other=0)
-                s_next = tl.load(s_tile, mask=g_load[None, :], other=0)
+            u_next = tl.load(w_tile, mask=g_next[None, :, None], other=0)
+            s_next = tl.load(s_tile, mask=g_next[None, :], other=0)
             factor = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(s - 127); 0 for s == 0
             for m in tl.static_range(BM):
                 row = tl.minimum(row0 + m, row_end - 1).to(tl.int64)  # past the expert's rows: a repeat

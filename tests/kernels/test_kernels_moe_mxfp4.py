@@ -32,9 +32,9 @@ CASES = textwrap.dedent(
         (4, 96, 40, [5, 0, 19, 1], TileConfig(16, 32, 64, 4, 1, swap_ab=True)),
         (5, 64, 48, [0, 17, 0, 16, 0], TileConfig(16, 64, 32, 4, 1, swap_ab=True)),
         # the CUDA-core GEMV: every code of a word, the K tail, repeated rows past an expert's end
-        (4, 96, 40, [5, 0, 19, 1], TileConfig(2, 16, 64, 4, 2, gemv=True)),
+        (4, 96, 40, [5, 0, 19, 1], TileConfig(2, 16, 64, 4, 1, gemv=True)),
         (4, 128, 64, [0, 0, 0, 33], TileConfig(4, 32, 64, 4, 1, gemv=True)),
-        (3, 64, 32, [1, 1, 1], TileConfig(1, 16, 32, 1, 2, gemv=True)),
+        (3, 64, 32, [1, 1, 1], TileConfig(1, 16, 32, 1, 1, gemv=True)),
         (5, 96, 48, [0, 17, 0, 16, 0], TileConfig(1, 32, 128, 4, 1, gemv=True)),
     ]:
         blocks = torch.randint(0, 256, (experts, n_out, k // 32, 16), dtype=torch.uint8)

@@ -44,9 +44,12 @@ def _generate(model, prompts, max_tokens):
 def test_engine_serves_through_cuda_backend(checkpoint):
     torch.manual_seed(0)
     prompts = [torch.randint(0, 200000, (n,)).tolist() for n in (5, 300, 40)]
-    tokens, logprobs, finish = _generate(load_model(checkpoint, backend="cuda"), prompts, 6)
+    model = load_model(checkpoint, backend="cuda")
+    tokens, logprobs, finish = _generate(model, prompts, 6)
     assert finish == {"r0": "length", "r1": "length", "r2": "length"}
     assert all(len(t) == 6 for t in tokens.values())
+    # the engine's decode steps replayed CUDA graphs (its cache came from the model, with scratch blocks)
+    assert model.graphs is not None and model.graphs.captured, "decode steps ran eagerly"
     # greedy: the first token of each prompt is the torch backend's argmax too, unless the
     # torch bf16 model itself has a near tie there
     ref_tokens, ref_logprobs, _ = _generate(load_model(checkpoint, device="cuda", dtype=torch.bfloat16), prompts, 1)

@@ -26,7 +26,7 @@ from services.worker.engine.kv_sizing import kv_blocks_per_group
 from services.worker.engine.sampler import SamplingRow, check_params, make_generator, sample
 from services.worker.engine.scheduler import Chunk, Scheduler
 from services.worker.engine.sequence import RequestOutput, Sequence, Status
-from services.worker.model.batch import GROUPS, ForwardBatch, PagedKVCache
+from services.worker.model.batch import GROUPS, ForwardBatch
 from shared.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class EngineStats:
 class Engine:
     """Continuous batching over one model and its paged KV cache (not thread-safe).
 
-    The model is any backend with `config` (GptOssConfig), `dtype`, `device` and
+    The model is any backend with `config` (GptOssConfig), `dtype`, `device`,
+    `make_kv_cache(num_blocks, block_size) -> PagedKVCache` and
     `model(batch: ForwardBatch, kv: PagedKVCache) -> [num_seqs, vocab] float32`.
     num_blocks: KV blocks per attention group (an int gives every group the same).
     max_model_len 0 takes the model's max_position_embeddings. seed: the stream of
@@ -88,8 +89,8 @@ class Engine:
             num_blocks = {g: num_blocks for g in groups}
         self.block_size = block_size
         self.blocks = BlockManager(groups, num_blocks, block_size, window=config.max_window)
-        self.kv = PagedKVCache.allocate(config.layer_groups, num_blocks, block_size, config.num_key_value_heads,
-                                        config.head_dim, model.dtype, model.device)
+        # the backend makes its cache: the cuda one adds the scratch blocks its CUDA graphs pad with
+        self.kv = model.make_kv_cache(num_blocks, block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = model.device

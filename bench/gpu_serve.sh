@@ -25,7 +25,7 @@ PRESET=${ROSE_BENCH_PRESET:-20b}
 DEVICE=${ROSE_BENCH_DEVICE:-cuda}
 DTYPE=$([ "$DEVICE" = cpu ] && echo float32 || echo bfloat16)
 RESULTS=${OUT:-$REPO/bench/out/gpu-serve}
-CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-${PRESET}-${LAYERS:-all}l}
+CKPT=${ROSE_BENCH_CHECKPOINT:-/tmp/rose-gpt-oss-${PRESET}${LAYERS:+-${LAYERS}l}}
 SITE=/tmp/rose-site
 REDIS=/tmp/rose-redis
 start=$(date +%s)

@@ -297,12 +297,18 @@ class FormatterPool:
 
     async def _watch_connection(self, link: Link) -> None:
         """A dropped TCP connection (the formatter died or restarted) ends its requests
-        at once: a restarted formatter knows nothing of them, and would never answer."""
+        at once, since a restarted formatter knows nothing of them and would never answer, and
+        takes the link out of routing until the formatter answers a ping again."""
         monitor = link.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())
-                if event["event"] == zmq.EVENT_DISCONNECTED and link.inflight:
+                if event["event"] != zmq.EVENT_DISCONNECTED:
+                    continue
+                # not live until it answers a ping again: no new request waits out the
+                # heartbeat timeout on a peer that is gone
+                link.heard_at = 0.0
+                if link.inflight:
                     log.warning("formatter %s disconnected; failing its %d requests", link.address, len(link.inflight))
                     self._fail_inflight(link, "the connection to the formatter dropped")
         except (asyncio.CancelledError, zmq.ZMQError):

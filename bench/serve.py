@@ -491,8 +491,9 @@ def plot(report: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     meta = report["meta"]
-    fig.suptitle(f"{meta['device']} - {os.path.basename(meta['model'])} ({meta['layers']} layers), "
-                 f"{meta['backend']} on {meta['torch_device']}, {meta['date']}", fontsize=9)
+    # two lines: one panel is narrower than device, model and date together
+    fig.suptitle(f"{meta['device']}, {meta['backend']} on {meta['torch_device']}\n"
+                 f"{os.path.basename(meta['model'])} ({meta['layers']} layers), {meta['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

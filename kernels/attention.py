@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from array import array
+from itertools import accumulate, chain
 
 import torch
 
@@ -52,28 +53,34 @@ def page_metadata(
     pad_to appends one-token sequences on `scratch_block` up to that many sequences (the
     padding rows of a CUDA graph captured for a larger batch).
     """
-    # array('i') grows in C: a step at batch 256 and 4k context lists 65k pages
-    qo, kv_indptr, indices, last = array("i", [0]), array("i", [0]), array("i"), array("i")
-    for s, (q_len, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)):
-        pages = (ctx + block_size - 1) // block_size
-        table = batch.block_tables[group][s]
-        if len(table) > pages:
-            table = table[:pages]
-        first = table.count(NO_BLOCK)  # C-speed scans: long tables are thousands of blocks
-        if first:
-            if NO_BLOCK in table[first:]:  # then table[:first] are exactly the NO_BLOCKs
-                raise ValueError(f"{group} block table of sequence {s} has a NO_BLOCK hole inside its keys")
-            table = table[first:]
-        indices.extend(table)
-        qo.append(qo[-1] + q_len)
-        kv_indptr.append(len(indices))
-        last.append(ctx - (pages - 1) * block_size)
-    for _ in range(batch.num_seqs, pad_to or 0):
-        indices.append(scratch_block)
-        qo.append(qo[-1] + 1)
-        kv_indptr.append(len(indices))
-        last.append(1)
+    tables = batch.block_tables[group]
+    pages = [(ctx + block_size - 1) // block_size for ctx in batch.context_lens]
+    flat: list[int] = []
+    lens = []
+    for table, n in zip(tables, pages):
+        if len(table) > n:
+            table = table[:n]
+        if table and table[0] == NO_BLOCK:  # only sliding tables lead with NO_BLOCK: skip the run
+            table = table[table.count(NO_BLOCK):]  # a NO_BLOCK left after this is a hole, found below
+        flat += table
+        lens.append(len(table))
+    # one conversion of the page list (a step at batch 256 lists tens of thousands of pages)
+    pad = max(0, (pad_to or 0) - batch.num_seqs)
+    indices = array("i", flat)
+    # a list scan is cheaper for a few pages, a tensor compare for tens of thousands
+    if (NO_BLOCK in flat) if len(flat) < 4096 else bool(_as_tensor(indices, torch.int32).eq(NO_BLOCK).any()):
+        hole = next(s for s, (t, n) in enumerate(zip(tables, pages)) if _has_hole(t[:n]))
+        raise ValueError(f"{group} block table of sequence {hole} has a NO_BLOCK hole inside its keys")
+    indices.extend([scratch_block] * pad)
+    kv_indptr = array("i", accumulate(chain(lens, [1] * pad), initial=0))
+    qo = array("i", accumulate(chain(batch.query_lens, [1] * pad), initial=0))
+    last = array("i", [ctx - (n - 1) * block_size for ctx, n in zip(batch.context_lens, pages)] + [1] * pad)
     return tuple(_as_tensor(a, torch.int32) for a in (qo, kv_indptr, indices, last))
+
+
+def _has_hole(table: list[int]) -> bool:
+    """Whether a NO_BLOCK follows a real block (NO_BLOCKs may only lead)."""
+    return NO_BLOCK in table[table.count(NO_BLOCK):]
 
 
 def _as_tensor(values: array, dtype: torch.dtype) -> torch.Tensor:

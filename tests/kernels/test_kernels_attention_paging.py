@@ -47,3 +47,15 @@ def test_empty_step_of_padding_only():
     assert qo.tolist() == [0, 1, 2] and kv_indptr.tolist() == [0, 1, 2]
     assert indices.tolist() == [3, 3] and last.tolist() == [1, 1]
     assert write_slots(batch, "full", BS).numel() == 0
+
+
+def test_a_hole_is_found_in_a_big_step_too():
+    # past 4096 pages the check runs on the page tensor; the error still names the sequence
+    tables = [list(range(s * 64, (s + 1) * 64)) for s in range(70)]
+    tables[41][30] = NO_BLOCK
+    batch = _batch(tables, [1] * 70, [64 * BS] * 70)
+    with pytest.raises(ValueError, match="sequence 41 has a NO_BLOCK hole"):
+        page_metadata(batch, "full", BS)
+    tables[41][30] = 41 * 64 + 30
+    _, kv_indptr, indices, _ = page_metadata(batch, "full", BS)
+    assert indices.tolist() == list(range(70 * 64)) and kv_indptr[-1] == 70 * 64

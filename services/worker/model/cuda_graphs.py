@@ -52,7 +52,15 @@ class DecodeGraphs:
         self.captured: dict[int, _Captured] = {}
 
     def fits(self, batch: ForwardBatch) -> bool:
-        return batch.num_seqs <= self.buckets[-1] and is_decode(batch)
+        """A decode step within the largest bucket whose page lists fit the graphs' index buffers.
+
+        The buffers hold a pool's worth of pages plus the padding; sequences that share
+        prefix blocks list those blocks once each, so a step can list more pages than the
+        pool has blocks: such a step runs eagerly.
+        """
+        if batch.num_seqs > self.buckets[-1] or not is_decode(batch):
+            return False
+        return step_pages(batch, self.kv.block_size) <= min(self.max_pages.values())
 
     def bucket(self, num_seqs: int) -> int:
         return next(b for b in self.buckets if b >= num_seqs)
@@ -94,6 +102,11 @@ class DecodeGraphs:
         step = _Captured(graph, attention, tokens, positions, logits)
         self.captured[b] = step
         return step
+
+
+def step_pages(batch: ForwardBatch, block_size: int) -> int:
+    """Pages a step's sequences list in the full group (the sliding group lists no more)."""
+    return sum((ctx + block_size - 1) // block_size for ctx in batch.context_lens)
 
 
 def _padded(values: torch.Tensor, size: int) -> torch.Tensor:

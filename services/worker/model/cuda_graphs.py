@@ -55,8 +55,8 @@ class DecodeGraphs:
         """A decode step within the largest bucket whose page lists fit the graphs' index buffers.
 
         The buffers hold a pool's worth of pages plus the padding; sequences that share
-        prefix blocks list those blocks once each, so a step can list more pages than the
-        pool has blocks: such a step runs eagerly.
+        prefix blocks each list them, so a step can list more pages than the pool has
+        blocks: such a step runs eagerly.
         """
         if batch.num_seqs > self.buckets[-1] or not is_decode(batch):
             return False

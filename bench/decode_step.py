@@ -31,6 +31,13 @@ from services.worker.model.batch import NO_BLOCK
 BLOCK = 16
 
 
+def random_checkpoint(preset: str = "20b", layers: int | None = None, path: str | None = None) -> str:
+    """A random checkpoint of the preset's shapes (all its layers unless `layers`), written once, on the GPU."""
+    path = path or f"/tmp/rose-bench/gpt-oss-{preset}-{layers or 'all'}-layers"
+    overrides = {"num_hidden_layers": layers} if layers else {}
+    return make_checkpoint(path, seed=1, preset=preset, device="cuda", **overrides)
+
+
 def decode_batch(seqs: int, context: int, window: int, vocab: int) -> tuple[ForwardBatch, dict[str, int]]:
     """B sequences at `context` tokens decoding one more, and the blocks each pool needs."""
     pages = (context + BLOCK - 1) // BLOCK
@@ -111,10 +118,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    path = args.checkpoint or f"/tmp/rose-bench/gpt-oss-{args.preset}-{args.layers or 'all'}-layers"
     start = time.perf_counter()
-    make_checkpoint(path, seed=1, preset=args.preset, device="cuda", **overrides)
+    path = random_checkpoint(args.preset, args.layers, args.checkpoint)
     print(f"checkpoint {path} ready in {time.perf_counter() - start:.1f} s")
     result = run(path, [int(b) for b in args.batches.split(",")], args.context, args.iters)
     print(f"{result['device']}, {result['layers']} layers, context {result['context']}, "

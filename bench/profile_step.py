@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from bench.decode_step import BLOCK, decode_batch, time_replay, time_steps
-from services.worker.model import load_model, make_checkpoint
+from bench.decode_step import BLOCK, decode_batch, random_checkpoint, time_replay, time_steps
+from services.worker.model import load_model
 
 
 def main() -> None:
@@ -27,9 +27,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")
     parser.add_argument("--host", action="store_true", help="also profile the host side of graph steps (cProfile)")
     args = parser.parse_args()
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    path = make_checkpoint(f"/tmp/rose-bench/gpt-oss-20b-{args.layers or 'all'}-layers", seed=1, preset="20b",
-                           device="cuda", **overrides)
+    path = random_checkpoint("20b", args.layers)
     model = load_model(path, backend="cuda")
     batch, blocks = decode_batch(args.batch, args.context, model.config.sliding_window, model.config.vocab_size)
     kv = model.make_kv_cache(blocks, BLOCK)

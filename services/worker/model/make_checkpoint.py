@@ -82,7 +82,7 @@ def make_checkpoint(
     seed: int = 0,
     preset: str = "tiny",
     max_shard_bytes: int | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     **config_overrides,
 ) -> str:
     """Write (or keep, if already complete) a random checkpoint at path; returns path.
@@ -93,7 +93,8 @@ def make_checkpoint(
     """
     config = preset_config(preset, **config_overrides)
     shards = plan_shards(expected_tensors(config), max_shard_bytes or DEFAULT_MAX_SHARD_BYTES[preset])
-    index = build_index(shards, seed, torch.device(device).type)
+    device = torch.device(device)
+    index = build_index(shards, seed, device.type)
     if _is_complete(path, config, index):
         return path
     os.makedirs(path, exist_ok=True)
@@ -105,7 +106,7 @@ def make_checkpoint(
     _write_json(os.path.join(path, "config.json"), config.to_dict())
     _write_json(os.path.join(path, "generation_config.json"), _generation_config(config))
     for file_name, specs in shards:
-        tensors = {spec.name: t.cpu() for spec, t in _generate(specs, config, seed, torch.device(device))}
+        tensors = {spec.name: t.cpu() for spec, t in _generate(specs, config, seed, device)}
         tmp = os.path.join(path, f"{file_name}.{os.getpid()}.tmp")  # unique: two writers may race
         save_file(tensors, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, file_name))

@@ -128,6 +128,7 @@ class SinkAttention:
         self.workspaces = {} if workspaces is None else workspaces
         self.wrappers: dict[tuple[str, int | None], object] = {}
         self.slots: dict[str, torch.Tensor] = {}
+        self._planned: torch.cuda.Event | None = None  # the last plan's copies to the device are queued up to here
         if graph_batch is not None:
             self.slots = {g: torch.zeros(graph_batch, dtype=torch.int64, device=self.device) for g in self.max_pages}
 
@@ -161,6 +162,10 @@ class SinkAttention:
         if pad_to is not None and (batch.num_seqs > pad_to or any(q != 1 for q in batch.query_lens)):
             raise ValueError(f"a graph-mode plan takes up to {pad_to} one-token sequences")
         scratch = scratch_blocks or {}
+        # FlashInfer's plan fills a pinned host buffer and queues its copy to the device; with the
+        # engine running a step ahead, the last plan's copy may still be queued: let it go first
+        if self._planned is not None:
+            self._planned.synchronize()
         for group, window in keys:
             meta = page_metadata(batch, group, self.block_size, pad_to, scratch.get(group, 0))
             self._wrapper(group, window).plan(
@@ -175,6 +180,9 @@ class SinkAttention:
             else:
                 padding = torch.full((pad_to - len(slots),), scratch.get(group, 0) * self.block_size)
                 self.slots[group].copy_(torch.cat([slots, padding]), non_blocking=True)
+        if self.device.type == "cuda":
+            self._planned = torch.cuda.Event()
+            self._planned.record()
 
     def __call__(
         self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -9,6 +9,12 @@ A step asks the scheduler for chunks, runs one forward pass over all of them (on
 ForwardBatch over the paged KV cache), samples a token for every sequence whose
 chunk reached its last token, registers newly filled blocks in the prefix cache,
 and returns the new tokens of every request that produced any or finished.
+
+On a GPU the steps overlap (vLLM's async scheduling, SGLang's overlap scheduler): a
+step's draws stay on the device, each sequence gets a placeholder token, and the next
+step is scheduled and launched with its inputs read from those draws before the host
+reads them. Planning, sampling set-up and output handling then run while the device
+computes. A request that stops on a sampled token costs the one step launched after it.
 """
 
 from __future__ import annotations
@@ -16,20 +22,42 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.errors import EngineInputError
 from services.worker.engine.kv_sizing import kv_blocks_per_group
-from services.worker.engine.sampler import SamplingRow, check_params, make_generator, sample
+from services.worker.engine.sampler import SampledTokens, SamplingRow, check_params, choose, make_generator, needs_host, sample
 from services.worker.engine.scheduler import Chunk, Scheduler
 from services.worker.engine.sequence import RequestOutput, Sequence, Status
 from services.worker.model.batch import GROUPS, ForwardBatch
 from shared.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+# Where a token still being drawn on the device goes in Sequence.token_ids (never a real id).
+PLACEHOLDER = -1
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step on its way: the forward pass and the draws are queued on the device.
+
+    rows: each sampled sequence with the index of its placeholder (None: the token is
+    appended when read, because it ends the request by length). tokens: the draws
+    [rows] int64 on the device, which the next step's inputs may read before the host
+    does; host: tokens and finite flags [2, rows], copied to the host once `ready`.
+    """
+
+    chunks: list[Chunk]
+    rows: list[tuple[Sequence, int | None]] = field(default_factory=list)
+    tokens: torch.Tensor | None = None
+    host: torch.Tensor | None = None
+    ready: torch.cuda.Event | None = None
+    sampled: SampledTokens | None = None  # rows sampled on the host (logprobs, penalties)
 
 
 @dataclass
@@ -60,7 +88,8 @@ class Engine:
     `model(batch: ForwardBatch, kv: PagedKVCache) -> [num_seqs, vocab] float32`.
     num_blocks: KV blocks per attention group (an int gives every group the same).
     max_model_len 0 takes the model's max_position_embeddings. seed: the stream of
-    requests without their own seed (None: nondeterministic).
+    requests without their own seed (None: nondeterministic). overlap: launch each
+    step before the host reads the last one's tokens (None: on a CUDA device).
     """
 
     def __init__(
@@ -74,6 +103,7 @@ class Engine:
         max_model_len: int = 0,
         eos_token_ids: list[int] | None = None,
         seed: int | None = None,
+        overlap: bool | None = None,
     ):
         config = model.config
         self.model = model
@@ -91,6 +121,9 @@ class Engine:
         self.blocks = BlockManager(groups, num_blocks, block_size, window=config.max_window)
         # the backend makes its cache: the cuda one adds the scratch blocks its CUDA graphs pad with
         self.kv = model.make_kv_cache(num_blocks, block_size)
+        capture = getattr(model, "capture_decode_graphs", None)  # the cuda backend: no capture mid-request
+        if capture is not None:
+            capture(self.kv, max_num_seqs)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = model.device
@@ -107,6 +140,10 @@ class Engine:
         self._generated = 0
         self._finished = 0
         self._steps = 0
+        # overlap: launch each step before reading the last one's tokens (pays off where the device runs asynchronously)
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._pending: _Launched | None = None  # launched, its tokens not yet read (overlap only)
+        self._in_flight: _Launched | None = None  # the launched step whose placeholders the next step reads
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -184,93 +221,168 @@ class Engine:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.running or self.scheduler.waiting or self._done)
+        return bool(self.scheduler.running or self.scheduler.waiting or self._done or self._pending)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
-        """One iteration: schedule, forward, sample; the outputs of every request that moved."""
+        """One iteration: schedule, forward, sample; the outputs of every request that moved.
+
+        With overlap, the step's tokens reach the host during the next call: that call
+        launches the following step first (its inputs read the tokens on the device), then
+        reads them while the device runs it, so the host's work hides behind the device's.
+        """
+        launched, self._pending = self._pending, None
+        early = launched is not None and self._overlappable()
+        ahead = self._launch() if early else None
+        resolved = self._resolve(launched) if launched is not None else []
+        if not early:
+            ahead = self._launch()
+        if ahead is not None:
+            if self._overlappable():
+                self._pending = ahead
+            else:
+                resolved += self._resolve(ahead)
+        return self._collect(resolved)
+
+    def _overlappable(self) -> bool:
+        """Whether a step may launch before the last one's tokens are read: no live request samples on the host."""
+        return self.overlap and not any(needs_host(s.params) for s in self.requests.values())
+
+    def _launch(self) -> _Launched | None:
+        """Schedule, run the forward pass and start sampling; None when nothing is scheduled or it failed."""
+        pending = self._in_flight
         chunks = self.scheduler.schedule()
         for seq in self.scheduler.unschedulable:
             self._finish(seq, "error", "the request does not fit in the KV cache")
         self.scheduler.unschedulable.clear()
-        if chunks:
-            self._steps += 1
-            self._run(chunks)
-        return self._collect(chunks)
-
-    def _run(self, chunks: list[Chunk]) -> None:
-        """Forward the chunks, then append sampled tokens; a failure ends those requests."""
+        if not chunks:
+            return None
+        self._steps += 1
         try:
-            logits = self.model(self._forward_batch(chunks), self.kv)
+            logits = self.model(self._forward_batch(chunks, pending), self.kv)
         except Exception as exc:  # a backend error must not take the engine down
             log.exception("forward pass failed for %d sequences", len(chunks))
             for chunk in chunks:
                 self._finish(chunk.seq, "error", f"forward pass failed: {exc}")
-            return
+            return None
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
             prompt_part = max(0, min(chunk.end, seq.num_prompt_tokens) - chunk.start)
             self._prefill_tokens += prompt_part
             self._decode_tokens += chunk.end - chunk.start - prompt_part
-            self.blocks.register_full_blocks(seq.blocks, seq.token_ids, seq.num_computed)
+            # blocks full of known tokens go into the prefix cache now, before the next step's
+            # window release frees them; a placeholder's block waits for its token (_resolve)
+            known = chunk.end - 1 if seq.token_ids[chunk.end - 1] == PLACEHOLDER else chunk.end
+            self.blocks.register_full_blocks(seq.blocks, seq.token_ids, known)
+        launched = _Launched(chunks)
         rows = [i for i, c in enumerate(chunks) if c.completes]
-        if not rows:
-            return
-        finite = _finite_rows(logits if len(rows) == logits.shape[0] else logits[rows])
-        good = [i for i, ok in zip(rows, finite) if ok]
-        for i, ok in zip(rows, finite):
-            if not ok:
-                self._finish(chunks[i].seq, "error", "the model produced non-finite logits")
-        if not good:
-            return
-        seqs = [chunks[i].seq for i in good]
+        if rows:
+            self._sample(launched, [chunks[i].seq for i in rows], logits if len(rows) == logits.shape[0] else logits[rows])
+        self._in_flight = launched
+        return launched
+
+    def _sample(self, launched: _Launched, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Start drawing one token per sequence; each gets a placeholder where its token will go."""
+        sampling = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs]
+        finite = torch.isfinite(logits).all(dim=-1)
         try:
-            sampled = sample(
-                logits if len(good) == logits.shape[0] else logits[good],
-                [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs],
-                self.generator,
-            )
+            if any(needs_host(s.params) for s in seqs):  # logprobs or penalties: sampled now, on the host
+                launched.sampled = sample(logits, sampling, self.generator)
+                tokens = torch.tensor(launched.sampled.token_ids, device=logits.device)
+            else:
+                tokens = choose(logits, sampling, self.generator)
         except Exception as exc:
             log.exception("sampling failed for %d sequences", len(seqs))
             for seq in seqs:
                 self._finish(seq, "error", f"sampling failed: {exc}")
             return
-        for j, seq in enumerate(seqs):
-            self._append_token(seq, sampled.token_ids[j], sampled.logprobs[j], sampled.top_logprobs[j])
+        # a non-finite row's draw may be any index; the next step must read a real token id
+        launched.tokens = torch.where(finite, tokens, 0)
+        launched.host = _to_host(torch.stack([launched.tokens, finite.long()]))
+        if launched.tokens.is_cuda:
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        for seq in seqs:
+            at = seq.num_tokens
+            # a sequence its token finishes by length takes none: the next step must not schedule it
+            if seq.num_tokens + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or at + 1 >= self.max_model_len:
+                launched.rows.append((seq, None))
+            else:
+                seq.token_ids.append(PLACEHOLDER)
+                launched.rows.append((seq, at))
 
-    def _forward_batch(self, chunks: list[Chunk]) -> ForwardBatch:
+    def _resolve(self, launched: _Launched) -> list[Sequence]:
+        """Read a launched step's tokens, append them, end finished requests; the sequences it ran."""
+        if launched is self._in_flight:
+            self._in_flight = None
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens, finite = launched.host.tolist() if launched.host is not None else ([], [])
+        for chunk in launched.chunks:
+            seq = chunk.seq
+            if seq.status is Status.RUNNING:  # every token before chunk.end is real now
+                self.blocks.register_full_blocks(seq.blocks, seq.token_ids, chunk.end)
+        for j, (seq, at) in enumerate(launched.rows):
+            if seq.status is Status.FINISHED:  # aborted, or failed, since the launch
+                continue
+            if not finite[j]:
+                self._finish(seq, "error", "the model produced non-finite logits")
+                continue
+            token = tokens[j]
+            if at is None:
+                at = seq.num_tokens
+                seq.token_ids.append(token)
+            else:
+                seq.token_ids[at] = token
+            seq.pending_tokens.append(token)
+            self._generated += 1
+            if launched.sampled is not None and launched.sampled.logprobs[j] is not None:
+                seq.pending_logprobs.append(launched.sampled.logprobs[j])
+                seq.pending_top.append(launched.sampled.top_logprobs[j] or [])
+            p = seq.params
+            if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+                self._finish(seq, "stop")
+            elif at + 1 - seq.num_prompt_tokens >= p.max_tokens or at + 1 >= self.max_model_len:
+                self._finish(seq, "length")
+        return [c.seq for c in launched.chunks]
+
+    def _forward_batch(self, chunks: list[Chunk], pending: _Launched | None) -> ForwardBatch:
+        """The step's inputs; a placeholder token is read on the device from the pending step's draw."""
         tokens: list[int] = []
         positions: list[int] = []
         for c in chunks:
             tokens += c.seq.token_ids[c.start : c.end]
             positions += range(c.start, c.end)
+        token_ids = torch.tensor(tokens, dtype=torch.long)
+        if PLACEHOLDER in tokens:
+            row = {id(seq): j for j, (seq, at) in enumerate(pending.rows) if at is not None}
+            where = [i for i, t in enumerate(tokens) if t == PLACEHOLDER]
+            source = [row[id(c.seq)] for c in chunks if PLACEHOLDER in c.seq.token_ids[c.start : c.end]]
+            if where == list(range(len(pending.rows))) and source == where:
+                token_ids = pending.tokens if len(tokens) == len(where) else torch.cat(
+                    [pending.tokens, token_ids[len(where):].to(self.device, non_blocking=True)])
+            else:
+                token_ids[where] = 0
+                token_ids = token_ids.to(self.device, non_blocking=True)
+                token_ids[torch.tensor(where, device=self.device)] = pending.tokens[torch.tensor(source, device=self.device)]
         tables = {g: [c.seq.blocks.tables[g] for c in chunks] for g in self.blocks.pools}
         for g in GROUPS:
             tables.setdefault(g, [[] for _ in chunks])
         return ForwardBatch(
-            token_ids=torch.tensor(tokens, dtype=torch.long),
+            token_ids=token_ids,
             positions=torch.tensor(positions, dtype=torch.long),
             query_lens=[c.end - c.start for c in chunks],
             context_lens=[c.end for c in chunks],
             block_tables=tables,
         )
 
-    def _append_token(self, seq: Sequence, token: int, logprob: float | None, top: list | None) -> None:
-        seq.token_ids.append(token)
-        seq.pending_tokens.append(token)
-        self._generated += 1
-        if logprob is not None:
-            seq.pending_logprobs.append(logprob)
-            seq.pending_top.append(top or [])
-        p = seq.params
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            self._finish(seq, "stop")
-        elif seq.num_tokens - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            self._finish(seq, "length")
-
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        """End a request: free its blocks and keep it for the next output."""
+        """End a request: free its blocks and keep it for the next output.
+
+        A step still in flight may write the freed blocks: later steps, which may reuse
+        them, run after it on the same stream.
+        """
         if seq.status is Status.FINISHED:
             return
         self.scheduler.remove(seq, keep_cached=reason != "error")
@@ -278,11 +390,11 @@ class Engine:
         seq.error = error
         self._done.append(seq)
 
-    def _collect(self, chunks: list[Chunk]) -> list[RequestOutput]:
+    def _collect(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """Outputs of requests that got tokens this step or finished since the last one."""
         outputs = []
         seen = set()
-        for seq in [c.seq for c in chunks] + self._done:
+        for seq in seqs + self._done:
             if id(seq) in seen:
                 continue
             seen.add(id(seq))
@@ -319,19 +431,13 @@ class Engine:
         return self.blocks.drain_kv_events()
 
 
-def _finite_rows(logits: torch.Tensor) -> list[bool]:
-    """Whether each row of logits [rows, vocab] is all finite.
-
-    A non-finite value makes its row's sum non-finite, so one summing pass settles
-    every row but those whose sum is not finite (a NaN/inf, or finite values that
-    overflowed the sum): only they get the exact test.
-    """
-    finite = torch.isfinite(logits.sum(dim=-1))
-    if bool(finite.all()):
-        return finite.tolist()
-    unsure = (~finite).nonzero().squeeze(1)
-    finite[unsure] = torch.isfinite(logits[unsure]).all(dim=-1)
-    return finite.tolist()
+def _to_host(values: torch.Tensor) -> torch.Tensor:
+    """values copied to the host without waiting: a pinned tensor filled once the device gets there."""
+    if not values.is_cuda:
+        return values
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    return host
 
 
 def _eos_token_ids(path: str, config) -> list[int]:

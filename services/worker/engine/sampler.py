@@ -107,7 +107,37 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
     """
     logits = logits.float()
     raw_logprobs = _raw_logprobs(logits, rows)
-    if any(_has_penalty(r) for r in rows):
+    token_ids = choose(logits, rows, generator).tolist()
+    logprobs: list[float | None] = [None] * len(rows)
+    top: list[list[list] | None] = [None] * len(rows)
+    for i, row_logprobs in raw_logprobs.items():
+        logprobs[i] = float(row_logprobs[token_ids[i]])
+        n = rows[i].params.logprobs
+        if n:
+            values, ids = row_logprobs.topk(n)
+            top[i] = [[int(t), float(v)] for t, v in zip(ids.tolist(), values.tolist())]
+        else:
+            top[i] = []
+    return SampledTokens(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+
+
+def needs_host(params: SamplingParams) -> bool:
+    """Whether sampling this request reads its token history or returns logprobs (host work).
+
+    Penalties read the tokens so far, and logprobs come back as Python floats; other
+    requests sample on the device alone (`choose`), so a step can launch before the
+    tokens of the step before it reach the host.
+    """
+    return params.logprobs is not None or _penalized(params)
+
+
+def choose(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The token of each row as [rows] int64 on logits' device, without waiting for the device.
+
+    logits: [rows, vocab] float32 (not modified). Penalties read each row's token_ids.
+    """
+    logits = logits.float()
+    if any(_penalized(r.params) for r in rows):
         logits = _apply_penalties(logits.clone(), rows)
 
     temperatures = [r.params.temperature for r in rows]
@@ -132,19 +162,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
             weights = torch.softmax(_scaled(logits, shared, rows), dim=-1)
         uniform = torch.rand(len(shared), dtype=torch.float64, device=logits.device, generator=generator)
         _put(chosen, shared, _inverse_cdf(weights, uniform))
-
-    token_ids = chosen.tolist()
-    logprobs: list[float | None] = [None] * len(rows)
-    top: list[list[list] | None] = [None] * len(rows)
-    for i, row_logprobs in raw_logprobs.items():
-        logprobs[i] = float(row_logprobs[token_ids[i]])
-        n = rows[i].params.logprobs
-        if n:
-            values, ids = row_logprobs.topk(n)
-            top[i] = [[int(t), float(v)] for t, v in zip(ids.tolist(), values.tolist())]
-        else:
-            top[i] = []
-    return SampledTokens(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+    return chosen
 
 
 def _raw_logprobs(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, torch.Tensor]:
@@ -174,8 +192,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     return logits
 
 
-def _has_penalty(row: SamplingRow) -> bool:
-    p = row.params
+def _penalized(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
 
 

@@ -25,7 +25,8 @@ GROUPS = ("full", "sliding")
 class ForwardBatch:
     """One engine step: the new tokens of several sequences, concatenated.
 
-    token_ids, positions: [T] int64, sequence by sequence.
+    token_ids, positions: [T] int64, sequence by sequence (token_ids on the CPU, or on the
+        model's device when the engine feeds it the last step's draws).
     query_lens[s]: new tokens of sequence s this step (sum == T).
     context_lens[s]: tokens of sequence s in the cache after this step
         (cached before + query_lens[s]); the new tokens sit at the end.
@@ -84,5 +85,7 @@ def check_forward_inputs(batch: ForwardBatch, kv: PagedKVCache, layer_groups: li
     if batch.token_ids.dim() != 1 or batch.positions.shape != batch.token_ids.shape:
         raise ValueError(f"token_ids {tuple(batch.token_ids.shape)} and positions {tuple(batch.positions.shape)} "
                          "must both be [T]")
-    if batch.token_ids.numel() and (int(batch.token_ids.min()) < 0 or int(batch.token_ids.max()) >= vocab_size):
+    # ids already on the device come from the sampler (engine overlap): checking them would wait for it
+    if batch.token_ids.is_cpu and batch.token_ids.numel() and (
+            int(batch.token_ids.min()) < 0 or int(batch.token_ids.max()) >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size})")

@@ -108,6 +108,17 @@ class CudaGptOss(nn.Module):
         return kv
 
     @torch.inference_mode()
+    def capture_decode_graphs(self, kv: PagedKVCache, max_num_seqs: int) -> None:
+        """Capture the decode graphs of steps up to max_num_seqs sequences now (the engine's start-up)."""
+        from services.worker.model.cuda_graphs import DecodeGraphs
+
+        if not self.cuda_graphs or kv.scratch_blocks is None:
+            return
+        if self.graphs is None or self.graphs.kv is not kv:
+            self.graphs = DecodeGraphs(self, kv)
+        self.graphs.capture_up_to(max_num_seqs)
+
+    @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
         """Logits [num_seqs, vocab] float32 (last new token of each sequence), or [T, vocab] with all_logits.
 

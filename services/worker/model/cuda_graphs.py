@@ -2,8 +2,9 @@
 
 A decode step (one new token for each of n sequences) launches some 30 kernels a
 layer; eager, the host cannot issue them as fast as the GPU runs them. Here each
-bucket size b is captured once, at its first use, and a step of n <= b sequences
-replays the graph of the smallest such b:
+bucket size b is captured once (the engine captures every bucket up to its
+max_num_seqs at start-up; otherwise at a bucket's first use), and a step of n <= b
+sequences replays the graph of the smallest such b:
 
     plan      host: FlashInfer page metadata and cache slots into the bucket's fixed
               buffers, token ids and positions into its input buffers
@@ -62,6 +63,17 @@ class DecodeGraphs:
             return False
         return step_pages(batch, self.kv.block_size) <= min(self.max_pages.values())
 
+    def capture_up_to(self, num_seqs: int) -> None:
+        """Capture every bucket a step of up to num_seqs sequences can use, largest first.
+
+        At start-up, so no request waits for a capture (a bucket's first capture also
+        compiles its kernels); the largest first, so the shared pool is sized once.
+        """
+        top = self.bucket(min(num_seqs, self.buckets[-1]))
+        for b in sorted((b for b in self.buckets if b <= top), reverse=True):
+            if b not in self.captured:
+                self._capture(b)
+
     def bucket(self, num_seqs: int) -> int:
         return next(b for b in self.buckets if b >= num_seqs)
 
@@ -71,7 +83,10 @@ class DecodeGraphs:
         b = self.bucket(n)
         step = self.captured.get(b) or self._capture(b)
         step.attention.plan(batch, self.model.attention_keys, self.kv.scratch_blocks)
-        step.tokens.copy_(_padded(batch.token_ids, b), non_blocking=True)
+        if batch.token_ids.is_cpu:
+            step.tokens.copy_(_padded(batch.token_ids, b), non_blocking=True)
+        else:  # the last step's draws; padding rows keep earlier ids, which are valid and touch only scratch
+            step.tokens[:n].copy_(batch.token_ids)
         step.positions.copy_(_padded(batch.positions, b), non_blocking=True)
         step.graph.replay()
         return step.logits[:n]

@@ -34,14 +34,19 @@ def small_model(tmp_path_factory):
     return load_model(path)
 
 
-@pytest.fixture
-def make_engine(small_model):
-    """Engine(small_model, **overrides); after the test every engine must hold no block."""
+@pytest.fixture(params=[False, True], ids=["serial", "overlap"])
+def make_engine(small_model, request):
+    """Engine(small_model, **overrides); after the test every engine must hold no block.
+
+    Every test runs twice: with each step read before the next is launched, and with
+    the overlap a GPU engine uses (the next step launched first, its inputs read from
+    the last step's draws): both must give the same tokens.
+    """
     engines: list[Engine] = []
 
     def build(**overrides) -> Engine:
         options = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                       max_model_len=MAX_MODEL_LEN, seed=0)
+                       max_model_len=MAX_MODEL_LEN, seed=0, overlap=request.param)
         options.update(overrides)
         engine = Engine(small_model, **options)
         engines.append(engine)

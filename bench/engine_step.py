@@ -49,6 +49,8 @@ def decode_phase(engine: Engine, batch: int, prompt: int, output: int, vocab: in
         started.update(o.request_id for o in outputs if o.token_ids)
         if decode_start is None and len(started) == batch:
             decode_start = now
+    if decode_start is None:
+        raise RuntimeError(f"only {len(started)} of {batch} requests produced a token (the engine's log says why)")
     elapsed = time.perf_counter() - decode_start
     return dict(step_ms=elapsed / steps * 1e3, tokens_per_s=tokens / elapsed, steps=steps, tokens=tokens)
 

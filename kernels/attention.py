@@ -20,7 +20,7 @@ from itertools import accumulate, chain
 
 import torch
 
-from services.worker.model.batch import NO_BLOCK, ForwardBatch
+from services.worker.model.batch import NO_BLOCK, ForwardBatch, HostStaging
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
@@ -128,7 +128,7 @@ class SinkAttention:
         self.workspaces = {} if workspaces is None else workspaces
         self.wrappers: dict[tuple[str, int | None], object] = {}
         self.slots: dict[str, torch.Tensor] = {}
-        self._planned: torch.cuda.Event | None = None  # the last plan's copies to the device are queued up to here
+        self.staging: HostStaging | None = None  # pinned host memory for the plan's copies (made at first plan)
         if graph_batch is not None:
             self.slots = {g: torch.zeros(graph_batch, dtype=torch.int64, device=self.device) for g in self.max_pages}
 
@@ -162,27 +162,32 @@ class SinkAttention:
         if pad_to is not None and (batch.num_seqs > pad_to or any(q != 1 for q in batch.query_lens)):
             raise ValueError(f"a graph-mode plan takes up to {pad_to} one-token sequences")
         scratch = scratch_blocks or {}
-        # FlashInfer's plan fills a pinned host buffer and queues its copy to the device; with the
-        # engine running a step ahead, the last plan's copy may still be queued: let it go first
-        if self._planned is not None:
-            self._planned.synchronize()
+        # Everything goes to the device from pinned memory, queued behind the step in flight (the
+        # engine plans a step ahead). FlashInfer's own plan buffer is pinned too; beginning the
+        # staging waits until the last plan's copies, its own included, ran.
+        if self.staging is None:
+            self.staging = HostStaging()
+        self.staging.begin()
         for group, window in keys:
-            meta = page_metadata(batch, group, self.block_size, pad_to, scratch.get(group, 0))
+            qo, kv_indptr, indices, last = page_metadata(batch, group, self.block_size, pad_to, scratch.get(group, 0))
+            # keys each sequence attends over; given, FlashInfer copies it from here instead of a fresh pageable tensor
+            kv_lens = (kv_indptr[1:] - kv_indptr[:-1] - 1) * self.block_size + last
+            qo, kv_indptr, indices, last, kv_lens = map(self.staging.put, (qo, kv_indptr, indices, last, kv_lens))
+            if pad_to is not None:  # FlashInfer copies host page indices into its graph buffer blocking
+                indices = indices.to(self.device, non_blocking=True)
             self._wrapper(group, window).plan(
-                *meta, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
+                qo, kv_indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
                 causal=True, sm_scale=self.scale, window_left=_window_left(window),
-                q_data_type=self.dtype, kv_data_type=self.dtype,
+                q_data_type=self.dtype, kv_data_type=self.dtype, seq_lens=kv_lens,
             )
         for group in {g for g, _ in keys}:
             slots = write_slots(batch, group, self.block_size)
             if pad_to is None:
-                self.slots[group] = slots.to(self.device, non_blocking=True)
+                self.slots[group] = self.staging.put(slots).to(self.device, non_blocking=True)
             else:
                 padding = torch.full((pad_to - len(slots),), scratch.get(group, 0) * self.block_size)
-                self.slots[group].copy_(torch.cat([slots, padding]), non_blocking=True)
-        if self.device.type == "cuda":
-            self._planned = torch.cuda.Event()
-            self._planned.record()
+                self.slots[group].copy_(self.staging.put(torch.cat([slots, padding])), non_blocking=True)
+        self.staging.end()
 
     def __call__(
         self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

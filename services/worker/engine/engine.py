@@ -32,7 +32,7 @@ from services.worker.engine.kv_sizing import kv_blocks_per_group
 from services.worker.engine.sampler import SampledTokens, SamplingRow, check_params, choose, make_generator, needs_host, sample
 from services.worker.engine.scheduler import Chunk, Scheduler
 from services.worker.engine.sequence import RequestOutput, Sequence, Status
-from services.worker.model.batch import GROUPS, ForwardBatch
+from services.worker.model.batch import GROUPS, ForwardBatch, to_device
 from shared.protocol import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class Engine:
         try:
             if any(needs_host(s.params) for s in seqs):  # logprobs or penalties: sampled now, on the host
                 launched.sampled = sample(logits, sampling, self.generator)
-                tokens = torch.tensor(launched.sampled.token_ids, device=logits.device)
+                tokens = to_device(launched.sampled.token_ids, logits.device)
             else:
                 tokens = choose(logits, sampling, self.generator)
         except Exception as exc:
@@ -361,11 +361,11 @@ class Engine:
             source = [row[id(c.seq)] for c in chunks if PLACEHOLDER in c.seq.token_ids[c.start : c.end]]
             if where == list(range(len(pending.rows))) and source == where:
                 token_ids = pending.tokens if len(tokens) == len(where) else torch.cat(
-                    [pending.tokens, token_ids[len(where):].to(self.device, non_blocking=True)])
+                    [pending.tokens, to_device(token_ids[len(where):], self.device)])
             else:
                 token_ids[where] = 0
-                token_ids = token_ids.to(self.device, non_blocking=True)
-                token_ids[torch.tensor(where, device=self.device)] = pending.tokens[torch.tensor(source, device=self.device)]
+                token_ids = to_device(token_ids, self.device)
+                token_ids[to_device(where, self.device)] = pending.tokens[to_device(source, self.device)]
         tables = {g: [c.seq.blocks.tables[g] for c in chunks] for g in self.blocks.pools}
         for g in GROUPS:
             tables.setdefault(g, [[] for _ in chunks])

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.engine.errors import EngineInputError
+from services.worker.model.batch import to_device
 from shared.protocol import SamplingParams
 
 # Below this a temperature means greedy (as in vLLM): dividing by it overflows.
@@ -170,7 +171,7 @@ def _raw_logprobs(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, to
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if not wanted:
         return {}
-    values = torch.log_softmax(logits[torch.tensor(wanted, device=logits.device)], dim=-1).cpu()
+    values = torch.log_softmax(logits[to_device(wanted, logits.device)], dim=-1).cpu()
     return dict(zip(wanted, values))
 
 
@@ -180,7 +181,7 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         p = row.params
         if p.repetition_penalty != 1.0:
             # vLLM/HF: over prompt and output, shrink positive logits and grow negative ones.
-            seen = torch.tensor(sorted(set(row.token_ids)), dtype=torch.long, device=logits.device)
+            seen = to_device(sorted(set(row.token_ids)), logits.device, torch.long)
             if seen.numel():
                 values = logits[i, seen]
                 logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
@@ -200,19 +201,19 @@ def _rows(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """logits[idx]; the tensor itself (no copy) when idx is every row in order."""
     if len(idx) == logits.shape[0]:
         return logits
-    return logits[torch.tensor(idx, device=logits.device)]
+    return logits[to_device(idx, logits.device)]
 
 
 def _put(chosen: torch.Tensor, idx: list[int], values: torch.Tensor) -> None:
     if len(idx) == chosen.shape[0]:
         chosen.copy_(values)
     else:
-        chosen[torch.tensor(idx, device=chosen.device)] = values
+        chosen[to_device(idx, chosen.device)] = values
 
 
 def _scaled(logits: torch.Tensor, idx: list[int], rows: list[SamplingRow]) -> torch.Tensor:
     """A new [len(idx), vocab] float32: those rows over their temperature, truncated."""
-    temps = torch.tensor([rows[i].params.temperature for i in idx], dtype=logits.dtype, device=logits.device)
+    temps = to_device([rows[i].params.temperature for i in idx], logits.device, logits.dtype)
     return _truncate(_rows(logits, idx) / temps[:, None], [rows[i].params for i in idx])
 
 
@@ -264,7 +265,7 @@ def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
     if len(need) == len(params):
         return _truncate_rows(logits, params)
     logits = logits.clone()
-    idx = torch.tensor(need, device=logits.device)
+    idx = to_device(need, logits.device)
     logits[idx] = _truncate_rows(logits[idx], [params[j] for j in need])
     return logits
 
@@ -277,15 +278,15 @@ def _truncate_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     vocab = logits.shape[-1]
     device = logits.device
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    k = torch.tensor([v if v else vocab for v in top_k], device=device)
+    k = to_device([v if v else vocab for v in top_k], device)
     ranks = torch.arange(vocab, device=device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], -math.inf)
     probs = torch.softmax(sorted_logits, dim=-1)
     # top_p: keep the smallest head whose mass reaches p (the token that crosses p stays).
     before = probs.cumsum(dim=-1) - probs
-    drop = before > torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+    drop = before > to_device(top_p, device, probs.dtype)[:, None]
     # min_p: drop tokens less likely than min_p times the most likely one.
-    drop |= probs < torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None] * probs[:, :1]
+    drop |= probs < to_device(min_p, device, probs.dtype)[:, None] * probs[:, :1]
     drop[:, 0] = False  # the best token always survives
     sorted_logits = sorted_logits.masked_fill(drop, -math.inf)
     return torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)

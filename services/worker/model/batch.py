@@ -74,6 +74,59 @@ class PagedKVCache:
         return cls(k=k, v=v, layer_groups=list(layer_groups), block_size=block_size)
 
 
+def to_device(values: torch.Tensor | list, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """values (a CPU tensor, or a list) on device, queued on the current stream without waiting for it.
+
+    A copy from pageable host memory may wait for the stream to drain, and a blocking copy
+    always does: with the engine a step ahead, that stalls the host until the step in flight
+    ends. Pinned memory's copy is queued like a kernel (torch keeps the block until it ran).
+    """
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda" or not t.is_cpu:
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+class HostStaging:
+    """A pinned host buffer for a step's small inputs, reused step after step.
+
+        staging.begin()                   # waits until the last round's copies ran
+        pinned = staging.put(cpu_tensor)  # a pinned copy, as often as needed
+        device_buffer.copy_(pinned, non_blocking=True)
+        staging.end()                     # marks where this round's copies sit in the stream
+
+    Pinning each tensor on its own costs tens of microseconds a call; writing into one
+    pinned buffer costs a memcpy. The buffer must not change under a queued copy, hence
+    begin() waits for the event end() recorded (queued behind the step in flight, it
+    has usually run by then).
+    """
+
+    def __init__(self, nbytes: int = 1 << 16):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.used = 0
+        self.done: torch.cuda.Event | None = None
+
+    def begin(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+        self.used = 0
+
+    def put(self, t: torch.Tensor) -> torch.Tensor:
+        nbytes = t.numel() * t.element_size()
+        if self.used + nbytes > self.buffer.numel():
+            # the old buffer stays with the caching host allocator until its queued copies ran
+            self.buffer = torch.empty(max(2 * self.buffer.numel(), nbytes), dtype=torch.uint8, pin_memory=True)
+            self.used = 0
+        view = self.buffer[self.used : self.used + nbytes].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        self.used += -(-nbytes // 8) * 8  # the next view 8-byte aligned
+        return view
+
+    def end(self) -> None:
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+
 def check_forward_inputs(batch: ForwardBatch, kv: PagedKVCache, layer_groups: list[str], vocab_size: int) -> None:
     """ValueError naming what is inconsistent between a batch, its cache and the model."""
     if kv.layer_groups != layer_groups:

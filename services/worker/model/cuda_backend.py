@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.worker.model.batch import ForwardBatch, PagedKVCache, check_forward_inputs
+from services.worker.model.batch import ForwardBatch, PagedKVCache, check_forward_inputs, to_device
 from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import apply_rotary
 
@@ -141,9 +141,9 @@ class CudaGptOss(nn.Module):
         else:
             attention = None
             plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in self.attention_keys}
-        mlp, resid = self._layers(batch.token_ids.to(dev), batch.positions.to(dev), attention, plans, kv)
+        mlp, resid = self._layers(to_device(batch.token_ids, dev), to_device(batch.positions, dev), attention, plans, kv)
         if not all_logits:
-            last = (torch.cumsum(torch.tensor(batch.query_lens), 0) - 1).to(dev)
+            last = to_device(torch.cumsum(torch.tensor(batch.query_lens), 0) - 1, dev)
             mlp, resid = mlp[last].contiguous(), resid[last].contiguous()
         return self._logits(mlp, resid)
 

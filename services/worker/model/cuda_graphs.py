@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.model.batch import GROUPS, ForwardBatch, PagedKVCache
+from services.worker.model.batch import GROUPS, ForwardBatch, HostStaging, PagedKVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -51,6 +51,7 @@ class DecodeGraphs:
         self.workspaces: dict = {}
         self.max_pages = {g: kv.k[kv.layer_groups.index(g)].shape[0] for g in set(kv.layer_groups)}
         self.captured: dict[int, _Captured] = {}
+        self.staging = HostStaging(1 << 12)  # token ids and positions on their way to a graph's inputs
 
     def fits(self, batch: ForwardBatch) -> bool:
         """A decode step within the largest bucket whose page lists fit the graphs' index buffers.
@@ -83,11 +84,13 @@ class DecodeGraphs:
         b = self.bucket(n)
         step = self.captured.get(b) or self._capture(b)
         step.attention.plan(batch, self.model.attention_keys, self.kv.scratch_blocks)
+        self.staging.begin()
         if batch.token_ids.is_cpu:
-            step.tokens.copy_(_padded(batch.token_ids, b), non_blocking=True)
+            step.tokens.copy_(self.staging.put(_padded(batch.token_ids, b)), non_blocking=True)
         else:  # the last step's draws; padding rows keep earlier ids, which are valid and touch only scratch
             step.tokens[:n].copy_(batch.token_ids)
-        step.positions.copy_(_padded(batch.positions, b), non_blocking=True)
+        step.positions.copy_(self.staging.put(_padded(batch.positions, b)), non_blocking=True)
+        self.staging.end()
         step.graph.replay()
         return step.logits[:n]
 

@@ -10,7 +10,9 @@ batch size B, B requests of --prompt random tokens each generate --output tokens
 (serial) and once with the overlap the engine uses on a GPU (the next step launched
 first). It prints the decode phase's time per step (from the step after the last
 prefill to the end), its tokens/s, and the roofline of bench/roofline.py for B
-sequences at the mean context of that phase.
+sequences at the mean context of that phase. --loop-requests N also keeps B requests
+live closed-loop (a new one as each finishes, as a serving client does) until N have
+finished: output tokens/s with the prefills mixed in, serial against overlap.
 """
 
 from __future__ import annotations
@@ -55,7 +57,26 @@ def decode_phase(engine: Engine, batch: int, prompt: int, output: int, vocab: in
     return dict(step_ms=elapsed / steps * 1e3, tokens_per_s=tokens / elapsed, steps=steps, tokens=tokens)
 
 
-def run(path: str, batches: list[int], prompt: int, output: int) -> dict:
+def closed_loop(engine: Engine, streams: int, requests: int, prompt: int, output: int, vocab: int) -> dict:
+    """`streams` requests live at once, a new one added as each finishes (as a serving client keeps
+    them), until `requests` have finished: output tokens/s and the mean step, prefills included."""
+    rng = random.Random(streams)
+    params = SamplingParams(max_tokens=output, temperature=1.0, ignore_eos=True)
+    added = finished = tokens = steps = 0
+    start = time.perf_counter()
+    while finished < requests:
+        while added < requests and added - finished < streams:
+            engine.add_request(f"loop{streams}-{added}", [rng.randrange(vocab) for _ in range(prompt)], params)
+            added += 1
+        outputs = engine.step()
+        steps += 1
+        tokens += sum(len(o.token_ids) for o in outputs)
+        finished += sum(o.finished for o in outputs)
+    elapsed = time.perf_counter() - start
+    return dict(tokens_per_s=tokens / elapsed, step_ms=elapsed / steps * 1e3, steps=steps, tokens=tokens)
+
+
+def run(path: str, batches: list[int], prompt: int, output: int, loop_requests: int) -> dict:
     bandwidth = copy_bandwidth("cuda")
     model = load_model(path, backend="cuda")
     c = model.config
@@ -72,6 +93,8 @@ def run(path: str, batches: list[int], prompt: int, output: int) -> dict:
             engine.overlap = mode == "overlap"
             decode_phase(engine, batch, prompt, min(output, 8), c.vocab_size, seed=0)  # warm: every kernel shape
             row[mode] = decode_phase(engine, batch, prompt, output, c.vocab_size, seed=batch)
+            if loop_requests:
+                row[f"{mode}_loop"] = closed_loop(engine, batch, loop_requests, prompt, output, c.vocab_size)
         rows.append(row)
     return dict(bandwidth=bandwidth, layers=c.num_hidden_layers, prompt=prompt, output=output, rows=rows,
                 capture_s=capture_s, device=torch.cuda.get_device_name())
@@ -85,10 +108,12 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,64")
     parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens per request")
     parser.add_argument("--output", type=int, default=128, help="generated tokens per request")
+    parser.add_argument("--loop-requests", type=int, default=0,
+                        help="also run this many requests closed-loop at each batch size (prefills included)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     path = random_checkpoint(args.preset, args.layers, args.checkpoint)
-    result = run(path, [int(b) for b in args.batches.split(",")], args.prompt, args.output)
+    result = run(path, [int(b) for b in args.batches.split(",")], args.prompt, args.output, args.loop_requests)
     print(f"{result['device']}, {result['layers']} layers, prompt {result['prompt']}, output {result['output']}, "
           f"copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s, graphs captured at start-up in "
           f"{result['capture_s']:.1f} s")
@@ -100,6 +125,14 @@ def main() -> None:
         print(f"| {r['batch']} | {s['step_ms']:.3f} | {o['step_ms']:.3f} | {s['tokens_per_s']:.0f} | "
               f"{o['tokens_per_s']:.0f} | {o['tokens_per_s'] / s['tokens_per_s']:.2f}x | {r['bound_ms']:.3f} | "
               f"{o['step_ms'] / r['bound_ms']:.2f}x |")
+    if args.loop_requests:
+        print(f"closed loop, {args.loop_requests} requests per batch size (a new request as each finishes):")
+        print("| streams | serial tok/s | overlap tok/s | serial ms/step | overlap ms/step | overlap / serial |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in result["rows"]:
+            s, o = r["serial_loop"], r["overlap_loop"]
+            print(f"| {r['batch']} | {s['tokens_per_s']:.0f} | {o['tokens_per_s']:.0f} | {s['step_ms']:.3f} | "
+                  f"{o['step_ms']:.3f} | {o['tokens_per_s'] / s['tokens_per_s']:.2f}x |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

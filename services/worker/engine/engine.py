@@ -121,9 +121,9 @@ class Engine:
         self.blocks = BlockManager(groups, num_blocks, block_size, window=config.max_window)
         # the backend makes its cache: the cuda one adds the scratch blocks its CUDA graphs pad with
         self.kv = model.make_kv_cache(num_blocks, block_size)
-        capture = getattr(model, "capture_decode_graphs", None)  # the cuda backend: no capture mid-request
-        if capture is not None:
-            capture(self.kv, max_num_seqs)
+        warm_up = getattr(model, "warm_up", None)  # the cuda backend: compiles and graph captures before any request
+        if warm_up is not None:
+            warm_up(self.kv, max_num_seqs, max_num_batched_tokens)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = model.device

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from services.worker.model.batch import ForwardBatch, PagedKVCache, check_forward_inputs, to_device
+from services.worker.model.batch import GROUPS, ForwardBatch, PagedKVCache, check_forward_inputs, to_device
 from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import apply_rotary
 
@@ -108,15 +108,26 @@ class CudaGptOss(nn.Module):
         return kv
 
     @torch.inference_mode()
-    def capture_decode_graphs(self, kv: PagedKVCache, max_num_seqs: int) -> None:
-        """Capture the decode graphs of steps up to max_num_seqs sequences now (the engine's start-up)."""
+    def warm_up(self, kv: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        """Before the first request (the engine's start-up): compile what steps will run and capture the decode graphs.
+
+        Triton compiles the MXFP4 expert GEMM once per tile config, and the config follows the
+        routed rows (tokens x top-k): one scratch prefill per config a step can reach, so no
+        request waits seconds for a compile (the disk cache helps only the next process).
+        """
+        from kernels.moe_mxfp4 import TILE_CONFIGS
         from services.worker.model.cuda_graphs import DecodeGraphs
 
-        if not self.cuda_graphs or kv.scratch_blocks is None:
+        if kv.scratch_blocks is None:
             return
-        if self.graphs is None or self.graphs.kv is not kv:
-            self.graphs = DecodeGraphs(self, kv)
-        self.graphs.capture_up_to(max_num_seqs)
+        top_k = self.config.num_experts_per_tok
+        tokens = {min(max(1, bound // top_k), max_num_batched_tokens) for bound, _ in TILE_CONFIGS[:-1]}
+        for t in sorted(tokens | {max_num_batched_tokens}):
+            self.forward(_scratch_prefill(t, kv), kv)
+        if self.cuda_graphs:
+            if self.graphs is None or self.graphs.kv is not kv:
+                self.graphs = DecodeGraphs(self, kv)
+            self.graphs.capture_up_to(max_num_seqs)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
@@ -187,6 +198,15 @@ class CudaGptOss(nn.Module):
             plan = plans[(L["group"], L["window"])]
             out = paged_attention(q, k, v, k_cache, v_cache, plan, L["sinks"], c.head_dim**-0.5)
         return F.linear(out.reshape(t, c.q_size).to(x.dtype), L["o_w"], L["o_b"])
+
+
+def _scratch_prefill(tokens: int, kv: PagedKVCache) -> ForwardBatch:
+    """A prefill of `tokens` tokens whose every page is the pool's scratch block (it reads and writes nothing else)."""
+    pages = -(-tokens // kv.block_size)
+    return ForwardBatch(
+        token_ids=torch.zeros(tokens, dtype=torch.long), positions=torch.arange(tokens), query_lens=[tokens],
+        context_lens=[tokens], block_tables={g: [[kv.scratch_blocks[g]] * pages if g in kv.scratch_blocks else []]
+                                             for g in GROUPS})
 
 
 def load_cuda_model(path: str, device: torch.device | str = "cuda", block_size: int = 16,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from services.worker.model.batch import GROUPS, ForwardBatch, HostStaging, PagedKVCache
+from services.worker.model.batch import GROUPS, NO_BLOCK, ForwardBatch, HostStaging, PagedKVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -56,13 +56,14 @@ class DecodeGraphs:
     def fits(self, batch: ForwardBatch) -> bool:
         """A decode step within the largest bucket whose page lists fit the graphs' index buffers.
 
-        The buffers hold a pool's worth of pages plus the padding; sequences that share
-        prefix blocks each list them, so a step can list more pages than the pool has
-        blocks: such a step runs eagerly.
+        Each group's buffer holds its pool's worth of pages plus the padding; sequences that
+        share prefix blocks each list them, so a step can list more pages than the pool has
+        blocks: such a step runs eagerly. Each group is checked against its own pool: the
+        sliding pool is sized for windows, the full one for whole contexts.
         """
         if batch.num_seqs > self.buckets[-1] or not is_decode(batch):
             return False
-        return step_pages(batch, self.kv.block_size) <= min(self.max_pages.values())
+        return all(step_pages(batch, g, self.kv.block_size) <= n for g, n in self.max_pages.items())
 
     def capture_up_to(self, num_seqs: int) -> None:
         """Capture every bucket a step of up to num_seqs sequences can use, largest first.
@@ -122,9 +123,14 @@ class DecodeGraphs:
         return step
 
 
-def step_pages(batch: ForwardBatch, block_size: int) -> int:
-    """Pages a step's sequences list in the full group (the sliding group lists no more)."""
-    return sum((ctx + block_size - 1) // block_size for ctx in batch.context_lens)
+def step_pages(batch: ForwardBatch, group: str, block_size: int) -> int:
+    """Pages a step's sequences list in one group, as page_metadata lists them (a sliding
+    table's leading NO_BLOCKs, blocks out of every window, are not listed)."""
+    total = 0
+    for table, ctx in zip(batch.block_tables[group], batch.context_lens):
+        n = (ctx + block_size - 1) // block_size
+        total += n - (table[:n].count(NO_BLOCK) if table and table[0] == NO_BLOCK else 0)
+    return total
 
 
 def _padded(values: torch.Tensor, size: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 import torch
 
-from services.worker.model.batch import ForwardBatch, PagedKVCache
+from services.worker.model.batch import NO_BLOCK, ForwardBatch, PagedKVCache
 from services.worker.model.cuda_graphs import BUCKETS, DecodeGraphs, step_pages
 
 BS = 16
@@ -22,19 +22,20 @@ def _decode(context_lens, shared_prefix_blocks=0):
                         block_tables={"full": tables, "sliding": tables})
 
 
-def _graphs(pool_blocks):
-    """The routing state of DecodeGraphs over a cache of pool_blocks blocks (no CUDA needed to decide)."""
+def _graphs(pool_blocks, sliding_blocks=None):
+    """The routing state of DecodeGraphs over pools of these sizes (no CUDA needed to decide)."""
+    sliding_blocks = sliding_blocks or pool_blocks
     kv = PagedKVCache.allocate(["full", "sliding"], {"full": 1, "sliding": 1}, BS, 1, 8, torch.float32, "cpu")
-    kv.scratch_blocks = {"full": pool_blocks - 1, "sliding": pool_blocks - 1}
+    kv.scratch_blocks = {"full": pool_blocks - 1, "sliding": sliding_blocks - 1}
     graphs = DecodeGraphs.__new__(DecodeGraphs)
-    graphs.kv, graphs.buckets, graphs.max_pages = kv, BUCKETS, {"full": pool_blocks, "sliding": pool_blocks}
+    graphs.kv, graphs.buckets, graphs.max_pages = kv, BUCKETS, {"full": pool_blocks, "sliding": sliding_blocks}
     return graphs
 
 
 def test_decode_steps_within_the_pool_take_a_graph():
     graphs = _graphs(pool_blocks=200)
     batch = _decode([100, 300, 17])
-    assert step_pages(batch, BS) == 7 + 19 + 2
+    assert step_pages(batch, "full", BS) == 7 + 19 + 2
     assert graphs.fits(batch)
     assert graphs.bucket(3) == 4 and graphs.bucket(1) == 1 and graphs.bucket(256) == 256
 
@@ -43,7 +44,7 @@ def test_a_shared_prefix_listed_past_the_pool_runs_eagerly():
     # 8 sequences share 40 blocks: 8 x 41 = 328 pages listed, from only 48 distinct blocks
     graphs = _graphs(pool_blocks=200)
     batch = _decode([41 * BS] * 8, shared_prefix_blocks=40)
-    assert step_pages(batch, BS) == 328 > 200
+    assert step_pages(batch, "full", BS) == 328 > 200
     assert not graphs.fits(batch)
 
 
@@ -53,3 +54,18 @@ def test_prefill_and_oversized_steps_run_eagerly():
     prefill.query_lens = [5, 1]
     assert not graphs.fits(prefill)
     assert not graphs.fits(_decode([3] * (BUCKETS[-1] + 1)))
+
+
+def test_a_small_sliding_pool_bounds_only_the_sliding_page_lists():
+    # the engine sizes the sliding pool for windows (8 blocks here) and the full pool for contexts:
+    # 64 sequences of 69 pages list 4416 full pages but, past the window, 2 sliding pages each
+    graphs = _graphs(pool_blocks=65_536, sliding_blocks=200)
+    batch = _decode([1100] * 64)
+    pages = (1100 + BS - 1) // BS
+    batch.block_tables["sliding"] = [[NO_BLOCK] * (pages - 2) + t[-2:] for t in batch.block_tables["full"]]
+    assert step_pages(batch, "full", BS) == 64 * pages > 200
+    assert step_pages(batch, "sliding", BS) == 64 * 2
+    assert graphs.fits(batch)
+    batch.block_tables["sliding"] = [[NO_BLOCK] * (pages - 4) + t[-4:] for t in batch.block_tables["full"]]
+    assert step_pages(batch, "sliding", BS) == 256 > 200
+    assert not graphs.fits(batch)

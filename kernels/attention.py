@@ -164,21 +164,22 @@ class SinkAttention:
         scratch = scratch_blocks or {}
         # Everything goes to the device from pinned memory, queued behind the step in flight (the
         # engine plans a step ahead). FlashInfer's own plan buffer is pinned too; beginning the
-        # staging waits until the last plan's copies, its own included, ran.
+        # staging waits until the last plan's copies, its own included, ran. The page metadata
+        # FlashInfer gets is pinned tensor by tensor: handing it views of the shared staging buffer
+        # (with seq_lens) gave wrong decode-graph logits on the H100 (tests/kernels/test_kernels_cuda_backend_gpu.py),
+        # and which of the two did it is not settled.
         if self.staging is None:
             self.staging = HostStaging()
         self.staging.begin()
         for group, window in keys:
-            qo, kv_indptr, indices, last = page_metadata(batch, group, self.block_size, pad_to, scratch.get(group, 0))
-            # keys each sequence attends over; given, FlashInfer copies it from here instead of a fresh pageable tensor
-            kv_lens = (kv_indptr[1:] - kv_indptr[:-1] - 1) * self.block_size + last
-            qo, kv_indptr, indices, last, kv_lens = map(self.staging.put, (qo, kv_indptr, indices, last, kv_lens))
+            meta = page_metadata(batch, group, self.block_size, pad_to, scratch.get(group, 0))
+            qo, kv_indptr, indices, last = (t.pin_memory() for t in meta)
             if pad_to is not None:  # FlashInfer copies host page indices into its graph buffer blocking
                 indices = indices.to(self.device, non_blocking=True)
             self._wrapper(group, window).plan(
                 qo, kv_indptr, indices, last, self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
                 causal=True, sm_scale=self.scale, window_left=_window_left(window),
-                q_data_type=self.dtype, kv_data_type=self.dtype, seq_lens=kv_lens,
+                q_data_type=self.dtype, kv_data_type=self.dtype,
             )
         for group in {g for g, _ in keys}:
             slots = write_slots(batch, group, self.block_size)

@@ -306,11 +306,15 @@ class Engine:
         for seq in seqs:
             at = seq.num_tokens
             # a sequence its token finishes by length takes none: the next step must not schedule it
-            if seq.num_tokens + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or at + 1 >= self.max_model_len:
+            if self._ends_by_length(seq, at):
                 launched.rows.append((seq, None))
             else:
                 seq.token_ids.append(PLACEHOLDER)
                 launched.rows.append((seq, at))
+
+    def _ends_by_length(self, seq: Sequence, at: int) -> bool:
+        """Whether the token at index `at` is the request's last by max_tokens or the context."""
+        return at + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or at + 1 >= self.max_model_len
 
     def _resolve(self, launched: _Launched) -> list[Sequence]:
         """Read a launched step's tokens, append them, end finished requests; the sequences it ran."""
@@ -343,7 +347,7 @@ class Engine:
             p = seq.params
             if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
                 self._finish(seq, "stop")
-            elif at + 1 - seq.num_prompt_tokens >= p.max_tokens or at + 1 >= self.max_model_len:
+            elif self._ends_by_length(seq, at):
                 self._finish(seq, "length")
         return [c.seq for c in launched.chunks]
 

@@ -140,6 +140,25 @@ def test_non_finite_logits_fail_only_that_request(make_engine, small_model):
     assert again.token_ids == generate_contiguous(small_model, prompt(23, seed=23), greedy(8)).token_ids
 
 
+def test_non_finite_logits_fail_only_that_request_when_sampling_on_the_host(make_engine, small_model):
+    # logprobs make the sampler run on the host; a NaN row must not fail its batch mates there either
+    engine = make_engine()
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3, logprobs=2)
+    engine.add_request("poisoned", prompt(23, seed=23), params)
+    engine.add_request("healthy", prompt(41, seed=41), params)
+    results = {}
+    for out in engine.step():
+        results.setdefault(out.request_id, []).append(out)
+    seq = engine.requests["poisoned"]
+    for layer, group in enumerate(engine.kv.layer_groups):
+        engine.kv.v[layer][[b for b in seq.blocks.tables[group] if b >= 0]] = float("nan")
+    for out in run_all(engine).values():
+        results.setdefault(out.last.request_id, []).extend(out.outputs)
+    assert results["poisoned"][-1].finish_reason == "error" and "non-finite" in results["poisoned"][-1].error
+    healthy = [t for o in results["healthy"] for t in o.token_ids]
+    assert results["healthy"][-1].finish_reason == "length" and len(healthy) == 8
+
+
 def test_out_of_blocks_requests_wait_or_are_preempted_and_all_finish(make_engine, small_model):
     # 12 blocks of 4 tokens per group; each request grows to 36 tokens (9 blocks).
     engine = make_engine(num_blocks=12, max_num_batched_tokens=32)

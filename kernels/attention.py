@@ -164,10 +164,9 @@ class SinkAttention:
         scratch = scratch_blocks or {}
         # Everything goes to the device from pinned memory, queued behind the step in flight (the
         # engine plans a step ahead). FlashInfer's own plan buffer is pinned too; beginning the
-        # staging waits until the last plan's copies, its own included, ran. The page metadata
-        # FlashInfer gets is pinned tensor by tensor: handing it views of the shared staging buffer
-        # (with seq_lens) gave wrong decode-graph logits on the H100 (tests/kernels/test_kernels_cuda_backend_gpu.py),
-        # and which of the two did it is not settled.
+        # staging waits until the last plan's copies, its own included, ran. FlashInfer's page
+        # metadata is pinned tensor by tensor: views of the staging buffer (with seq_lens) failed
+        # the GPU logits test (docs/BENCHMARKS.md, the 24-layer serving run after the overlap).
         if self.staging is None:
             self.staging = HostStaging()
         self.staging.begin()

@@ -216,12 +216,14 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                     return await stream_completion(http, model, prompt, max_tokens, stream_logprobs=args.stream_logprobs)
 
                 await warm_up(send, plan)
-                for entry in plan:
-                    if out_of_time(args, "mesh", entry):
-                        continue
-                    records, duration = await drive(send, entry["items"], entry["level"], args.seed)
-                    entry["runs"]["mesh"] = (records, duration, None)
-                    _progress("mesh", entry, records, duration)
+                for repeat in range(args.mesh_repeats):  # a second pass shows how far the figures move
+                    target = "mesh" if repeat == 0 else f"mesh#{repeat + 1}"
+                    for entry in plan:
+                        if out_of_time(args, target, entry):
+                            continue
+                        records, duration = await drive(send, entry["items"], entry["level"], args.seed)
+                        entry["runs"][target] = (records, duration, None)
+                        _progress(target, entry, records, duration)
 
         asyncio.run(sweep())
     finally:
@@ -379,6 +381,8 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
             for ref in TARGETS[TARGETS.index(ours) + 1:]:
                 if ours in runs and ref in runs:
                     level_out["ratios"][f"{ours}/{ref}"] = ratios(runs[ours], runs[ref])
+        for repeat in (t for t in runs if t.startswith("mesh#") and "mesh" in runs):  # run to run
+            level_out["ratios"][f"{repeat}/mesh"] = ratios(runs[repeat], runs["mesh"])
         block["levels"].append(level_out)
     return {
         "meta": run_meta(args, settings, config),
@@ -473,7 +477,8 @@ def plot(report: dict, path: str) -> None:
         ax.plot([x for x, _ in roof], [y for _, y in roof], "k--", label="memory-bound roofline")
         b1 = wl["roofline_batch1"]
         ax.plot([1000 * b1["step_s"]], [b1["tokens_per_s"]], "k*", markersize=10, label="batch-1 bound")
-        for target in TARGETS:
+        repeats = sorted({t for lv in levels for t in lv["runs"] if t not in TARGETS})
+        for target in (*TARGETS, *repeats):
             points = [(lv["runs"][target]["tpot_ms"]["p50"], lv["runs"][target]["output_throughput"], lv["label"])
                       for lv in levels if target in lv["runs"] and lv["runs"][target]["tpot_ms"]["p50"]]
             if not points:
@@ -512,6 +517,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight in rate mode")
     parser.add_argument("--num-prompts", type=int, default=0, help="requests per level (0: max(8, 4 x concurrency); 64 per rate)")
     parser.add_argument("--references", default="engine,hf", help="comma-separated: engine, hf (empty: none)")
+    parser.add_argument("--mesh-repeats", type=int, default=1,
+                        help="passes of every level through the mesh; passes 2.. report as mesh#2, ... with "
+                             "their ratio to the first (run-to-run spread)")
     parser.add_argument("--hf-batches", type=int, default=0,
                         help="static batches the hf reference runs per level (0: all the level's prompts)")
     parser.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
@@ -565,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(references) - {"engine", "hf"}
     if unknown:
         print(f"bench.serve: unknown reference {sorted(unknown)[0]!r} (engine, hf)", file=sys.stderr)
+        return 2
+    if args.mesh_repeats < 1:
+        print(f"bench.serve: --mesh-repeats must be at least 1, got {args.mesh_repeats}", file=sys.stderr)
         return 2
     from services.setup import setup
     from services.worker.model.config import GptOssConfig

@@ -22,6 +22,7 @@ def report(rose_home, vocab_dir, tiny_checkpoint, tmp_path_factory):
         "--concurrency", "1,3",
         "--num-prompts", str(PROMPTS),
         "--references", "engine",
+        "--mesh-repeats", "2",
         "--stream-logprobs",
         "--goodput", "ttft:60000", "tpot:60000",
         "--home", rose_home, "--model", tiny_checkpoint, "--tiktoken-encodings-base", vocab_dir,
@@ -45,8 +46,8 @@ def test_every_level_ran_every_target(report):
     assert workload["workload"] == {"name": f"random-{INPUT_LEN}-{OUTPUT_LEN}", "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "caps": None}
     assert [lv["concurrency"] for lv in workload["levels"]] == [1, 3]
     for level in workload["levels"]:
-        assert set(level["runs"]) == {"mesh", "engine"}
-        assert set(level["ratios"]) == {"mesh/engine"}
+        assert set(level["runs"]) == {"mesh", "mesh#2", "engine"}
+        assert set(level["ratios"]) == {"mesh/engine", "mesh#2/mesh"}
         assert level["num_prompts"] == PROMPTS
 
 
@@ -89,3 +90,5 @@ def test_roofline_and_ratios(report):
     ratio = three["ratios"]["mesh/engine"]
     mesh, engine = three["runs"]["mesh"], three["runs"]["engine"]
     assert ratio["output_throughput"] == pytest.approx(mesh["output_throughput"] / engine["output_throughput"])
+    again = three["ratios"]["mesh#2/mesh"]
+    assert again["tpot_ms_p50"] == pytest.approx(three["runs"]["mesh#2"]["tpot_ms"]["p50"] / mesh["tpot_ms"]["p50"])

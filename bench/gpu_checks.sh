@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU checks of a change to the worker's GPU path, in one command on a GPU host (< 10 minutes):
+#
+#   bash bench/gpu_checks.sh              # GPU tests, then decode step and engine loop at batch 1, 8, 64
+#   ROSE_CHECKS=bench bash bench/gpu_checks.sh   # the benches only; ROSE_CHECKS=tests: the tests only
+#
+# On the device tool's machines, stage the cuda backend's packages first (a call before, on the
+# same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
+# .device/wheels) and carry .device/stage.sh .device/flashinfer .device/ficache here; this script
+# picks up ~/rose-site and unpacks the FlashInfer JIT cache if it was carried (and returns a fresh
+# one in $OUT/ficache when it was not). Logs go to $OUT (default bench/out/gpu-checks); the summary
+# lines are printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/out/gpu-checks}
+mkdir -p "$OUT"
+if [ -d "$HOME/rose-site" ]; then
+  export PYTHONPATH=$HOME/rose-site:$HOME/rose-site/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}
+  export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if [ ! -d ~/.cache/flashinfer ] && ls .device/ficache/ficache.tar.xz.* >/dev/null 2>&1; then
+  mkdir -p ~/.cache && cat .device/ficache/ficache.tar.xz.* | xz -d | tar xf - -C ~/.cache
+fi
+CHECKS=${ROSE_CHECKS:-tests,bench}
+if [[ $CHECKS == *tests* ]]; then
+  timeout 420 python3 -m pytest -m gpu tests/kernels -q -o asyncio_mode=strict -p no:cacheprovider \
+    -W ignore::DeprecationWarning > "$OUT/gpu-tests.log" 2>&1
+  echo "pytest exit $?" >> "$OUT/gpu-tests.log"
+  if ! ls .device/ficache/ficache.tar.xz.* >/dev/null 2>&1 && [ -d ~/.cache/flashinfer ]; then
+    mkdir -p "$OUT/ficache" && tar cf - -C ~/.cache flashinfer | xz -1 -T8 | split -b 15M - "$OUT/ficache/ficache.tar.xz."
+  fi
+fi
+if [[ $CHECKS == *bench* ]]; then
+  timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+  echo "exit $?" >> "$OUT/decode.log"
+  timeout 200 python3 -m bench.engine_step --batches 1,8,64 --json "$OUT/engine.json" > "$OUT/engine.log" 2>&1
+  echo "exit $?" >> "$OUT/engine.log"
+fi
+for log in gpu-tests decode engine; do
+  [ -f "$OUT/$log.log" ] || continue
+  echo "== $log"
+  grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]" "$OUT/$log.log" | tail -14
+done

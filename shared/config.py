@@ -72,6 +72,8 @@ class Settings:
     max_num_seqs: int = _setting(64, "most sequences in one batch", ("worker",))
     max_num_batched_tokens: int = _setting(2048, "token budget per engine step (chunked prefill)", ("worker",))
     max_model_len: int = _setting(0, "context length; 0 takes the checkpoint's", ("worker",))
+    engine_overlap: str = _setting("auto", "launch each engine step before reading the last one's tokens: auto "
+                                           "(on a CUDA device), on or off", ("worker",))
 
     # --- telemetry ---
     otel_exporter: str = _setting("none", "trace exporter: none, console or otlp (uses OTEL_EXPORTER_OTLP_ENDPOINT)")

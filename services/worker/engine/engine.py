@@ -151,6 +151,9 @@ class Engine:
         """Load the checkpoint at settings.model_path and size the KV cache from settings."""
         from services.worker.model import load_model
 
+        overlaps = {"auto": None, "on": True, "off": False}
+        if settings.engine_overlap not in overlaps:
+            raise ValueError(f"engine_overlap must be auto, on or off, got {settings.engine_overlap!r}")
         model = load_model(settings.model_path, backend=settings.backend, device=settings.device, dtype=settings.dtype)
         config = model.config
         max_model_len = settings.max_model_len or config.max_position_embeddings
@@ -166,6 +169,7 @@ class Engine:
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=max_model_len,
             eos_token_ids=_eos_token_ids(settings.model_path, config),
+            overlap=overlaps[settings.engine_overlap],
         )
 
     # ------------------------------------------------------------------ requests

@@ -294,3 +294,15 @@ def test_from_settings_loads_the_tiny_checkpoint(tiny_checkpoint):
     assert_all_blocks_free(engine)
     with pytest.raises(EngineInputError, match="context of 256"):
         engine.add_request("long", [1] * 250, greedy(10))
+    assert not engine.overlap  # auto: off on the CPU
+
+
+@pytest.mark.parametrize("value, overlap", [("auto", False), ("on", True), ("off", False)])
+def test_engine_overlap_setting(tiny_checkpoint, value, overlap):
+    settings = Settings(model=tiny_checkpoint, max_model_len=64, max_num_seqs=2, engine_overlap=value)
+    assert Engine.from_settings(settings).overlap is overlap
+
+
+def test_bad_engine_overlap_setting_is_refused_before_loading(tiny_checkpoint):
+    with pytest.raises(ValueError, match="engine_overlap must be auto, on or off, got 'yes'"):
+        Engine.from_settings(Settings(model=tiny_checkpoint, engine_overlap="yes"))

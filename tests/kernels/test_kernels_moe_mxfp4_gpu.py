@@ -49,15 +49,7 @@ def expert_offsets(rows: int, experts: int, split: str) -> torch.Tensor:
 @pytest.mark.parametrize("split", ["random", "sparse", "one"])
 @pytest.mark.parametrize("dot_scaled", [True, False])
 def test_grouped_mxfp4_linear(rows, experts, n_out, split, dot_scaled):
-    from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
-
-    blocks, scales, bias = random_mxfp4(experts, n_out, HIDDEN)
-    offsets = expert_offsets(rows, experts, split)
-    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    out = poisoned(rows, n_out)
-    y = grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, dot_scaled=dot_scaled)
-    assert y.data_ptr() == out.data_ptr()
-    assert rel_err(y, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
+    _check_against_reference(rows, experts, n_out, split, dot_scaled=dot_scaled)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 37, 256])
@@ -66,14 +58,18 @@ def test_grouped_mxfp4_linear(rows, experts, n_out, split, dot_scaled):
 @pytest.mark.parametrize("which", [0, 1])
 def test_grouped_mxfp4_gemv(rows, experts, n_out, split, which):
     """The CUDA-core kernel at any N, whatever the table picks there."""
+    _check_against_reference(rows, experts, n_out, split, config=gemv_configs()[which])
+
+
+def _check_against_reference(rows, experts, n_out, split, **options):
+    """grouped_mxfp4_linear(..., **options) into a poisoned output, against the torch reference."""
     from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
 
-    config = gemv_configs()[which]
     blocks, scales, bias = random_mxfp4(experts, n_out, HIDDEN)
     offsets = expert_offsets(rows, experts, split)
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     out = poisoned(rows, n_out)
-    y = grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config)
+    y = grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, **options)
     assert y.data_ptr() == out.data_ptr()
     assert rel_err(y, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
 

@@ -5,7 +5,8 @@
     scales  [E, out, K/32]      uint8  e8m0 exponents (value = code * 2**(scale - 127))
     bias    [E, out]            bf16
     offsets [E+1]               int32  on the device
-    y       [N, out]            bf16
+    y       [N, out]            bf16   or [N, out/2] with swiglu=(alpha, limit): gpt-oss's clamped
+                                       SwiGLU of the interleaved gate/up columns, fused in the store
 
 Hopper has no FP4 tensor cores, so the weights are a weight-only format: each program
 loads a [BK/2, BN] tile of packed bytes and its [BN, BK/32] scales, widens them to bf16
@@ -93,13 +94,18 @@ def tile_config(n_rows: int) -> TileConfig:
 
 
 def grouped_mxfp4_linear_reference(
-    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor
+    x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor,
+    swiglu: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Plain torch (host sync on offsets): dequantize each expert, matmul in float32.
 
     x [N, K] bf16; blocks [E, out, K/32, 16] uint8; scales [E, out, K/32] uint8; bias [E, out];
-    offsets [E+1] int -> [N, out] in x's dtype.
+    offsets [E+1] int -> [N, out] in x's dtype, or swiglu_reference of it ([N, out/2]) with swiglu.
     """
+    if swiglu is not None:
+        from kernels.swiglu import swiglu_reference
+
+        return swiglu_reference(grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets), *swiglu)
     out = torch.zeros(x.shape[0], blocks.shape[1], dtype=torch.float32, device=x.device)
     bounds = offsets.tolist()
     for e in range(blocks.shape[0]):
@@ -110,7 +116,7 @@ def grouped_mxfp4_linear_reference(
     return out.to(x.dtype)
 
 
-def _check(x, blocks, scales, bias, offsets, out):
+def _check(x, blocks, scales, bias, offsets, out, swiglu):
     if triton is None:
         raise ImportError("grouped_mxfp4_linear needs Triton: pip install triton (it ships with CUDA torch)")
     n, k = x.shape
@@ -134,8 +140,11 @@ def _check(x, blocks, scales, bias, offsets, out):
             raise ValueError(f"{name} must be contiguous")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}")
-    if out is not None and (tuple(out.shape) != (n, n_out) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be contiguous {x.dtype} [{n}, {n_out}]")
+    if swiglu is not None and n_out % 2:
+        raise ValueError(f"swiglu needs interleaved gate/up columns (an even out), got {n_out}")
+    width = n_out // 2 if swiglu is not None else n_out
+    if out is not None and (tuple(out.shape) != (n, width) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous {x.dtype} [{n}, {width}]")
 
 
 def grouped_mxfp4_linear(
@@ -147,6 +156,7 @@ def grouped_mxfp4_linear(
     out: torch.Tensor | None = None,
     config: TileConfig | None = None,
     dot_scaled: bool | None = None,
+    swiglu: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e].
 
@@ -154,12 +164,14 @@ def grouped_mxfp4_linear(
     bias [E, out] bf16; offsets [E+1] int32 on x's device -> [N, out] bf16. Rows outside
     offsets[0]:offsets[E] are left unwritten. `config` overrides the tile table (tile_config(N));
     `dot_scaled` picks the tensor-core kernel's widening (default: tl.dot_scaled on CUDA, plain
-    ops elsewhere; the GEMV has its own).
+    ops elsewhere; the GEMV has its own). swiglu=(alpha, limit) applies the clamped SwiGLU to the
+    interleaved gate/up columns on the way out: y is then [N, out/2].
     """
-    _check(x, blocks, scales, bias, offsets, out)
+    _check(x, blocks, scales, bias, offsets, out, swiglu)
     n, k = x.shape
     num_experts, n_out = blocks.shape[:2]
-    y = torch.empty(n, n_out, dtype=x.dtype, device=x.device) if out is None else out
+    width = n_out // 2 if swiglu is not None else n_out
+    y = torch.empty(n, width, dtype=x.dtype, device=x.device) if out is None else out
     if n == 0:
         return y
     cfg = tile_config(n) if config is None else config
@@ -170,11 +182,13 @@ def grouped_mxfp4_linear(
     if not x.is_cuda and not _INTERPRETED:
         raise RuntimeError("grouped_mxfp4_linear on CPU tensors runs only under Triton's interpreter "
                            "(TRITON_INTERPRET=1 set before triton is imported)")
+    alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
+    epilogue = dict(SWIGLU=swiglu is not None, ALPHA=float(alpha), LIMIT=float(limit))
     if cfg.gemv:
         _grouped_mxfp4_gemv_kernel[grid](
             x, blocks.view(torch.int32), scales, bias, offsets, y, N_OUT=n_out, K=k,
             NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0,
+            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0, **epilogue,
             num_warps=cfg.num_warps, num_stages=1,
         )
         return y
@@ -182,7 +196,7 @@ def grouped_mxfp4_linear(
         x, blocks, scales, bias, offsets, y, N_OUT=n_out, K=k,
         NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0, DOT_SCALED=dot_scaled,
-        SWAP_AB=cfg.swap_ab, INTERPRETED=_INTERPRETED,
+        SWAP_AB=cfg.swap_ab, INTERPRETED=_INTERPRETED, **epilogue,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y
@@ -209,11 +223,30 @@ if triton is not None:
         return expert, row0, row_end
 
     @triton.jit
+    def _store_tile(acc, y_ptr, rows, row_end, pid_n, N_OUT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                    SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+        """Store the [BM, BN] float32 tile (bias added) as bf16, or its SwiGLU as [BM, BN/2]."""
+        if SWIGLU:
+            # rounded to bf16 first, as the unfused path stores gate_up before kernels/swiglu.py reads it
+            gate, up = tl.split(tl.reshape(acc.to(tl.bfloat16).to(tl.float32), (BM, BN // 2, 2)))
+            gate = tl.minimum(gate, LIMIT)
+            up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+            h = gate * tl.sigmoid(ALPHA * gate) * (up + 1.0)
+            cols = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+            keep = (rows < row_end)[:, None] & (cols < N_OUT // 2)[None, :]
+            tl.store(y_ptr + rows[:, None].to(tl.int64) * (N_OUT // 2) + cols[None, :], h.to(tl.bfloat16), mask=keep)
+        else:
+            cols = pid_n * BN + tl.arange(0, BN)
+            keep = (rows < row_end)[:, None] & (cols < N_OUT)[None, :]
+            tl.store(y_ptr + rows[:, None].to(tl.int64) * N_OUT + cols[None, :], acc.to(tl.bfloat16), mask=keep)
+
+    @triton.jit
     def _grouped_mxfp4_kernel(
         x_ptr, blocks_ptr, scales_ptr, bias_ptr, offsets_ptr, y_ptr, N_OUT: tl.constexpr, K: tl.constexpr,
         NUM_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT_SCALED: tl.constexpr,
         SWAP_AB: tl.constexpr, INTERPRETED: tl.constexpr,
+        SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -292,8 +325,7 @@ if triton is not None:
             acc = tl.trans(acc)  # [BM, BN]
 
         acc += tl.load(bias_ptr + expert * N_OUT + cols_in).to(tl.float32)[None, :]
-        keep = (rows < row_end)[:, None] & (cols < N_OUT)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * N_OUT + cols[None, :], acc.to(tl.bfloat16), mask=keep)
+        _store_tile(acc, y_ptr, rows, row_end, pid_n, N_OUT, BM, BN, SWIGLU, ALPHA, LIMIT)
 
     @triton.jit
     def _code_fma(acc, u, j: tl.constexpr, xj):
@@ -322,6 +354,7 @@ if triton is not None:
         x_ptr, words_ptr, scales_ptr, bias_ptr, offsets_ptr, y_ptr, N_OUT: tl.constexpr, K: tl.constexpr,
         NUM_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+        SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
@@ -382,6 +415,4 @@ if triton is not None:
                 group = tl.sum(part, axis=2) * 8.507059173023462e37 * factor  # [BN, G]: times 2**126, the scale
                 acc += tl.where(m_idx[:, None, None] == m, group[None, :, :], 0.0)
         out = tl.sum(acc, axis=2) + tl.load(bias_ptr + expert * N_OUT + cols_in).to(tl.float32)[None, :]
-        rows = row0 + m_idx
-        keep = (rows < row_end)[:, None] & (cols < N_OUT)[None, :]
-        tl.store(y_ptr + rows[:, None].to(tl.int64) * N_OUT + cols[None, :], out.to(tl.bfloat16), mask=keep)
+        _store_tile(out, y_ptr, row0 + m_idx, row_end, pid_n, N_OUT, BM, BN, SWIGLU, ALPHA, LIMIT)

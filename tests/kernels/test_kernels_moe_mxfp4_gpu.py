@@ -120,3 +120,20 @@ def test_grouped_mxfp4_linear_graph_replay(rows, gemv):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
+
+
+@pytest.mark.parametrize("rows", [1, 4, 37, 256, 4096])
+@pytest.mark.parametrize("experts", [32, 128])
+def test_grouped_mxfp4_linear_fused_swiglu(rows, experts):
+    """gate_up with the clamped SwiGLU in its store ([N, out/2]), by the table's kernel for N and by
+    both GEMV configs, against the reference's gate_up then kernels/swiglu.py's reference."""
+    from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
+
+    blocks, scales, bias = random_mxfp4(experts, 2 * HIDDEN, HIDDEN)
+    offsets = expert_offsets(rows, experts, "random")
+    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) * 4  # reach the clamp at +-7
+    ref = grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets, swiglu=(1.702, 7.0))
+    for config in (None, *gemv_configs()):
+        out = poisoned(rows, HIDDEN)
+        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config, swiglu=(1.702, 7.0))
+        assert rel_err(out, ref) <= TOL, config

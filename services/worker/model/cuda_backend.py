@@ -5,7 +5,8 @@
 
 It reuses the torch backend's loader and weights (`load_model(..., backend="torch")`)
 and replaces the per-op code: embedding gather, RMSNorm fused with the residual add,
-QKV as one cuBLAS GEMM, rotary + KV-cache write in one Triton kernel (kernels/rope_cache.py),
+QKV as one projection (o_proj and the router likewise: kernels/gemv.py's GEMV for decode's
+few rows, cuBLAS otherwise), rotary + KV-cache write in one Triton kernel (kernels/rope_cache.py),
 FlashInfer paged attention with sinks and sliding windows,
 router top-k, MoE dispatch, MXFP4 grouped expert GEMMs, SwiGLU and combine (cuda_moe.py),
 and replays decode steps as CUDA graphs (cuda_graphs.py). Attention for head dims
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.gemv import linear
 from services.worker.model.batch import GROUPS, ForwardBatch, PagedKVCache, check_forward_inputs, to_device
 from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import apply_rotary
@@ -187,7 +189,7 @@ class CudaGptOss(nn.Module):
     def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, attention, plans) -> torch.Tensor:
         c = self.config
         t = x.shape[0]
-        qkv = F.linear(x, L["qkv_w"], L["qkv_b"])
+        qkv = linear(x, L["qkv_w"], L["qkv_b"])
         if attention is not None:  # FlashInfer, after rotary and the cache write fused in one kernel
             out = attention.attend_qkv(L["group"], L["window"], qkv, cos, sin, k_cache, v_cache, L["sinks"])
         else:
@@ -197,7 +199,7 @@ class CudaGptOss(nn.Module):
             v = v.reshape(t, c.num_key_value_heads, c.head_dim)
             plan = plans[(L["group"], L["window"])]
             out = paged_attention(q, k, v, k_cache, v_cache, plan, L["sinks"], c.head_dim**-0.5)
-        return F.linear(out.reshape(t, c.q_size).to(x.dtype), L["o_w"], L["o_b"])
+        return linear(out.reshape(t, c.q_size).to(x.dtype).contiguous(), L["o_w"], L["o_b"])
 
 
 def _scratch_prefill(tokens: int, kv: PagedKVCache) -> ForwardBatch:

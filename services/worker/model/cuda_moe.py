@@ -1,9 +1,10 @@
 """The cuda backend's MoE block: router top-k, dispatch, grouped expert GEMMs, SwiGLU, combine.
 
-    logits = x W_r^T + b_r                       cuBLAS               [T, E]
+    logits = x W_r^T + b_r                       GEMV (decode) / cuBLAS [T, E]
     ids, weights = top-k + softmax                CuTeDSL router       [T, k]
     xs = x permuted into expert groups            CuTeDSL route/dispatch [T*k, H]
-    h = swiglu(xs W_gu[e]^T + b_gu[e])            grouped GEMM + CuTeDSL swiglu [T*k, I]
+    h = swiglu(xs W_gu[e]^T + b_gu[e])            grouped GEMM (MXFP4: SwiGLU fused in its store;
+                                                  bf16: + CuTeDSL swiglu) [T*k, I]
     ys = h W_d[e]^T + b_d[e]                      grouped GEMM         [T*k, H]
     y = sum_j weights[t, j] ys[pos(t, j)]         CuTeDSL combine      [T, H]
 
@@ -18,8 +19,8 @@ in place.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from kernels.gemv import linear
 from kernels.moe_dispatch import combine, dispatch, route
 from kernels.router import router_topk
 from kernels.swiglu import swiglu
@@ -44,15 +45,15 @@ class GroupedExperts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] bf16 -> [T, H] bf16."""
-        logits = F.linear(x, self.router_w, self.router_b)
+        logits = linear(x, self.router_w, self.router_b)
         ids, weights = router_topk(logits.contiguous(), self.top_k)
         routing = route(ids, self.num_experts)
         xs = dispatch(x, routing)
         if self.packed:
             from kernels.moe_mxfp4 import grouped_mxfp4_linear
 
-            gate_up = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets)
-            hidden = swiglu(gate_up, self.alpha, self.limit)
+            hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets,
+                                          swiglu=(self.alpha, self.limit))
             ys = grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
             return combine(ys, routing, weights)
         n = xs.shape[0]

@@ -1,0 +1,154 @@
+"""Tile sweeps of the decode GEMVs at gpt-oss-20b shapes: which launch shape streams weights fastest.
+
+    python -m bench.gemv [--tokens 1,2,4,8] [--json out.json]
+
+MXFP4 experts (kernels/moe_mxfp4.py, CUDA-core GEMV): gate_up (2880 -> 5760, alone and with
+the SwiGLU fused in its store) and down (2880 -> 2880) over tokens x 4 routed rows of 32
+experts, per tile config. Dense bf16 (kernels/gemv.py) against cuBLAS (F.linear) on the
+attention's QKV (2880 -> 5120) and o_proj (4096 -> 2880) and the router (2880 -> 32), per
+config at one row and the best three at 2 and 4 rows. Each figure is the median of CUDA-graph
+replays over inputs that overflow L2, with its bytes (weights read once, activations in and
+out) as a share of the copy bandwidth measured in the same run. The best config of each case
+is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from bench.kernels import EXPERT_SETS, E, H, I, K, _copies, copy_bandwidth, measure
+
+DENSE = {"qkv": (5120, H), "o_proj": (H, 4096), "router": (E, H)}  # (out, in)
+
+
+def mxfp4_configs():
+    from kernels.moe_mxfp4 import TileConfig
+
+    for bm, bn, bk, warps in itertools.product((1, 2), (2, 4, 8, 16), (256, 512), (1, 2, 4)):
+        yield TileConfig(bm, bn, bk, warps, 1, gemv=True)
+
+
+def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
+    from kernels.moe_mxfp4 import grouped_mxfp4_linear
+    from services.worker.model.mxfp4 import quantize
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    projections = {}
+    for name, (n_out, k) in {"gate_up": (2 * I, H), "down": (H, I)}.items():
+        blocks, scales = quantize(torch.randn(E, n_out, k, device="cuda") / 50)
+        projections[name] = (blocks, scales, torch.randn(E, n_out, **bf), n_out, k)
+    rows = []
+    for tokens in tokens_list:
+        n = tokens * K
+        routings = []
+        for _ in range(EXPERT_SETS):
+            counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
+            offsets = torch.zeros(E + 1, dtype=torch.int32)
+            offsets[1:] = torch.cumsum(counts, 0)
+            routings.append((int((counts > 0).sum()), offsets.cuda()))
+        for (name, (blocks, scales, bias, n_out, k)), swiglu in (
+            (("gate_up", projections["gate_up"]), None), (("gate_up", projections["gate_up"]), (1.702, 7.0)),
+            (("down", projections["down"]), None),
+        ):
+            x = torch.randn(n, k, **bf)
+            active = sum(a for a, _ in routings) / len(routings)
+            nbytes = active * n_out * (k // 2 + k // 32 + 2) + n * (k + (n_out // 2 if swiglu else n_out)) * 2
+            label = name + ("+swiglu" if swiglu else "")
+            for config in mxfp4_configs():
+                if config.block_m > tokens:
+                    continue
+                fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
+                       for _, o in routings]
+                try:
+                    t, _ = measure(fns)
+                except Exception as exc:  # noqa: BLE001 - a config Triton cannot build: say so, go on
+                    print(f"{label} {config}: {type(exc).__name__}: {exc}"[:300])
+                    continue
+                row = {"case": f"mxfp4 {label}", "rows": n, "config": _short(config), "us": t * 1e6,
+                       "bw_pct": 100 * nbytes / t / copy_bw}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    return rows
+
+
+def gemv_configs():
+    from kernels.gemv import GemvConfig
+
+    for bn, bk, warps in itertools.product((2, 4, 8), (512, 1024), (2, 4, 8)):
+        yield GemvConfig(bn, bk, warps)
+
+
+def sweep_dense(copy_bw: float) -> list[dict]:
+    from kernels.gemv import gemv
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for name, (n_out, k) in DENSE.items():
+        weights = _copies(lambda: (torch.randn(n_out, k, **bf) / 50, torch.randn(n_out, **bf)), n_out * k * 2)
+        best = []
+        for m in (1, 2, 4):
+            x = torch.randn(m, k, **bf)
+            nbytes = n_out * k * 2 + n_out * 2 + m * (k + n_out) * 2
+            t_ref, _ = measure([lambda w=w, b=b: F.linear(x, w, b) for w, b in weights])
+            ref = {"case": f"cublas {name}", "rows": m, "config": "F.linear", "us": t_ref * 1e6,
+                   "bw_pct": 100 * nbytes / t_ref / copy_bw}
+            rows.append(ref)
+            print(json.dumps(ref), flush=True)
+            timed = []
+            for config in (gemv_configs() if m == 1 else best):
+                t, _ = measure([lambda w=w, b=b: gemv(x, w, b, config=config) for w, b in weights])
+                timed.append((t, config))
+                row = {"case": f"gemv {name}", "rows": m, "config": _short(config), "us": t * 1e6,
+                       "bw_pct": 100 * nbytes / t / copy_bw, "x_cublas": t_ref / t}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            if m == 1:
+                best = [c for _, c in sorted(timed, key=lambda tc: tc[0])[:3]]
+    return rows
+
+
+def _short(config) -> str:
+    return "/".join(str(v) for v in vars(config).values() if not isinstance(v, bool))
+
+
+def best_table(rows: list[dict]) -> str:
+    lines = ["| case | rows | best config | us | % copy BW | x cuBLAS |", "| --- | --- | --- | --- | --- | --- |"]
+    keyed = {}
+    for r in rows:
+        key = (r["case"], r["rows"])
+        if key not in keyed or r["us"] < keyed[key]["us"]:
+            keyed[key] = r
+    for (case, n), r in keyed.items():
+        x = f"{r['x_cublas']:.2f}" if "x_cublas" in r else "-"
+        lines.append(f"| {case} | {n} | {r['config']} | {r['us']:.1f} | {r['bw_pct']:.0f} | {x} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,2,4,8", help="decode tokens of the MXFP4 sweep (rows = tokens x 4)")
+    parser.add_argument("--no-dense", action="store_true")
+    parser.add_argument("--no-mxfp4", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch_bw, vec_bw = copy_bandwidth()
+    copy_bw = max(torch_bw, vec_bw)
+    print(f"copy bandwidth {copy_bw / 1e9:.1f} GB/s ({torch.cuda.get_device_name()})", flush=True)
+    rows = []
+    if not args.no_dense:
+        rows += sweep_dense(copy_bw)
+    if not args.no_mxfp4:
+        rows += sweep_mxfp4([int(t) for t in args.tokens.split(",")], copy_bw)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"copy_bw": copy_bw, "rows": rows}, f)
+    print(best_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Dense projection for a few rows (decode), Triton: y = x W^T + b on the CUDA cores.
+
+    x [M, K] bf16, W [N, K] bf16 (nn.Linear's layout), b [N] bf16 or None -> y [M, N] bf16
+
+At batch 1 a decode step's dense projections (QKV, o_proj, the router) are pure weight
+streams, and cuBLAS reached 62-77% of the copy bandwidth on them, o_proj and the router
+through split-K plus a separate reduce kernel. Here each program owns BN weight rows over
+the whole of K: it keeps a [BN, BK] float32 partial product per x row in registers, loads
+the next K step before multiplying this one (Triton pipelines only loads that feed a dot),
+and reduces across K once at the end. No split-K, no second kernel, nothing written but y.
+M is a compile-time constant (one specialization per decode batch size it is used for).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+try:  # optional: importing this module must work where Triton is absent
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = tl = None
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+MAX_ROWS = 4  # beyond this the per-row accumulators crowd the registers; cuBLAS reuses W better
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Weight rows per program, K per step, warps."""
+
+    block_n: int = 4
+    block_k: int = 512
+    num_warps: int = 4
+
+
+DEFAULT = GemvConfig()
+
+
+def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Plain torch in float32, rounded to x's dtype. x [M, K], weight [N, K], bias [N] -> [M, N]."""
+    y = x.float() @ weight.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         config: GemvConfig = DEFAULT) -> torch.Tensor:
+    """x W^T + b for M <= MAX_ROWS rows. x [M, K] bf16 contiguous; weight [N, K] bf16 contiguous; bias [N] -> [M, N]."""
+    if triton is None:
+        raise ImportError("gemv needs Triton: pip install triton (it ships with CUDA torch)")
+    m, k = x.shape
+    n = weight.shape[0]
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"gemv takes 1..{MAX_ROWS} rows, got {m}")
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError(f"x and weight must be contiguous bf16, got {x.dtype}, {weight.dtype}")
+    if weight.shape[1] != k:
+        raise ValueError(f"weight must be [N, {k}], got {tuple(weight.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous [{n}], got {tuple(bias.shape)}")
+    if not x.is_cuda and not _INTERPRETED:
+        raise RuntimeError("gemv on CPU tensors runs only under Triton's interpreter (TRITON_INTERPRET=1)")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if tuple(y.shape) != (m, n) or y.dtype != x.dtype or not y.is_contiguous():
+        raise ValueError(f"out must be contiguous {x.dtype} [{m}, {n}]")
+    c = config
+    _gemv_kernel[(triton.cdiv(n, c.block_n),)](
+        x, weight, weight if bias is None else bias, y, N=n, K=k, M=m, BN=c.block_n, BK=c.block_k,
+        HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0, num_warps=c.num_warps, num_stages=1,
+    )
+    return y
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_partial(acc, w, x_ptr, m: tl.constexpr, K: tl.constexpr, k_idx, k_in, EVEN_K: tl.constexpr):
+        """acc [BN, BK] + w * x[m, k_idx] broadcast over the weight rows."""
+        if EVEN_K:
+            xm = tl.load(x_ptr + m * K + k_idx)
+        else:
+            xm = tl.load(x_ptr + m * K + k_idx, mask=k_in, other=0.0)
+        return acc + w * xm.to(tl.float32)[None, :]
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = pid * BN + tl.arange(0, BN)
+        cols_in = cols % N  # loads wrap, the store is masked
+        k = tl.arange(0, BK)
+        w_tile = w_ptr + cols_in[:, None].to(tl.int64) * K + k[None, :]
+        acc0 = tl.zeros((BN, BK), dtype=tl.float32)
+        acc1 = tl.zeros((BN, BK), dtype=tl.float32)
+        acc2 = tl.zeros((BN, BK), dtype=tl.float32)
+        acc3 = tl.zeros((BN, BK), dtype=tl.float32)
+        if EVEN_K:
+            w_next = tl.load(w_tile)
+        else:
+            w_next = tl.load(w_tile, mask=(k < K)[None, :], other=0.0)
+        for k0 in range(0, K, BK):
+            w = w_next.to(tl.float32)
+            k_idx = k0 + k
+            k_in = k_idx < K
+            w_tile += BK
+            if EVEN_K:
+                if k0 + BK < K:
+                    w_next = tl.load(w_tile)
+            else:
+                w_next = tl.load(w_tile, mask=(k_idx + BK < K)[None, :], other=0.0)
+            acc0 = _row_partial(acc0, w, x_ptr, 0, K, k_idx, k_in, EVEN_K)
+            if M > 1:
+                acc1 = _row_partial(acc1, w, x_ptr, 1, K, k_idx, k_in, EVEN_K)
+            if M > 2:
+                acc2 = _row_partial(acc2, w, x_ptr, 2, K, k_idx, k_in, EVEN_K)
+            if M > 3:
+                acc3 = _row_partial(acc3, w, x_ptr, 3, K, k_idx, k_in, EVEN_K)
+        keep = cols < N
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols_in).to(tl.float32)
+        else:
+            bias = tl.zeros((BN,), dtype=tl.float32)
+        tl.store(y_ptr + cols, (tl.sum(acc0, axis=1) + bias).to(tl.bfloat16), mask=keep)
+        if M > 1:
+            tl.store(y_ptr + N + cols, (tl.sum(acc1, axis=1) + bias).to(tl.bfloat16), mask=keep)
+        if M > 2:
+            tl.store(y_ptr + 2 * N + cols, (tl.sum(acc2, axis=1) + bias).to(tl.bfloat16), mask=keep)
+        if M > 3:
+            tl.store(y_ptr + 3 * N + cols, (tl.sum(acc3, axis=1) + bias).to(tl.bfloat16), mask=keep)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through the GEMV for 1..MAX_ROWS rows of a contiguous CUDA bf16 x (decode), cuBLAS otherwise."""
+    if x.is_cuda and 1 <= x.shape[0] <= MAX_ROWS and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
+        return gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

@@ -1,10 +1,10 @@
 """Tile sweeps of the decode GEMVs at gpt-oss-20b shapes: which launch shape streams weights fastest.
 
-    python -m bench.gemv [--tokens 1,2,4,8] [--json out.json]
+    python -m bench.gemv [--tokens 1,2,4] [--json out.json]
 
-MXFP4 experts (kernels/moe_mxfp4.py, CUDA-core GEMV): gate_up (2880 -> 5760, alone and with
-the SwiGLU fused in its store) and down (2880 -> 2880) over tokens x 4 routed rows of 32
-experts, per tile config. Dense bf16 (kernels/gemv.py) against cuBLAS (F.linear) on the
+MXFP4 experts: the CuTeDSL decode GEMV (kernels/mxfp4_gemv.py) per rows-per-CTA, and the
+Triton tensor-core decode tile beside it: gate_up (2880 -> 5760, alone and with the SwiGLU fused
+in its store) and down (2880 -> 2880) over tokens x 4 routed rows of 32 experts. Dense bf16 (kernels/gemv.py) against cuBLAS (F.linear) on the
 attention's QKV (2880 -> 5120) and o_proj (4096 -> 2880) and the router (2880 -> 32), per
 config at one row and the best three at 2 and 4 rows. Each figure is the median of CUDA-graph
 replays over inputs that overflow L2, with its bytes (weights read once, activations in and
@@ -26,15 +26,18 @@ from bench.kernels import EXPERT_SETS, E, H, I, K, _copies, copy_bandwidth, meas
 DENSE = {"qkv": (5120, H), "o_proj": (H, 4096), "router": (E, H)}  # (out, in)
 
 
-def mxfp4_configs():
-    from kernels.moe_mxfp4 import TileConfig
+def mxfp4_paths():
+    """(label, config) of the MXFP4 launches compared: GEMV rows per CTA, or the Triton tile."""
+    from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    for bm, bn, bk, warps in itertools.product((1, 2), (2, 4, 8, 16), (256, 512), (1, 2, 4)):
-        yield TileConfig(bm, bn, bk, warps, 1, gemv=True)
+    for rows_per_cta in (2, 4, 8, 16, 32):
+        yield f"cute rows/CTA {rows_per_cta}", rows_per_cta
+    yield "triton decode tile", TILE_CONFIGS[0][1]
 
 
 def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
     from kernels.moe_mxfp4 import grouped_mxfp4_linear
+    from kernels.mxfp4_gemv import mxfp4_gemv
     from services.worker.model.mxfp4 import quantize
 
     bf = dict(device="cuda", dtype=torch.bfloat16)
@@ -59,17 +62,15 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
             active = sum(a for a, _ in routings) / len(routings)
             nbytes = active * n_out * (k // 2 + k // 32 + 2) + n * (k + (n_out // 2 if swiglu else n_out)) * 2
             label = name + ("+swiglu" if swiglu else "")
-            for config in mxfp4_configs():
-                if config.block_m > tokens:
-                    continue
-                fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
-                       for _, o in routings]
-                try:
-                    t, _ = measure(fns)
-                except Exception as exc:  # noqa: BLE001 - a config Triton cannot build: say so, go on
-                    print(f"{label} {config}: {type(exc).__name__}: {exc}"[:300])
-                    continue
-                row = {"case": f"mxfp4 {label}", "rows": n, "config": _short(config), "us": t * 1e6,
+            for path, config in mxfp4_paths():
+                if isinstance(config, int):
+                    fns = [lambda o=o: mxfp4_gemv(x, blocks, scales, bias, o, swiglu=swiglu, rows_per_cta=config)
+                           for _, o in routings]
+                else:
+                    fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
+                           for _, o in routings]
+                t, _ = measure(fns)
+                row = {"case": f"mxfp4 {label}", "rows": n, "config": path, "us": t * 1e6,
                        "bw_pct": 100 * nbytes / t / copy_bw}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -131,7 +132,7 @@ def best_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", default="1,2,4,8", help="decode tokens of the MXFP4 sweep (rows = tokens x 4)")
+    parser.add_argument("--tokens", default="1,2,4", help="decode tokens of the MXFP4 sweep (rows = tokens x 4)")
     parser.add_argument("--no-dense", action="store_true")
     parser.add_argument("--no-mxfp4", action="store_true")
     parser.add_argument("--json", default=None)

@@ -49,6 +49,7 @@ def cute_dtype(dtype: torch.dtype):
         torch.float32: cutlass.Float32,
         torch.int32: cutlass.Int32,
         torch.int64: cutlass.Int64,
+        torch.uint8: cutlass.Uint8,
     }[dtype]
 
 

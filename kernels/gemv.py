@@ -3,8 +3,8 @@
     x [M, K] bf16, W [N, K] bf16 (nn.Linear's layout), b [N] bf16 or None -> y [M, N] bf16
 
 At batch 1 a decode step's dense projections (QKV, o_proj, the router) are pure weight
-streams, and cuBLAS reached 62-77% of the copy bandwidth on them, o_proj and the router
-through split-K plus a separate reduce kernel. Here each program owns BN weight rows over
+streams; cuBLAS ran them at 56-63% of the copy bandwidth (`python -m bench.gemv`, H100),
+o_proj and the router through split-K plus a separate reduce kernel. Here each program owns BN weight rows over
 the whole of K: it keeps a [BN, BK] float32 partial product per x row in registers, loads
 the next K step before multiplying this one (Triton pipelines only loads that feed a dot),
 and reduces across K once at the end. No split-K, no second kernel, nothing written but y.
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-MAX_ROWS = 4  # beyond this the per-row accumulators crowd the registers; cuBLAS reuses W better
+MAX_ROWS = 4  # the kernel keeps one accumulator per row: four at most
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,21 @@ class GemvConfig:
 
 
 DEFAULT = GemvConfig()
+
+
+def pick_config(rows: int, n: int, k: int) -> GemvConfig | None:
+    """The GEMV's launch shape for rows x [n, k], or None where cuBLAS is faster.
+
+    From `python -m bench.gemv` on an H100 at gpt-oss-20b shapes: at one row the GEMV beat
+    cuBLAS 1.23x on QKV (5120 x 2880), 1.40x on o_proj (2880 x 4096, cuBLAS split-K + reduce)
+    and 3.3x on the router (32 x 2880); at two rows it still won on o_proj (1.13x) and the router,
+    at four only on the router.
+    """
+    if n <= 64:  # the router: a handful of rows, nothing for cuBLAS to tile
+        return GemvConfig(2, 1024, 4) if rows <= 4 else None
+    if k >= 4096:
+        return GemvConfig(4, 1024, 4) if rows <= 2 else None
+    return GemvConfig(2, 512, 2) if rows == 1 else None
 
 
 def gemv_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -136,7 +151,9 @@ if triton is not None:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through the GEMV for 1..MAX_ROWS rows of a contiguous CUDA bf16 x (decode), cuBLAS otherwise."""
-    if x.is_cuda and 1 <= x.shape[0] <= MAX_ROWS and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
-        return gemv(x, weight, bias)
+    """F.linear, through the GEMV where pick_config says it is faster (decode's few rows on CUDA), else cuBLAS."""
+    if x.is_cuda and x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous():
+        config = pick_config(x.shape[0], *weight.shape)
+        if config is not None:
+            return gemv(x, weight, bias, config=config)
     return torch.nn.functional.linear(x, weight, bias)

@@ -15,13 +15,10 @@ float32. On the GPU the widening is `tl.dot_scaled` (Triton's own fp4 -> bf16 up
 `dot_scaled=False` widens with plain integer/float ops instead (the path Triton's CPU
 interpreter can run, and a fallback).
 
-Decode (a few rows per expert) has a second kernel, a GEMV on the CUDA cores: the tensor
-cores' path spends ~14 instructions per weight byte on the widening and its layout change
-(byte-wise shared-memory reads), more than the SM can issue at HBM speed. The GEMV reads
-each weight row as int32 words (16-byte vector loads, 8 codes a word), turns each code into
-its float32 bits with three integer ops and multiplies it into float32 on the FMA units,
-applying the scale once per 32 values; for BM rows per program the widening is shared by
-the BM rows. TileConfig.gemv picks it; TILE_CONFIGS picks per N.
+Decode (up to GEMV_ROWS routed rows, about one per touched expert) goes to a CUDA-core GEMV
+instead, kernels/mxfp4_gemv.py (CuTeDSL): the tensor cores' path spends ~14 instructions per
+weight byte on the widening and its layout change (byte-wise shared-memory reads), more than
+the SM can issue at HBM speed. TILE_CONFIGS picks the tensor-core tile per N.
 
 No host synchronisation: the grid is (min(N, cdiv(N, BM) + E), cdiv(out, BN)), enough M
 tiles for any split of N rows into E groups (sum_e cdiv(n_e, BM) <= N/BM + E, and every
@@ -63,26 +60,28 @@ class TileConfig:
     num_warps: int
     num_stages: int
     swap_ab: bool = False  # compute (W x^T)^T: weight rows on the MMA's wide side, for few rows
-    gemv: bool = False  # the CUDA-core kernel (no MMA): block_m rows share each widened weight tile;
-    # it ignores num_stages (it loads one step ahead itself: a deeper register ring was slower)
 
 
 # Keyed by N (routed rows, i.e. tokens * top-k): the first entry whose bound holds. Tuned on
 # an H100 at gpt-oss-20b shapes (32 experts, K 2880, out 5760 / 2880; bench/kernels.py --experts
 # and a sweep of each candidate at 1, 2, 4, 8, 16, 64 and 256 tokens).
-# 1-4 tokens (about one row per touched expert): the CUDA-core GEMV, one warp per 16 weight rows,
-# is 1.2-1.4x the best tensor-core tile; from 8 tokens on its per-row FMAs cost more than the MMA
-# path's widening. Decode on the tensor cores: the smallest MMA tile (BM 16) wastes no weight bytes
+# Decode past GEMV_ROWS on the tensor cores: the smallest MMA tile (BM 16) wastes no weight bytes
 # on padding rows, BN 32 with 2 warps gives twice the programs of BN 64, BK 256 reads 128
 # contiguous bytes of each weight row per step. Prefill is bound by the tensor cores: wide tiles
 # reuse each widened weight tile over many rows.
 TILE_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
-    (16, TileConfig(1, 16, 256, 1, 1, gemv=True)),
     (256, TileConfig(16, 32, 256, 2, 3)),
     (1024, TileConfig(32, 64, 128, 4, 4)),
     (4096, TileConfig(64, 128, 128, 8, 3)),
     (1 << 62, TileConfig(128, 128, 64, 4, 4)),
 )
+
+
+# 1-4 tokens (N <= 16 routed rows, about one per touched expert): the CUDA-core GEMV, whose
+# widening costs ~4 instructions a code, beat the Triton kernels (1.2-1.4x the best tensor-core
+# tile before; see mxfp4_gemv.py for its own figures); from 8 tokens on, rows share experts and the
+# MMA tiles reuse each widened weight tile.
+GEMV_ROWS = 16
 
 
 def tile_config(n_rows: int) -> TileConfig:
@@ -162,11 +161,17 @@ def grouped_mxfp4_linear(
 
     x [N, K] bf16 (contiguous); blocks [E, out, K/32, 16] uint8; scales [E, out, K/32] uint8;
     bias [E, out] bf16; offsets [E+1] int32 on x's device -> [N, out] bf16. Rows outside
-    offsets[0]:offsets[E] are left unwritten. `config` overrides the tile table (tile_config(N));
-    `dot_scaled` picks the tensor-core kernel's widening (default: tl.dot_scaled on CUDA, plain
-    ops elsewhere; the GEMV has its own). swiglu=(alpha, limit) applies the clamped SwiGLU to the
-    interleaved gate/up columns on the way out: y is then [N, out/2].
+    offsets[0]:offsets[E] are left unwritten. On CUDA, N <= GEMV_ROWS goes to the CuTeDSL GEMV
+    (kernels/mxfp4_gemv.py; every row must then lie in those offsets) unless `config` picks a
+    tensor-core tile; otherwise `config` overrides the tile table (tile_config(N)). `dot_scaled`
+    picks the tensor-core kernel's widening (default: tl.dot_scaled on CUDA, plain ops elsewhere).
+    swiglu=(alpha, limit) applies the clamped SwiGLU to the interleaved gate/up columns on the way
+    out: y is then [N, out/2].
     """
+    if config is None and x.is_cuda and x.shape[0] <= GEMV_ROWS:
+        from kernels.mxfp4_gemv import mxfp4_gemv
+
+        return mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu)
     _check(x, blocks, scales, bias, offsets, out, swiglu)
     n, k = x.shape
     num_experts, n_out = blocks.shape[:2]
@@ -184,14 +189,6 @@ def grouped_mxfp4_linear(
                            "(TRITON_INTERPRET=1 set before triton is imported)")
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     epilogue = dict(SWIGLU=swiglu is not None, ALPHA=float(alpha), LIMIT=float(limit))
-    if cfg.gemv:
-        _grouped_mxfp4_gemv_kernel[grid](
-            x, blocks.view(torch.int32), scales, bias, offsets, y, N_OUT=n_out, K=k,
-            NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
-            BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0, **epilogue,
-            num_warps=cfg.num_warps, num_stages=1,
-        )
-        return y
     _grouped_mxfp4_kernel[grid](
         x, blocks, scales, bias, offsets, y, N_OUT=n_out, K=k,
         NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
@@ -326,93 +323,3 @@ if triton is not None:
 
         acc += tl.load(bias_ptr + expert * N_OUT + cols_in).to(tl.float32)[None, :]
         _store_tile(acc, y_ptr, rows, row_end, pid_n, N_OUT, BM, BN, SWIGLU, ALPHA, LIMIT)
-
-    @triton.jit
-    def _code_fma(acc, u, j: tl.constexpr, xj):
-        """acc + (code j of each int32 word u, as float32 times 2**-126) * xj.
-
-        e2m1 code s|e1 e0|m at bits 4j..4j+3 (the low nibble of a byte is the even element):
-        its magnitude bits shifted to float32 bits 22..24 and its sign to bit 31 give the value
-        times 2**-126 for every code (exponent field 0 makes 0.5 a subnormal, which Triton's
-        float32 FMA keeps: it does not flush to zero; the caller scales each 32-group's sum by
-        2**126). Masking the code and one multiply place both copies.
-        """
-        if j < 6:
-            code = u & (0xF << (4 * j))
-            bits = code * ((1 << (22 - 4 * j)) + (1 << (28 - 4 * j)))
-        elif j == 6:
-            code = u & 0x0F000000
-            bits = (code >> 2) | (code << 4)
-        else:
-            code = (u >> 28) << 28
-            bits = (code >> 6) | code
-        bits = bits & -2118123520  # 0x81C00000: the sign and the three magnitude bits
-        return acc + bits.to(tl.float32, bitcast=True) * xj[None, :, :]
-
-    @triton.jit
-    def _grouped_mxfp4_gemv_kernel(
-        x_ptr, words_ptr, scales_ptr, bias_ptr, offsets_ptr, y_ptr, N_OUT: tl.constexpr, K: tl.constexpr,
-        NUM_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
-        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-        SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        expert, row0, row_end = _expert_tile(offsets_ptr, pid_m, NUM_EXPERTS, EXPERTS_POW2, BM)
-        if expert >= NUM_EXPERTS:  # past the last tile
-            return
-        G: tl.constexpr = BK // 32  # scale groups per step
-        KW: tl.constexpr = K // 8  # int32 words per weight row
-        KG: tl.constexpr = K // 32
-        cols = pid_n * BN + tl.arange(0, BN)
-        cols_in = cols % N_OUT  # loads wrap, the store is masked
-        expert = expert.to(tl.int64)
-        g = tl.arange(0, G)
-        word = tl.arange(0, 4)
-        # [BN, G, 4] words: group g's 16 bytes as 4 words; word w holds k = 32g + 8w + 0..7
-        w_tile = (words_ptr + expert * N_OUT * KW + cols_in[:, None, None] * KW
-                  + g[None, :, None] * 4 + word[None, None, :])
-        s_tile = scales_ptr + expert * N_OUT * KG + cols_in[:, None] * KG + g[None, :]  # [BN, G]
-        x_off = g[:, None, None] * 32 + word[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]  # [G, 4, 8]
-        m_idx = tl.arange(0, BM)
-        acc = tl.zeros((BM, BN, G), dtype=tl.float32)
-        # the next step's weights are loaded before this step's arithmetic (a register double
-        # buffer): Triton pipelines only loads that feed a dot
-        u_next = tl.load(w_tile, mask=(g < KG)[None, :, None], other=0)
-        s_next = tl.load(s_tile, mask=(g < KG)[None, :], other=0)
-        for k0 in range(0, K, BK):
-            u = u_next
-            s = s_next
-            g_in = k0 // 32 + g < KG
-            g_next = (k0 + BK) // 32 + g < KG
-            w_tile += BK // 8
-            s_tile += G
-            u_next = tl.load(w_tile, mask=g_next[None, :, None], other=0)
-            s_next = tl.load(s_tile, mask=g_next[None, :], other=0)
-            factor = (s.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # 2**(s - 127); 0 for s == 0
-            for m in tl.static_range(BM):
-                row = tl.minimum(row0 + m, row_end - 1).to(tl.int64)  # past the expert's rows: a repeat
-                if EVEN_K:
-                    x8 = tl.load(x_ptr + row * K + k0 + x_off).to(tl.float32)
-                else:
-                    x8 = tl.load(x_ptr + row * K + k0 + x_off, mask=g_in[:, None, None], other=0.0).to(tl.float32)
-                # x8[..., j] for j = 0..7, each [G, 4]
-                even, odd = tl.split(tl.reshape(x8, (G, 4, 4, 2)))
-                x04, x26 = tl.split(tl.reshape(even, (G, 4, 2, 2)))
-                x15, x37 = tl.split(tl.reshape(odd, (G, 4, 2, 2)))
-                x0, x4 = tl.split(x04)
-                x2, x6 = tl.split(x26)
-                x1, x5 = tl.split(x15)
-                x3, x7 = tl.split(x37)
-                part = _code_fma(tl.zeros((BN, G, 4), dtype=tl.float32), u, 0, x0)
-                part = _code_fma(part, u, 1, x1)
-                part = _code_fma(part, u, 2, x2)
-                part = _code_fma(part, u, 3, x3)
-                part = _code_fma(part, u, 4, x4)
-                part = _code_fma(part, u, 5, x5)
-                part = _code_fma(part, u, 6, x6)
-                part = _code_fma(part, u, 7, x7)
-                group = tl.sum(part, axis=2) * 8.507059173023462e37 * factor  # [BN, G]: times 2**126, the scale
-                acc += tl.where(m_idx[:, None, None] == m, group[None, :, :], 0.0)
-        out = tl.sum(acc, axis=2) + tl.load(bias_ptr + expert * N_OUT + cols_in).to(tl.float32)[None, :]
-        _store_tile(out, y_ptr, row0 + m_idx, row_end, pid_n, N_OUT, BM, BN, SWIGLU, ALPHA, LIMIT)

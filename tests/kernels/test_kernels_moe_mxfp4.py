@@ -3,8 +3,8 @@
 The interpreter is chosen when Triton is imported (TRITON_INTERPRET=1), so the cases run in
 a child process: this one may already hold a compiled-mode Triton. They cover the in-kernel
 expert lookup (empty experts, one expert, rows past every tile), the nibble order and scales
-of the widening, the masked K tail and wrapped columns, for the tensor-core kernel's plain
-widening and for the CUDA-core GEMV; the GPU test covers tl.dot_scaled.
+of the widening, the masked K tail and wrapped columns, and the fused SwiGLU, for the
+tensor-core kernel's plain widening; the GPU tests cover tl.dot_scaled and the decode GEMV.
 """
 
 import os
@@ -31,11 +31,6 @@ CASES = textwrap.dedent(
         (5, 64, 48, [0, 17, 0, 16, 0], TileConfig(32, 16, 32, 4, 1)),
         (4, 96, 40, [5, 0, 19, 1], TileConfig(16, 32, 64, 4, 1, swap_ab=True)),
         (5, 64, 48, [0, 17, 0, 16, 0], TileConfig(16, 64, 32, 4, 1, swap_ab=True)),
-        # the CUDA-core GEMV: every code of a word, the K tail, repeated rows past an expert's end
-        (4, 96, 40, [5, 0, 19, 1], TileConfig(2, 16, 64, 4, 1, gemv=True)),
-        (4, 128, 64, [0, 0, 0, 33], TileConfig(4, 32, 64, 4, 1, gemv=True)),
-        (3, 64, 32, [1, 1, 1], TileConfig(1, 16, 32, 1, 1, gemv=True)),
-        (5, 96, 48, [0, 17, 0, 16, 0], TileConfig(1, 32, 128, 4, 1, gemv=True)),
     ]:
         for swiglu in (None, (1.702, 7.0)):  # the clamped SwiGLU fused in the store: [N, out/2]
             blocks = torch.randint(0, 256, (experts, n_out, k // 32, 16), dtype=torch.uint8)

@@ -13,11 +13,11 @@ ROWS = [1, 4, 37, 256, 4096]  # routed rows N = tokens * top-k: one row, odd, de
 SHAPES = [(32, 2 * HIDDEN), (32, HIDDEN), (128, 2 * HIDDEN), (128, HIDDEN)]  # (experts, out): 20b, 120b
 
 
-def gemv_configs():
-    """The CUDA-core kernel at one row a program (the table's entry for 1-4 tokens) and at two."""
-    from kernels.moe_mxfp4 import TileConfig
+def decode_tile():
+    """The tensor-core tile the table picks just past the GEMV (N 17..256), forced at any N."""
+    from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    return [TileConfig(1, 16, 256, 1, 1, gemv=True), TileConfig(2, 32, 512, 2, 1, gemv=True)]
+    return TILE_CONFIGS[0][1]
 
 
 def random_mxfp4(experts: int, n_out: int, k: int):
@@ -55,10 +55,9 @@ def test_grouped_mxfp4_linear(rows, experts, n_out, split, dot_scaled):
 @pytest.mark.parametrize("rows", [1, 4, 37, 256])
 @pytest.mark.parametrize("experts,n_out", SHAPES)
 @pytest.mark.parametrize("split", ["random", "sparse", "one"])
-@pytest.mark.parametrize("which", [0, 1])
-def test_grouped_mxfp4_gemv(rows, experts, n_out, split, which):
-    """The CUDA-core kernel at any N, whatever the table picks there."""
-    _check_against_reference(rows, experts, n_out, split, config=gemv_configs()[which])
+def test_grouped_mxfp4_decode_tile(rows, experts, n_out, split):
+    """The tensor-core decode tile at any N, also where the table picks the CUDA-core GEMV (N <= 16)."""
+    _check_against_reference(rows, experts, n_out, split, config=decode_tile())
 
 
 def _check_against_reference(rows, experts, n_out, split, **options):
@@ -89,21 +88,16 @@ def test_grouped_mxfp4_linear_uneven_tiles():
             out = poisoned(rows, n_out)
             grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config, dot_scaled=dot_scaled)
             assert rel_err(out, ref) <= TOL, (config, dot_scaled)
-    for config in (TileConfig(1, 16, 64, 1, 1, gemv=True), TileConfig(2, 32, 128, 2, 1, gemv=True),
-                   TileConfig(4, 64, 256, 4, 1, gemv=True)):
-        out = poisoned(rows, n_out)
-        grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config)
-        assert rel_err(out, ref) <= TOL, config
 
 
-@pytest.mark.parametrize("rows,gemv", [(64, False), (4, False), (64, True)])
-def test_grouped_mxfp4_linear_graph_replay(rows, gemv):
+@pytest.mark.parametrize("rows,mma", [(64, False), (4, False), (4, True)])
+def test_grouped_mxfp4_linear_graph_replay(rows, mma):
     """Captured once, replayed after the routing changed in place: the grid and the kernel
     read nothing from the host, so the new offsets take effect: the table's kernel for 64 rows
-    (tensor cores) and 4 rows (the GEMV), and the GEMV forced at 64 rows."""
+    (tensor cores) and 4 rows (the CuTeDSL GEMV), and the tensor-core tile forced at 4 rows."""
     from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
 
-    config = gemv_configs()[1] if gemv else None
+    config = decode_tile() if mma else None
     experts = 32
     blocks, scales, bias = random_mxfp4(experts, HIDDEN, HIDDEN)
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
@@ -126,14 +120,14 @@ def test_grouped_mxfp4_linear_graph_replay(rows, gemv):
 @pytest.mark.parametrize("experts", [32, 128])
 def test_grouped_mxfp4_linear_fused_swiglu(rows, experts):
     """gate_up with the clamped SwiGLU in its store ([N, out/2]), by the table's kernel for N and by
-    both GEMV configs, against the reference's gate_up then kernels/swiglu.py's reference."""
+    the tensor-core decode tile, against the reference's gate_up then kernels/swiglu.py's reference."""
     from kernels.moe_mxfp4 import grouped_mxfp4_linear, grouped_mxfp4_linear_reference
 
     blocks, scales, bias = random_mxfp4(experts, 2 * HIDDEN, HIDDEN)
     offsets = expert_offsets(rows, experts, "random")
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) * 4  # reach the clamp at +-7
     ref = grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets, swiglu=(1.702, 7.0))
-    for config in (None, *gemv_configs()):
+    for config in (None, decode_tile()):
         out = poisoned(rows, HIDDEN)
         grouped_mxfp4_linear(x, blocks, scales, bias, offsets, out=out, config=config, swiglu=(1.702, 7.0))
         assert rel_err(out, ref) <= TOL, config

@@ -113,17 +113,19 @@ class CudaGptOss(nn.Module):
     def warm_up(self, kv: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
         """Before the first request (the engine's start-up): compile what steps will run and capture the decode graphs.
 
-        Triton compiles the MXFP4 expert GEMM once per tile config, and the config follows the
-        routed rows (tokens x top-k): one scratch prefill per config a step can reach, so no
-        request waits seconds for a compile (the disk cache helps only the next process).
+        The MXFP4 expert GEMM compiles once per kernel and tile config (CuTeDSL's decode GEMV,
+        Triton's tiles), which follow the routed rows (tokens x top-k): one scratch prefill per
+        config a step can reach, so no request waits seconds for a compile (the disk cache helps
+        only the next process).
         """
-        from kernels.moe_mxfp4 import TILE_CONFIGS
+        from kernels.moe_mxfp4 import GEMV_ROWS, TILE_CONFIGS
         from services.worker.model.cuda_graphs import DecodeGraphs
 
         if kv.scratch_blocks is None:
             return
         top_k = self.config.num_experts_per_tok
-        tokens = {min(max(1, bound // top_k), max_num_batched_tokens) for bound, _ in TILE_CONFIGS[:-1]}
+        bounds = [GEMV_ROWS] + [bound for bound, _ in TILE_CONFIGS[:-1]]
+        tokens = {min(max(1, bound // top_k), max_num_batched_tokens) for bound in bounds}
         for t in sorted(tokens | {max_num_batched_tokens}):
             self.forward(_scratch_prefill(t, kv), kv)
         if self.cuda_graphs:

@@ -10,8 +10,9 @@
 
 Same contract as kernels/moe_mxfp4.py's grouped_mxfp4_linear; this is its decode path. At a
 token or a few, every weight byte is used once, so the kernel must widen fp4 as fast as HBM
-delivers it. The Triton GEMV spent ~7 instructions per code (its x broadcast went through
-shared memory every step) and streamed at about half the copy bandwidth.
+delivers it. The Triton GEMV before it spent ~7 instructions per code (its x broadcast went
+through shared memory every step): at one token (`python -m bench.gemv`, H100) gate_up with the
+SwiGLU took 25.3 us and down 15.4 us there (f29330b), 21.5 and 14.0 us here (5b99aa9).
 
 One CTA per (routed row, BN weight rows); thread t owns scale group t (32 values of K), for
 every one of the CTA's weight rows. So each thread widens x's 32 values to float32 once, and
@@ -28,7 +29,9 @@ import torch
 
 from kernels._cute import cute_modules, fixed, launch, rows
 
-ROWS_PER_CTA = 32  # weight rows per CTA: a warp's lanes hold one row each after the butterfly
+# Weight rows per CTA. `python -m bench.gemv --no-dense` on an H100 at 20b shapes, 1..4 tokens:
+# 8 was fastest or within noise of it at every size (2, 4, 16, 32 were 3-40% slower).
+ROWS_PER_CTA = 8
 TWO_POW_126 = 8.507059173023462e37
 
 # code j of a word (bits 4j..4j+3), j < 6: (u & MASK) * MUL puts the magnitude at float32 bits

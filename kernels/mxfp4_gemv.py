@@ -60,36 +60,49 @@ def _word_ptx() -> str:
     return "\n".join(lines)
 
 
-def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None):
-    """The grouped MXFP4 GEMM's torch reference (dequantize per expert, float32 matmul)."""
+def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None, x_rows=None):
+    """The grouped MXFP4 GEMM's torch reference (dequantize per expert, float32 matmul), on x[x_rows] if given."""
     from kernels.moe_mxfp4 import grouped_mxfp4_linear_reference
 
-    return grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
+    xs = x if x_rows is None else x[x_rows.long()]
+    return grouped_mxfp4_linear_reference(xs, blocks, scales, bias, offsets, swiglu=swiglu)
 
 
 def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                offsets: torch.Tensor, out: torch.Tensor | None = None,
-               swiglu: tuple[float, float] | None = None, rows_per_cta: int = ROWS_PER_CTA) -> torch.Tensor:
+               swiglu: tuple[float, float] | None = None, rows_per_cta: int = ROWS_PER_CTA,
+               x_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e] (see module doc).
 
-    Rows outside offsets[0]:offsets[E] are left unwritten.
+    Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
+    row i reads x[x_rows[i]] (x is then [T, K], the tokens before dispatch: no permuted copy).
     """
     from kernels.moe_mxfp4 import _check
 
-    _check(x, blocks, scales, bias, offsets, out, swiglu)
+    _check(x, blocks, scales, bias, offsets, out if x_rows is None else None, swiglu)
     n, k = x.shape
+    if x_rows is not None:
+        if x_rows.dtype != torch.int32 or x_rows.dim() != 1 or not x_rows.is_contiguous():
+            raise ValueError(f"x_rows must be contiguous int32 [N], got {x_rows.dtype} {tuple(x_rows.shape)}")
+        if x_rows.device != x.device:
+            raise ValueError(f"x_rows is on {x_rows.device}, x on {x.device}")
+        n = x_rows.shape[0]
     experts, n_out = blocks.shape[:2]
     if rows_per_cta not in (2, 4, 8, 16, 32):
         raise ValueError(f"rows_per_cta must be a power of two 2..32, got {rows_per_cta}")
     width = n_out // 2 if swiglu is not None else n_out
+    if out is not None and (tuple(out.shape) != (n, width) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be contiguous {x.dtype} [{n}, {width}]")
     y = torch.empty(n, width, dtype=x.dtype, device=x.device) if out is None else out
     if n == 0:
         return y
     cutlass = cute_modules()[0]
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
-    key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit))
+    gather = x_rows is not None
+    key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit), gather)
     groups = k // 32
-    launch(key, _launcher(*key[1:]), rows(x.view(n, k // 8, 8)),
+    launch(key, _launcher(*key[1:]), rows(x.view(x.shape[0], k // 8, 8)),
+           rows(x_rows if gather else offsets, align=4),
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
            fixed(scales.view(experts * n_out, groups), align=1), fixed(bias.view(-1), align=2),
            fixed(offsets, align=4), rows(y), cutlass.Int32(n))
@@ -97,7 +110,8 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
 
 
 @functools.cache
-def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alpha: float, limit: float):
+def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alpha: float, limit: float,
+              gather: bool):
     cutlass, cute, _, cuda = cute_modules()
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op
@@ -149,8 +163,8 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
         return total
 
     @cute.kernel
-    def kernel(mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor, mO: cute.Tensor,
-               mY: cute.Tensor, n: Int32):
+    def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
+               mO: cute.Tensor, mY: cute.Tensor, n: Int32):
         tidx, _, _ = cute.arch.thread_idx()
         row, pid_n, _ = cute.arch.block_idx()
         lane = tidx % 32
@@ -165,12 +179,15 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
         expert = cutlass.min(cute.arch.warp_reduction_sum(before), experts - 1)
         routed = row >= mO[0] and row < mO[experts]  # rows outside every expert are left unwritten
 
+        x_row = row
+        if cutlass.const_expr(gather):
+            x_row = mR[row]
         g = cutlass.min(tidx, groups - 1)  # a thread past the last group repeats it, then counts zero
         xs = cute.make_rmem_tensor((4, 8), Float32)
         xs.fill(0.0)
         if tidx < groups:
             for v in cutlass.range_constexpr(4):
-                xs[v, None].store(mX[row, 4 * g + v, None].load().to(Float32))
+                xs[v, None].store(mX[x_row, 4 * g + v, None].load().to(Float32))
         words = cute.make_rmem_tensor((bn, 4), Int32)
         part = cute.make_rmem_tensor((bn,), Float32)
         for r in cutlass.range_constexpr(bn):
@@ -204,9 +221,9 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
                     mY[row, pid_n * bn + r] = value
 
     @cute.jit
-    def launch_fn(mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor, mO: cute.Tensor,
-                  mY: cute.Tensor, n: Int32, stream: cuda.CUstream):
-        kernel(mX, mW, mS, mB, mO, mY, n).launch(
+    def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
+                  mO: cute.Tensor, mY: cute.Tensor, n: Int32, stream: cuda.CUstream):
+        kernel(mX, mR, mW, mS, mB, mO, mY, n).launch(
             grid=[n, (n_out + bn - 1) // bn, 1], block=[32 * warps, 1, 1], stream=stream)
 
     return launch_fn

@@ -78,3 +78,21 @@ def test_mxfp4_gemv_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, mxfp4_gemv_reference(x, blocks, scales, bias, offsets)) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4])
+@pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
+def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu):
+    """x_rows: routed row i reads token x_rows[i] of the undispatched x, as the route kernel's src gives it."""
+    from kernels.moe_dispatch import route
+    from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+
+    experts, top_k = 32, 4
+    blocks, scales, bias = random_mxfp4(experts, 2 * HIDDEN, HIDDEN)
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    ids = torch.rand(tokens, experts, device="cuda").argsort(1)[:, :top_k].to(torch.int32).contiguous()
+    routing = route(ids, experts)
+    ref = mxfp4_gemv_reference(x, blocks, scales, bias, routing.offsets, swiglu=swiglu, x_rows=routing.src)
+    out = poisoned(*ref.shape)
+    mxfp4_gemv(x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src)
+    assert rel_err(out, ref) <= TOL

@@ -2,7 +2,8 @@
 
     logits = x W_r^T + b_r                       GEMV (decode) / cuBLAS [T, E]
     ids, weights = top-k + softmax                CuTeDSL router       [T, k]
-    xs = x permuted into expert groups            CuTeDSL route/dispatch [T*k, H]
+    xs = x permuted into expert groups            CuTeDSL route/dispatch [T*k, H] (decode's MXFP4
+                                                  GEMV reads x's rows in place instead)
     h = swiglu(xs W_gu[e]^T + b_gu[e])            grouped GEMM (MXFP4: SwiGLU fused in its store;
                                                   bf16: + CuTeDSL swiglu) [T*k, I]
     ys = h W_d[e]^T + b_d[e]                      grouped GEMM         [T*k, H]
@@ -48,14 +49,20 @@ class GroupedExperts:
         logits = linear(x, self.router_w, self.router_b)
         ids, weights = router_topk(logits.contiguous(), self.top_k)
         routing = route(ids, self.num_experts)
-        xs = dispatch(x, routing)
         if self.packed:
-            from kernels.moe_mxfp4 import grouped_mxfp4_linear
+            from kernels.moe_mxfp4 import GEMV_ROWS, grouped_mxfp4_linear
+            from kernels.mxfp4_gemv import mxfp4_gemv
 
-            hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets,
-                                          swiglu=(self.alpha, self.limit))
+            swiglu = (self.alpha, self.limit)
+            if x.is_cuda and ids.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
+                hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=swiglu,
+                                    x_rows=routing.src)
+            else:
+                hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
+                                              swiglu=swiglu)
             ys = grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
             return combine(ys, routing, weights)
+        xs = dispatch(x, routing)
         n = xs.shape[0]
         expert_of_row = torch.repeat_interleave(
             torch.arange(self.num_experts, device=x.device), routing.counts, output_size=n

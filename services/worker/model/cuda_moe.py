@@ -53,13 +53,13 @@ class GroupedExperts:
             from kernels.moe_mxfp4 import GEMV_ROWS, grouped_mxfp4_linear
             from kernels.mxfp4_gemv import mxfp4_gemv
 
-            swiglu = (self.alpha, self.limit)
+            clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
             if x.is_cuda and ids.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
-                hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=swiglu,
+                hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp,
                                     x_rows=routing.src)
             else:
                 hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
-                                              swiglu=swiglu)
+                                              swiglu=clamp)
             ys = grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
             return combine(ys, routing, weights)
         xs = dispatch(x, routing)

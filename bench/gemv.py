@@ -21,7 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from bench.kernels import EXPERT_SETS, E, H, I, K, _copies, copy_bandwidth, measure
+from bench.kernels import EXPERT_SETS, E, H, I, K, _copies, copy_bandwidth, measure, random_routing
 
 DENSE = {"qkv": (5120, H), "o_proj": (H, 4096), "router": (E, H)}  # (out, in)
 
@@ -50,9 +50,7 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
         n = tokens * K
         routings = []
         for _ in range(EXPERT_SETS):
-            counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
-            offsets = torch.zeros(E + 1, dtype=torch.int32)
-            offsets[1:] = torch.cumsum(counts, 0)
+            counts, offsets = random_routing(tokens)
             routings.append((int((counts > 0).sum()), offsets.cuda()))
         for (name, (blocks, scales, bias, n_out, k)), swiglu in (
             (("gate_up", projections["gate_up"]), None), (("gate_up", projections["gate_up"]), (1.702, 7.0)),

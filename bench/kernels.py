@@ -201,6 +201,14 @@ EXPERT_TOKENS = "1,8,64,256,4096"
 EXPERT_SETS = 4  # routings per timed graph: the touched experts differ call to call, as in decode
 
 
+def random_routing(tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(counts [E], offsets [E+1] int32) on the host: each token's top-K of E experts drawn at random."""
+    counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
+    offsets = torch.zeros(E + 1, dtype=torch.int32)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return counts, offsets
+
+
 def run_experts(token_counts: list[int]) -> list[dict]:
     """The MoE expert GEMMs (gate_up then down, 20b: 32 experts, random top-4) by four paths.
 
@@ -228,9 +236,7 @@ def run_experts(token_counts: list[int]) -> list[dict]:
         n = tokens * K
         sets = []
         for _ in range(EXPERT_SETS):
-            counts = torch.bincount(torch.rand(tokens, E).argsort(1)[:, :K].reshape(-1), minlength=E)
-            offsets = torch.zeros(E + 1, dtype=torch.int32)
-            offsets[1:] = torch.cumsum(counts, 0)
+            counts, offsets = random_routing(tokens)
             sets.append((counts, offsets.cuda(), offsets[1:].cuda(), torch.randn(n, H, **bf), torch.randn(n, I, **bf)))
         inputs.append((tokens, n, sets))
     for tokens, n, sets in inputs:

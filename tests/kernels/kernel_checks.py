@@ -20,3 +20,18 @@ def poisoned(*shape, dtype=torch.bfloat16, device="cuda") -> torch.Tensor:
     if dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.full(shape, -1, dtype=dtype, device=device)
+
+
+def run_in_triton_interpreter(source: str, timeout: int) -> None:
+    """Run `source` in a child Python under TRITON_INTERPRET=1 (chosen when Triton is imported, and
+    this process may hold a compiled-mode Triton) with a fresh SEED; it must print "ok" last."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    seed = int.from_bytes(os.urandom(4), "little")
+    env = dict(os.environ, TRITON_INTERPRET="1", SEED=str(seed), PYTHONPATH=root)
+    done = subprocess.run([sys.executable, "-c", source], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), f"seed {seed}\n{done.stdout}\n{done.stderr}"

@@ -1,16 +1,12 @@
 """The dense few-row GEMV run by Triton's CPU interpreter on small shapes (in a child process:
 the interpreter is chosen when Triton is imported). The GPU test covers the real shapes."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from kernel_checks import run_in_triton_interpreter
 
 pytest.importorskip("triton", reason="Triton has wheels for Linux only (the test extra installs it there)")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CASES = textwrap.dedent(
     """
@@ -39,8 +35,4 @@ CASES = textwrap.dedent(
 
 
 def test_gemv_in_triton_interpreter():
-    seed = int.from_bytes(os.urandom(4), "little")
-    env = dict(os.environ, TRITON_INTERPRET="1", SEED=str(seed), PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", CASES], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), f"seed {seed}\n{done.stdout}\n{done.stderr}"
+    run_in_triton_interpreter(CASES, timeout=120)

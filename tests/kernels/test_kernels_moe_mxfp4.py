@@ -7,16 +7,12 @@ of the widening, the masked K tail and wrapped columns, and the fused SwiGLU, fo
 tensor-core kernel's plain widening; the GPU tests cover tl.dot_scaled and the decode GEMV.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from kernel_checks import run_in_triton_interpreter
 
 pytest.importorskip("triton", reason="Triton has wheels for Linux only (the test extra installs it there)")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CASES = textwrap.dedent(
     """
@@ -54,8 +50,4 @@ CASES = textwrap.dedent(
 
 
 def test_kernel_in_triton_interpreter():
-    seed = int.from_bytes(os.urandom(4), "little")
-    env = dict(os.environ, TRITON_INTERPRET="1", SEED=str(seed), PYTHONPATH=ROOT)
-    done = subprocess.run([sys.executable, "-c", CASES], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), f"seed {seed}\n{done.stdout}\n{done.stderr}"
+    run_in_triton_interpreter(CASES, timeout=240)

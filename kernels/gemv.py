@@ -3,9 +3,9 @@
     x [M, K] bf16, W [N, K] bf16 (nn.Linear's layout), b [N] bf16 or None -> y [M, N] bf16
 
 At batch 1 a decode step's dense projections (QKV, o_proj, the router) are pure weight
-streams; cuBLAS ran them at 56-63% of the copy bandwidth (`python -m bench.gemv`, H100),
-o_proj and the router through split-K plus a separate reduce kernel. Here each program owns BN weight rows over
-the whole of K: it keeps a [BN, BK] float32 partial product per x row in registers, loads
+streams; cuBLAS ran them at 54-64% of the copy bandwidth (`python -m bench.gemv`, H100),
+o_proj and the router through split-K plus a separate reduce kernel. Here each program owns
+BN weight rows over the whole of K: it keeps a [BN, BK] float32 partial product per x row in registers, loads
 the next K step before multiplying this one (Triton pipelines only loads that feed a dot),
 and reduces across K once at the end. No split-K, no second kernel, nothing written but y.
 M is a compile-time constant (one specialization per decode batch size it is used for).
@@ -44,10 +44,10 @@ DEFAULT = GemvConfig()
 def pick_config(rows: int, n: int, k: int) -> GemvConfig | None:
     """The GEMV's launch shape for rows x [n, k], or None where cuBLAS is faster.
 
-    From `python -m bench.gemv` on an H100 at gpt-oss-20b shapes: at one row the GEMV beat
-    cuBLAS 1.23x on QKV (5120 x 2880), 1.40x on o_proj (2880 x 4096, cuBLAS split-K + reduce)
-    and 3.3x on the router (32 x 2880); at two rows it still won on o_proj (1.13x) and the router,
-    at four only on the router.
+    From `python -m bench.gemv` on an H100 at gpt-oss-20b shapes (903cbb9): at one row the GEMV
+    beat cuBLAS 1.20x on QKV (5120 x 2880), 1.39x on o_proj (2880 x 4096, cuBLAS split-K +
+    reduce) and 3.28x on the router (32 x 2880); at two rows it still won on o_proj (1.19x) and
+    the router, at four only on the router.
     """
     if n <= 64:  # the router: a handful of rows, nothing for cuBLAS to tile
         return GemvConfig(2, 1024, 4) if rows <= 4 else None

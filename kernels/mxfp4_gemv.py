@@ -102,7 +102,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit), gather)
     groups = k // 32
     launch(key, _launcher(*key[1:]), rows(x.view(x.shape[0], k // 8, 8)),
-           rows(x_rows if gather else offsets, align=4),
+           rows(x_rows if gather else offsets, align=4),  # the kernel reads it only when gathering
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
            fixed(scales.view(experts * n_out, groups), align=1), fixed(bias.view(-1), align=2),
            fixed(offsets, align=4), rows(y), cutlass.Int32(n))

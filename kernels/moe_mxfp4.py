@@ -77,10 +77,10 @@ TILE_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
 )
 
 
-# 1-4 tokens (N <= 16 routed rows, about one per touched expert): the CUDA-core GEMV, whose
-# widening costs ~4 instructions a code, beat the Triton kernels (1.2-1.4x the best tensor-core
-# tile before; see mxfp4_gemv.py for its own figures); from 8 tokens on, rows share experts and the
-# MMA tiles reuse each widened weight tile.
+# 1-4 tokens (N <= 16 routed rows, about one per touched expert): the CUDA-core GEMV of
+# kernels/mxfp4_gemv.py, 1.5-1.9x the tensor-core decode tile there (`python -m bench.gemv
+# --no-dense` at 5b99aa9). It reads an expert's weights once per row; past 16 rows, rows start to
+# share experts and the MMA tiles reuse each widened weight tile.
 GEMV_ROWS = 16
 
 
@@ -162,8 +162,7 @@ def grouped_mxfp4_linear(
     x [N, K] bf16 (contiguous); blocks [E, out, K/32, 16] uint8; scales [E, out, K/32] uint8;
     bias [E, out] bf16; offsets [E+1] int32 on x's device -> [N, out] bf16. Rows outside
     offsets[0]:offsets[E] are left unwritten. On CUDA, N <= GEMV_ROWS goes to the CuTeDSL GEMV
-    (kernels/mxfp4_gemv.py; every row must then lie in those offsets) unless `config` picks a
-    tensor-core tile; otherwise `config` overrides the tile table (tile_config(N)). `dot_scaled`
+    (kernels/mxfp4_gemv.py) unless `config` picks a tensor-core tile; otherwise `config` overrides the tile table (tile_config(N)). `dot_scaled`
     picks the tensor-core kernel's widening (default: tl.dot_scaled on CUDA, plain ops elsewhere).
     swiglu=(alpha, limit) applies the clamped SwiGLU to the interleaved gate/up columns on the way
     out: y is then [N, out/2].

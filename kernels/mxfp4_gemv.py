@@ -29,8 +29,8 @@ import torch
 
 from kernels._cute import cute_modules, fixed, launch, rows
 
-# Weight rows per CTA. `python -m bench.gemv --no-dense` on an H100 at 20b shapes, 1..4 tokens:
-# 8 was fastest or within noise of it at every size (2, 4, 16, 32 were 3-40% slower).
+# Weight rows per CTA. `python -m bench.gemv --no-dense` at 5b99aa9 on an H100 at 20b shapes, 1..4
+# tokens: 8 was within 4% of the fastest of 2, 4, 8, 16, 32 in every case; others were up to 42% slower.
 ROWS_PER_CTA = 8
 TWO_POW_126 = 8.507059173023462e37
 
@@ -164,7 +164,7 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
-               mO: cute.Tensor, mY: cute.Tensor, n: Int32):
+               mO: cute.Tensor, mY: cute.Tensor):
         tidx, _, _ = cute.arch.thread_idx()
         row, pid_n, _ = cute.arch.block_idx()
         lane = tidx % 32
@@ -190,12 +190,11 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
                 xs[v, None].store(mX[x_row, 4 * g + v, None].load().to(Float32))
         words = cute.make_rmem_tensor((bn, 4), Int32)
         part = cute.make_rmem_tensor((bn,), Float32)
+        w_rows = [expert * n_out + cutlass.min(pid_n * bn + r, n_out - 1) for r in range(bn)]  # wrap; stores masked
         for r in cutlass.range_constexpr(bn):
-            w_row = expert * n_out + cutlass.min(pid_n * bn + r, n_out - 1)
-            words[r, None].store(mW[w_row, g, None].load())
+            words[r, None].store(mW[w_rows[r], g, None].load())
         for r in cutlass.range_constexpr(bn):
-            w_row = expert * n_out + cutlass.min(pid_n * bn + r, n_out - 1)
-            part[r] = row_dot(words, r, xs) * TWO_POW_126 * exp2_bits(mS[w_row, g].to(Int32))
+            part[r] = row_dot(words, r, xs) * TWO_POW_126 * exp2_bits(mS[w_rows[r], g].to(Int32))
         total = butterfly(part, lane)
         red = cute.make_tensor(cute.arch.alloc_smem(Float32, warps * 32, alignment=16),
                                cute.make_layout((warps, 32), stride=(32, 1)))
@@ -223,7 +222,7 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
     @cute.jit
     def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
                   mO: cute.Tensor, mY: cute.Tensor, n: Int32, stream: cuda.CUstream):
-        kernel(mX, mR, mW, mS, mB, mO, mY, n).launch(
+        kernel(mX, mR, mW, mS, mB, mO, mY).launch(
             grid=[n, (n_out + bn - 1) // bn, 1], block=[32 * warps, 1, 1], stream=stream)
 
     return launch_fn

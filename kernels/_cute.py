@@ -63,6 +63,20 @@ def fixed(t: torch.Tensor, align: int = 16) -> tuple:
     return ("fixed", t, align)
 
 
+def pdl_wait() -> None:
+    """(Trace time, in a kernel) PDL's kernel side (kernels/pdl.py): wait for the kernel before, then let the next launch.
+
+    Call it in every CTA, after loading only weights and before touching anything a kernel of
+    the step writes. Emits nothing where PDL is off (launch with `use_pdl=pdl_enabled()`).
+    """
+    from kernels.pdl import pdl_enabled
+
+    if pdl_enabled():
+        cute = cute_modules()[1]
+        cute.arch.griddepcontrol_wait()
+        cute.arch.griddepcontrol_launch_dependents()
+
+
 def tvm_ffi_available() -> bool:
     return importlib.util.find_spec("tvm_ffi") is not None
 

@@ -18,6 +18,8 @@ import os
 
 import torch
 
+from kernels.pdl import pdl_enabled
+
 try:  # optional: importing this module must work where Triton is absent
     import triton
     import triton.language as tl
@@ -85,9 +87,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if tuple(y.shape) != (m, n) or y.dtype != x.dtype or not y.is_contiguous():
         raise ValueError(f"out must be contiguous {x.dtype} [{m}, {n}]")
     c = config
+    pdl = x.is_cuda and pdl_enabled()
     _gemv_kernel[(triton.cdiv(n, c.block_n),)](
         x, weight, weight if bias is None else bias, y, N=n, K=k, M=m, BN=c.block_n, BK=c.block_k,
-        HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0, num_warps=c.num_warps, num_stages=1,
+        HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0, PDL=pdl, num_warps=c.num_warps, num_stages=1,
+        launch_pdl=pdl,
     )
     return y
 
@@ -105,7 +109,8 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr):
+                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     PDL: tl.constexpr):
         pid = tl.program_id(0)
         cols = pid * BN + tl.arange(0, BN)
         cols_in = cols % N  # loads wrap, the store is masked
@@ -119,6 +124,13 @@ if triton is not None:
             w_next = tl.load(w_tile)
         else:
             w_next = tl.load(w_tile, mask=(k < K)[None, :], other=0.0)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + cols_in).to(tl.float32)
+        else:
+            bias = tl.zeros((BN,), dtype=tl.float32)
+        if PDL:  # the first weight step and the bias are in flight before x is ready (kernels/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BK):
             w = w_next.to(tl.float32)
             k_idx = k0 + k
@@ -137,10 +149,6 @@ if triton is not None:
             if M > 3:
                 acc3 = _row_partial(acc3, w, x_ptr, 3, K, k_idx, k_in, EVEN_K)
         keep = cols < N
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + cols_in).to(tl.float32)
-        else:
-            bias = tl.zeros((BN,), dtype=tl.float32)
         tl.store(y_ptr + cols, (tl.sum(acc0, axis=1) + bias).to(tl.bfloat16), mask=keep)
         if M > 1:
             tl.store(y_ptr + N + cols, (tl.sum(acc1, axis=1) + bias).to(tl.bfloat16), mask=keep)

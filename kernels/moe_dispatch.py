@@ -8,6 +8,8 @@
 Routing is one CTA: shared-memory atomics count tokens per expert (the returned old
 count is the token's rank in its group; the order within a group is whatever the
 atomics give, which no consumer depends on), one thread turns counts into offsets.
+`route_topk` does the router's top-k (kernels/router.py) in that same CTA first, for
+decode's few tokens.
 Dispatch and combine move 16-byte vectors, one per thread; combine sums in float32.
 """
 
@@ -15,10 +17,13 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, rows
+from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, pdl_wait, rows
+from kernels.pdl import pdl_enabled
 
 THREADS = 256
 ROUTE_THREADS = 1024
+# route_topk's single CTA up to this many tokens (every decode graph bucket), router_topk + route above
+ROUTE_TOPK_MAX_TOKENS = 256
 
 
 def route_reference(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +50,7 @@ def _route_launcher(num_experts: int, k: int):
 
     @cute.kernel
     def kernel(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor):
+        pdl_wait()
         tidx, _, _ = cute.arch.thread_idx()
         smem = cutlass.utils.SmemAllocator()
         s_count = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
@@ -75,7 +81,66 @@ def _route_launcher(num_experts: int, k: int):
     @cute.jit
     def launch(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor,
                stream: cuda.CUstream):
-        kernel(mIds, mCounts, mOffsets, mPos, mSrc).launch(grid=[1, 1, 1], block=[ROUTE_THREADS, 1, 1], stream=stream)
+        kernel(mIds, mCounts, mOffsets, mPos, mSrc).launch(grid=[1, 1, 1], block=[ROUTE_THREADS, 1, 1], stream=stream,
+                                                           use_pdl=pdl_enabled())
+
+    return launch
+
+
+@functools.cache
+def _route_topk_launcher(num_experts: int, k: int, dtype: torch.dtype):
+    """Router top-k + softmax and route in one CTA: each warp takes tokens warp, warp + 32, ..."""
+    from kernels.router import warp_topk
+
+    cutlass, cute, _, cuda = cute_modules()
+    Int32, Float32 = cutlass.Int32, cutlass.Float32
+    topk = warp_topk(num_experts, k)
+    warps = ROUTE_THREADS // 32
+
+    @cute.kernel
+    def kernel(mL: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor,
+               mPos: cute.Tensor, mSrc: cute.Tensor):
+        pdl_wait()
+        tidx, _, _ = cute.arch.thread_idx()
+        lane = tidx % 32
+        smem = cutlass.utils.SmemAllocator()
+        s_count = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
+        s_off = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
+        tokens = mL.shape[0]
+        for e in cutlass.range(tidx, num_experts, ROUTE_THREADS):
+            s_count[e] = Int32(0)
+        cute.arch.sync_threads()
+        top_i = cute.make_rmem_tensor((k,), Int32)
+        top_w = cute.make_rmem_tensor((k,), Float32)
+        for t in cutlass.range(tidx // 32, tokens, warps):
+            topk(mL, t, lane, top_i, top_w)
+            if lane == 0:
+                for r in cutlass.range_constexpr(k):
+                    e = top_i[r]
+                    mIds[t * k + r] = e
+                    mW[t, r] = top_w[r]
+                    mPos[t * k + r] = cute.arch.atomic_add((s_count.iterator + e).llvm_ptr, Int32(1), scope="cta")
+        cute.arch.sync_threads()
+        if tidx == 0:
+            running = Int32(0)
+            for e in cutlass.range(num_experts):
+                c = s_count[e]
+                mCounts[e] = c
+                mOffsets[e] = running
+                s_off[e] = running
+                running = running + c
+            mOffsets[num_experts] = running
+        cute.arch.sync_threads()
+        for i in cutlass.range(tidx, tokens * k, ROUTE_THREADS):
+            p = s_off[mIds[i]] + mPos[i]
+            mPos[i] = p
+            mSrc[p] = i // k
+
+    @cute.jit
+    def launch(mL: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor,
+               mPos: cute.Tensor, mSrc: cute.Tensor, stream: cuda.CUstream):
+        kernel(mL, mIds, mW, mCounts, mOffsets, mPos, mSrc).launch(grid=[1, 1, 1], block=[ROUTE_THREADS, 1, 1],
+                                                                   stream=stream, use_pdl=pdl_enabled())
 
     return launch
 
@@ -88,6 +153,7 @@ def _gather_launcher(hidden: int, dtype: torch.dtype):
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor):
+        pdl_wait()
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         g = bidx * THREADS + tidx
@@ -100,7 +166,7 @@ def _gather_launcher(hidden: int, dtype: torch.dtype):
     def launch(mX: cute.Tensor, mSrc: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
         total = mOut.shape[0] * nvec
         kernel(mX, mSrc, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1],
-                                      stream=stream)
+                                      stream=stream, use_pdl=pdl_enabled())
 
     return launch
 
@@ -113,6 +179,7 @@ def _scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+        pdl_wait()
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         g = bidx * THREADS + tidx
@@ -127,7 +194,7 @@ def _scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
     def launch(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
         total = mX.shape[0] * nvec
         kernel(mX, mPos, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1],
-                                      stream=stream)
+                                      stream=stream, use_pdl=pdl_enabled())
 
     return launch
 
@@ -141,6 +208,7 @@ def _combine_launcher(hidden: int, k: int, dtype: torch.dtype):
 
     @cute.kernel
     def kernel(mYs: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor):
+        pdl_wait()
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         g = bidx * THREADS + tidx
@@ -157,7 +225,7 @@ def _combine_launcher(hidden: int, k: int, dtype: torch.dtype):
     def launch(mYs: cute.Tensor, mPos: cute.Tensor, mW: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
         total = mOut.shape[0] * nvec
         kernel(mYs, mPos, mW, mOut).launch(
-            grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream
+            grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream, use_pdl=pdl_enabled()
         )
 
     return launch
@@ -190,6 +258,31 @@ def route(ids: torch.Tensor, num_experts: int, out: Routing | None = None) -> Ro
         counts.zero_()
         offsets.zero_()
     return routing
+
+
+def route_topk(logits: torch.Tensor, k: int, out: Routing | None = None) -> tuple[Routing, torch.Tensor]:
+    """kernels/router.py's router_topk, then `route`, in one single-CTA kernel: (routing, weights [T, k] float32).
+
+    For decode's few tokens (ROUTE_TOPK_MAX_TOKENS), where the two launches cost more than the
+    work; the one CTA's warps take 1/32 of the tokens each, so many tokens are faster split.
+    """
+    tokens, num_experts = logits.shape
+    if not logits.is_contiguous():
+        raise ValueError("logits must be contiguous")
+    if k > num_experts:
+        raise ValueError(f"k={k} > {num_experts} experts")
+    routing = empty_routing(tokens, k, num_experts, logits.device) if out is None else out
+    weights = torch.empty(tokens, k, dtype=torch.float32, device=logits.device)
+    if tokens:
+        ids = torch.empty(tokens * k, dtype=torch.int32, device=logits.device)
+        key = ("route_topk", num_experts, k, logits.dtype)
+        launch(key, _route_topk_launcher(*key[1:]), rows(logits, logits.element_size()), rows(ids, 4),
+               rows(weights, 4), fixed(routing.counts, 4), fixed(routing.offsets, 4), rows(routing.pos, 4),
+               rows(routing.src, 4))
+    else:
+        routing.counts.zero_()
+        routing.offsets.zero_()
+    return routing, weights
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,6 +38,7 @@ import os
 
 import torch
 
+from kernels.pdl import pdl_enabled
 from services.worker.model.mxfp4 import BYTES_PER_BLOCK, VALUES_PER_SCALE, dequantize
 
 try:  # optional: importing this module must work where Triton is absent (CPU CI, macOS)
@@ -188,12 +189,13 @@ def grouped_mxfp4_linear(
                            "(TRITON_INTERPRET=1 set before triton is imported)")
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     epilogue = dict(SWIGLU=swiglu is not None, ALPHA=float(alpha), LIMIT=float(limit))
+    pdl = x.is_cuda and pdl_enabled()
     _grouped_mxfp4_kernel[grid](
         x, blocks, scales, bias, offsets, y, N_OUT=n_out, K=k,
         NUM_EXPERTS=num_experts, EXPERTS_POW2=triton.next_power_of_2(num_experts),
         BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k, EVEN_K=k % cfg.block_k == 0, DOT_SCALED=dot_scaled,
-        SWAP_AB=cfg.swap_ab, INTERPRETED=_INTERPRETED, **epilogue,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SWAP_AB=cfg.swap_ab, INTERPRETED=_INTERPRETED, PDL=pdl, **epilogue,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
     return y
 
@@ -242,8 +244,11 @@ if triton is not None:
         NUM_EXPERTS: tl.constexpr, EXPERTS_POW2: tl.constexpr,
         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, DOT_SCALED: tl.constexpr,
         SWAP_AB: tl.constexpr, INTERPRETED: tl.constexpr,
-        SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+        SWIGLU: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # the tile's expert comes from the route before (kernels/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
 

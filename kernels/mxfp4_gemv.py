@@ -27,7 +27,8 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import cute_modules, fixed, launch, rows
+from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
+from kernels.pdl import pdl_enabled
 
 # Weight rows per CTA. `python -m bench.gemv --no-dense` at 5b99aa9 on an H100 at 20b shapes, 1..4
 # tokens: 8 was within 4% of the fastest of 2, 4, 8, 16, 32 in every case; others were up to 42% slower.
@@ -165,6 +166,7 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
     @cute.kernel
     def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
                mO: cute.Tensor, mY: cute.Tensor):
+        pdl_wait()  # the expert, hence every weight byte, depends on the route before
         tidx, _, _ = cute.arch.thread_idx()
         row, pid_n, _ = cute.arch.block_idx()
         lane = tidx % 32
@@ -223,6 +225,7 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
     def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
                   mO: cute.Tensor, mY: cute.Tensor, n: Int32, stream: cuda.CUstream):
         kernel(mX, mR, mW, mS, mB, mO, mY).launch(
-            grid=[n, (n_out + bn - 1) // bn, 1], block=[32 * warps, 1, 1], stream=stream)
+            grid=[n, (n_out + bn - 1) // bn, 1], block=[32 * warps, 1, 1], stream=stream, use_pdl=pdl_enabled()
+        )
 
     return launch_fn

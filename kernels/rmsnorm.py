@@ -3,6 +3,9 @@
     h = x + residual            (when a residual is given; h is also returned)
     y = h * rsqrt(mean(h^2) + eps) * weight
 
+`combine_rmsnorm` also folds in the MoE combine before it (x[t] = sum_j w[t, j] ys[pos[t, j]]):
+the end of one layer and the start of the next in one kernel.
+
 One warp per row (or per 2 rows sharing one load of the weights): each lane holds
 ceil(hidden / 256) 16-byte vectors of the row in registers, so the row is read once,
 the sum of squares is a warp shuffle reduction and no shared memory is used. bf16
@@ -14,7 +17,8 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, rows
+from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, pdl_wait, rows
+from kernels.pdl import pdl_enabled
 
 WARPS_PER_CTA = 4  # 128 threads a CTA
 # Rows a warp normalizes with one load of the weights: 2 pays off only without a residual
@@ -36,8 +40,13 @@ def rmsnorm_reference(
 
 @functools.cache
 def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fused_residual: bool,
-              rows_per_warp: int):
-    """The jit launcher for one (hidden, dtype, weight dtype, residual) specialization."""
+              rows_per_warp: int, combine_k: int = 0):
+    """The jit launcher for one (hidden, dtype, weight dtype, residual, combine) specialization.
+
+    combine_k > 0: x is the experts' output rows ys [T*k, H] and row t's x is the MoE combine
+    sum_j weights[t, j] * ys[pos[t, j]], rounded to x's dtype as kernels/moe_dispatch.py's combine
+    stores it (then the residual add and the norm as usual).
+    """
     cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
     nvec = hidden // VEC
@@ -54,34 +63,54 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
         return 32 * (j + 1) > nvec
 
     @cute.kernel
-    def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, mH: cute.Tensor, eps: Float32):
+    def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, mH: cute.Tensor,
+               mPos: cute.Tensor, mCW: cute.Tensor, eps: Float32):
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         lane = tidx % 32
         first = (bidx * WARPS_PER_CTA + tidx // 32) * rows_per_warp
-        n = mX.shape[0]
+        n = mR.shape[0]  # mR is mX itself without a residual; mX has T*k rows with combine
+        # The weights are the step's constants: loaded before PDL's wait, while the kernel
+        # before this one still runs; once per warp for its rows_per_warp rows.
+        wts = cute.make_rmem_tensor((per_lane, VEC), w_t)
+        if cutlass.const_expr(has_weight):
+            for j in cutlass.range_constexpr(per_lane):
+                v = lane + 32 * j
+                if cutlass.const_expr(tail(j)):
+                    v = cutlass.min(v, nvec - 1)
+                wts[j, None].store(mW[v, None].load())
+        pdl_wait()
         if first < n:
             # Every load is unconditional (a tail lane re-reads the row's last vector, a
-            # tail warp the last row), so all of a warp's rows and weights are in flight at
-            # once; only uses are guarded. The weights are loaded once per warp for its
-            # rows_per_warp rows. h is kept in the activation dtype: the residual sum is
+            # tail warp the last row), so all of a warp's rows are in flight at once; only
+            # uses are guarded. h is kept in the activation dtype: the residual sum is
             # rounded as the torch model rounds it, and half of float32's registers.
-            wts = cute.make_rmem_tensor((per_lane, VEC), w_t)
             vals = [cute.make_rmem_tensor((per_lane, VEC), out_t) for _ in range(rows_per_warp)]
             for r in cutlass.range_constexpr(rows_per_warp):
                 row = cutlass.min(first + r, n - 1)
+                if cutlass.const_expr(combine_k > 0):
+                    src = cute.make_rmem_tensor((combine_k,), cutlass.Int32)
+                    wgt = cute.make_rmem_tensor((combine_k,), Float32)
+                    for c in cutlass.range_constexpr(combine_k):
+                        src[c] = mPos[row, c]
+                        wgt[c] = mCW[row, c]
                 for j in cutlass.range_constexpr(per_lane):
                     v = lane + 32 * j
                     if cutlass.const_expr(tail(j)):
                         v = cutlass.min(v, nvec - 1)
-                    if cutlass.const_expr(fused_residual):
+                    if cutlass.const_expr(combine_k > 0):
+                        moe = mX[src[0], v, None].load().to(Float32) * wgt[0]
+                        for c in cutlass.range_constexpr(1, combine_k):
+                            moe = moe + mX[src[c], v, None].load().to(Float32) * wgt[c]
+                        vals[r][j, None].store(
+                            (moe.to(out_t).to(Float32) + mR[row, v, None].load().to(Float32)).to(out_t)
+                        )
+                    elif cutlass.const_expr(fused_residual):
                         vals[r][j, None].store(
                             (mX[row, v, None].load().to(Float32) + mR[row, v, None].load().to(Float32)).to(out_t)
                         )
                     else:
                         vals[r][j, None].store(mX[row, v, None].load())
-                    if cutlass.const_expr(has_weight and r == 0):
-                        wts[j, None].store(mW[v, None].load())
             for r in cutlass.range_constexpr(rows_per_warp):
                 row = first + r
                 if row < n:
@@ -112,10 +141,11 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
 
     @cute.jit
     def launch(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mY: cute.Tensor, mH: cute.Tensor,
-               eps: Float32, stream: cuda.CUstream):
-        rows = mX.shape[0]
-        kernel(mX, mR, mW, mY, mH, eps).launch(
-            grid=[(rows + per_cta - 1) // per_cta, 1, 1], block=[32 * WARPS_PER_CTA, 1, 1], stream=stream
+               mPos: cute.Tensor, mCW: cute.Tensor, eps: Float32, stream: cuda.CUstream):
+        rows = mR.shape[0]
+        kernel(mX, mR, mW, mY, mH, mPos, mCW, eps).launch(
+            grid=[(rows + per_cta - 1) // per_cta, 1, 1], block=[32 * WARPS_PER_CTA, 1, 1], stream=stream,
+            use_pdl=pdl_enabled(),
         )
 
     return launch
@@ -146,7 +176,49 @@ def rmsnorm(
         vr = residual.reshape(n, -1, VEC) if residual is not None else vx
         vh = h.view(n, -1, VEC) if h is not None else vx
         vw = weight.view(-1, VEC) if weight is not None else x2[0].view(-1, VEC)
+        pos, cw = _no_combine(x.device)
         launch(key, _launcher(*key[1:]), rows(vx), rows(vr), fixed(vw), rows(y.view(n, -1, VEC)), rows(vh),
-               cutlass.Float32(eps))
+               rows(pos, 4), rows(cw, 4), cutlass.Float32(eps))
     shape = x.shape
     return y.view(shape), (None if h is None else h.view(shape))
+
+
+def combine_rmsnorm_reference(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor,
+                              weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: the MoE combine (rounded to ys' dtype) into `rmsnorm_reference` with the residual."""
+    moe = (ys[pos.long()].float() * weights.float()[..., None]).sum(1).to(ys.dtype)
+    y, h = rmsnorm_reference(moe, weight, eps, residual)
+    return y, h
+
+
+def combine_rmsnorm(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor,
+                    weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE's combine, the residual add and the next RMSNorm in one kernel: (y, h) as the reference.
+
+    ys [T*k, H] the experts' output rows; pos [T, k] int32 each choice's row in ys (the route's
+    pos); weights [T, k] float32; residual [T, H]. One kernel where combine then rmsnorm were two,
+    and the combined rows never go to memory.
+    """
+    hidden = ys.shape[-1]
+    check_rows(ys, hidden, "ys")
+    n, k = weights.shape
+    if tuple(residual.shape) != (n, hidden) or not residual.is_contiguous():
+        raise ValueError(f"residual must be contiguous [{n}, {hidden}], got {tuple(residual.shape)}")
+    if tuple(pos.shape) != (n, k) or pos.dtype != torch.int32 or not pos.is_contiguous():
+        raise ValueError(f"pos must be contiguous int32 [{n}, {k}]")
+    y = torch.empty_like(residual)
+    h = torch.empty_like(residual)
+    if n:
+        cutlass = cute_modules()[0]
+        key = ("rmsnorm", hidden, ys.dtype, None if weight is None else weight.dtype, True, 1, k)
+        vw = weight.view(-1, VEC) if weight is not None else residual[0].view(-1, VEC)
+        launch(key, _launcher(*key[1:]), rows(ys.view(ys.shape[0], -1, VEC)), rows(residual.view(n, -1, VEC)),
+               fixed(vw), rows(y.view(n, -1, VEC)), rows(h.view(n, -1, VEC)), rows(pos, 4),
+               rows(weights.float().contiguous(), 4), cutlass.Float32(eps))
+    return y, h
+
+
+@functools.cache
+def _no_combine(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholder pos / weights for the kernel's unused combine inputs (never read without combine)."""
+    return (torch.zeros(1, 1, dtype=torch.int32, device=device), torch.zeros(1, 1, dtype=torch.float32, device=device))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.pdl import pdl_enabled
 from services.worker.model.rope import apply_rotary
 
 try:  # optional: importing this module must work where Triton is absent (CPU CI, macOS)
@@ -52,11 +53,12 @@ def rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, heads: int, kv_heads:
     out = torch.empty(t, heads, head_dim, dtype=qkv.dtype, device=qkv.device) if out is None else out
     if t:
         half = head_dim // 2
+        pdl = qkv.is_cuda and pdl_enabled()
         _rope_cache_kernel[(t,)](
             qkv, cos.contiguous(), sin.contiguous(), slots, out, k_cache, v_cache, qkv.stride(0),
             HEADS=heads, KV_HEADS=kv_heads, HALF=half,
             HEADS_P2=triton.next_power_of_2(heads), KV_P2=triton.next_power_of_2(kv_heads),
-            HALF_P2=triton.next_power_of_2(half), num_warps=4,
+            HALF_P2=triton.next_power_of_2(half), PDL=pdl, num_warps=4, launch_pdl=pdl,
         )
     return out
 
@@ -76,7 +78,10 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(qkv, cos_ptr, sin_ptr, slots, q_out, k_cache, v_cache, qkv_stride,
                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                           HEADS_P2: tl.constexpr, KV_P2: tl.constexpr, HALF_P2: tl.constexpr):
+                           HEADS_P2: tl.constexpr, KV_P2: tl.constexpr, HALF_P2: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # everything it reads was written by the kernels before (kernels/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0).to(tl.int64)
         D: tl.constexpr = 2 * HALF
         cols = tl.arange(0, HALF_P2)

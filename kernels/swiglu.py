@@ -11,7 +11,8 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import VEC, check_rows, cute_modules, launch, rows
+from kernels._cute import VEC, check_rows, cute_modules, launch, pdl_wait, rows
+from kernels.pdl import pdl_enabled
 
 THREADS = 256
 
@@ -33,6 +34,7 @@ def _launcher(inter: int, dtype: torch.dtype, alpha: float, limit: float):
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mY: cute.Tensor):
+        pdl_wait()
         tidx, _, _ = cute.arch.thread_idx()
         bidx, _, _ = cute.arch.block_idx()
         g = bidx * THREADS + tidx
@@ -52,7 +54,8 @@ def _launcher(inter: int, dtype: torch.dtype, alpha: float, limit: float):
     @cute.jit
     def launch(mX: cute.Tensor, mY: cute.Tensor, stream: cuda.CUstream):
         total = mX.shape[0] * nvo
-        kernel(mX, mY).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream)
+        kernel(mX, mY).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1], stream=stream,
+                              use_pdl=pdl_enabled())
 
     return launch
 

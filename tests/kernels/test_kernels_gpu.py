@@ -32,6 +32,28 @@ def test_rmsnorm(tokens, hidden, weighted, fused, rows_per_warp):
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("hidden", [HIDDEN_20B, 136])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_combine_rmsnorm(tokens, hidden, weighted):
+    """The fused MoE combine + residual + RMSNorm against its reference and against the two kernels it replaces."""
+    from kernels.moe_dispatch import combine
+    from kernels.rmsnorm import combine_rmsnorm, combine_rmsnorm_reference, rmsnorm
+
+    k, experts = 4, 32
+    _, r = _route(tokens, experts, k)
+    ys = torch.randn(tokens * k, hidden, device="cuda", dtype=torch.bfloat16) * 2
+    weights = torch.softmax(torch.randn(tokens, k, device="cuda"), -1)
+    res = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16) * 3
+    w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16) if weighted else None
+    pos = r.pos.view(tokens, k)
+    y, h = combine_rmsnorm(ys, pos, weights, res, w, 1e-5)
+    ref_y, ref_h = combine_rmsnorm_reference(ys, pos, weights, res, w, 1e-5)
+    assert rel_err(y, ref_y) <= TOL and rel_err(h, ref_h) <= TOL
+    two_y, two_h = rmsnorm(combine(ys, r, weights), w, 1e-5, residual=res)
+    assert rel_err(y, two_y) <= TOL and rel_err(h, two_h) <= TOL
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("inter", [2880, 72])
 def test_swiglu(tokens, inter):
     from kernels.swiglu import swiglu, swiglu_reference
@@ -86,6 +108,29 @@ def test_route(tokens, experts):
     slot_expert = torch.empty(n, dtype=torch.int32, device="cuda")
     slot_expert[r.pos.long()] = ids.reshape(-1)
     assert (slot_expert.diff() >= 0).all()  # grouped by expert, in expert order
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 256])
+@pytest.mark.parametrize("experts,k", [(32, 4), (128, 4)])
+def test_route_topk(tokens, experts, k):
+    """The fused top-k + route gives router_topk's choices and weights and a valid routing of them."""
+    from kernels.moe_dispatch import Routing, route_reference, route_topk
+    from kernels.router import router_reference
+
+    logits = torch.randn(tokens, experts, device="cuda", dtype=torch.bfloat16)
+    n = tokens * k
+    out = Routing(*(poisoned(m, dtype=torch.int32) for m in (experts, experts + 1, n, n)), k)
+    r, w = route_topk(logits, k, out=out)
+    ref_ids, ref_w = router_reference(logits, k)
+    # the ids in slot order: slot pos[t, j] holds token t's j-th choice, whose expert is the slot's group
+    group_of_slot = torch.repeat_interleave(torch.arange(experts, device="cuda"), r.counts.long(), output_size=n)
+    ids = group_of_slot[r.pos.long()].view(tokens, k)
+    assert torch.equal(logits.float().gather(1, ids), logits.float().gather(1, ref_ids.long()))
+    assert rel_err(w, ref_w) <= 1e-5
+    counts, offsets = route_reference(ids.to(torch.int32), experts)
+    assert torch.equal(r.counts, counts) and torch.equal(r.offsets, offsets)
+    assert torch.equal(r.pos.sort().values, torch.arange(n, device="cuda", dtype=torch.int32))
+    assert torch.equal(r.src[r.pos.long()].long(), torch.arange(n, device="cuda") // k)
 
 
 @pytest.mark.parametrize("tokens", TOKENS)

@@ -156,20 +156,24 @@ class CudaGptOss(nn.Module):
         else:
             attention = None
             plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in self.attention_keys}
-        mlp, resid = self._layers(to_device(batch.token_ids, dev), to_device(batch.positions, dev), attention, plans, kv)
+        y = self._layers(to_device(batch.token_ids, dev), to_device(batch.positions, dev), attention, plans, kv)
         if not all_logits:
             last = to_device(torch.cumsum(torch.tensor(batch.query_lens), 0) - 1, dev)
-            mlp, resid = mlp[last].contiguous(), resid[last].contiguous()
-        return self._logits(mlp, resid)
+            y = y[last]
+        return F.linear(y, self.lm_head).float()
 
     def decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, attention, kv: PagedKVCache) -> torch.Tensor:
         """One token per sequence, planned on `attention`: logits [T, vocab] float32 (what a graph captures)."""
-        return self._logits(*self._layers(tokens, positions, attention, None, kv))
+        return F.linear(self._layers(tokens, positions, attention, None, kv), self.lm_head).float()
 
-    def _layers(self, tokens, positions, attention, plans, kv: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding through the last layer: (last MLP output, residual before it), each [T, hidden] bf16."""
+    def _layers(self, tokens, positions, attention, plans, kv: PagedKVCache) -> torch.Tensor:
+        """Embedding through the final norm: [T, hidden] bf16, the lm_head's input.
+
+        Each layer's MoE combine, residual add and the next norm (the final one after the last
+        layer) are one kernel.
+        """
         from kernels.embedding import embedding
-        from kernels.rmsnorm import rmsnorm
+        from kernels.rmsnorm import combine_rmsnorm, rmsnorm
 
         cos, sin = self.rotary.cos_sin(positions)
         resid = embedding(self.embed, tokens)
@@ -177,16 +181,10 @@ class CudaGptOss(nn.Module):
         for i, L in enumerate(self.layers):
             attn = self._attention(L, y, cos, sin, kv.k[i], kv.v[i], attention, plans)
             y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
-            mlp = L["moe"](y)
-            if i + 1 < len(self.layers):
-                y, resid = rmsnorm(mlp, self.layers[i + 1]["norm1"], self.eps, residual=resid)
-        return mlp, resid
-
-    def _logits(self, mlp: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        from kernels.rmsnorm import rmsnorm
-
-        y, _ = rmsnorm(mlp, self.final_norm, self.eps, residual=resid)
-        return F.linear(y, self.lm_head).float()
+            ys, routing, weights = L["moe"].expert_rows(y)
+            norm = self.layers[i + 1]["norm1"] if i + 1 < len(self.layers) else self.final_norm
+            y, resid = combine_rmsnorm(ys, routing.pos.view(weights.shape), weights, resid, norm, self.eps)
+        return y
 
     def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, attention, plans) -> torch.Tensor:
         c = self.config

@@ -1,13 +1,15 @@
 """The cuda backend's MoE block: router top-k, dispatch, grouped expert GEMMs, SwiGLU, combine.
 
     logits = x W_r^T + b_r                       GEMV (decode) / cuBLAS [T, E]
-    ids, weights = top-k + softmax                CuTeDSL router       [T, k]
+    ids, weights = top-k + softmax                CuTeDSL router       [T, k] (with the route in one
+                                                  kernel up to ROUTE_TOPK_MAX_TOKENS tokens)
     xs = x permuted into expert groups            CuTeDSL route/dispatch [T*k, H] (decode's MXFP4
                                                   GEMV reads x's rows in place instead)
     h = swiglu(xs W_gu[e]^T + b_gu[e])            grouped GEMM (MXFP4: SwiGLU fused in its store;
                                                   bf16: + CuTeDSL swiglu) [T*k, I]
     ys = h W_d[e]^T + b_d[e]                      grouped GEMM         [T*k, H]
-    y = sum_j weights[t, j] ys[pos(t, j)]         CuTeDSL combine      [T, H]
+    y = sum_j weights[t, j] ys[pos(t, j)]         CuTeDSL combine      [T, H] (the cuda backend folds it
+                                                  into the next RMSNorm: `expert_rows`)
 
 The grouped GEMMs take the per-expert row offsets on the device (no host sync), so
 the step stays capturable. MXFP4 experts (the checkpoint's format) stay packed and go
@@ -22,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gemv import linear
-from kernels.moe_dispatch import combine, dispatch, route
+from kernels.moe_dispatch import ROUTE_TOPK_MAX_TOKENS, combine, dispatch, route, route_topk
 from kernels.router import router_topk
 from kernels.swiglu import swiglu
 
@@ -46,9 +48,20 @@ class GroupedExperts:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] bf16 -> [T, H] bf16."""
-        logits = linear(x, self.router_w, self.router_b)
-        ids, weights = router_topk(logits.contiguous(), self.top_k)
-        routing = route(ids, self.num_experts)
+        ys, routing, weights = self.expert_rows(x)
+        return combine(ys, routing, weights)
+
+    def expert_rows(self, x: torch.Tensor):
+        """Everything but the combine: (ys [T*k, H] in expert order, routing, weights [T, k] float32).
+
+        The cuda backend combines them into the next RMSNorm (kernels/rmsnorm.py's combine_rmsnorm).
+        """
+        logits = linear(x, self.router_w, self.router_b).contiguous()
+        if x.shape[0] <= ROUTE_TOPK_MAX_TOKENS:
+            routing, weights = route_topk(logits, self.top_k)
+        else:
+            ids, weights = router_topk(logits, self.top_k)
+            routing = route(ids, self.num_experts)
         if self.packed:
             from kernels.moe_mxfp4 import GEMV_ROWS, grouped_mxfp4_linear
             from kernels.mxfp4_gemv import mxfp4_gemv
@@ -60,8 +73,7 @@ class GroupedExperts:
             else:
                 hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                               swiglu=clamp)
-            ys = grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
-            return combine(ys, routing, weights)
+            return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets), routing, weights
         xs = dispatch(x, routing)
         n = xs.shape[0]
         expert_of_row = torch.repeat_interleave(
@@ -71,7 +83,7 @@ class GroupedExperts:
         gate_up = grouped_linear(xs, self.gate_up, ends) + self.gate_up_b[expert_of_row]
         hidden = swiglu(gate_up, self.alpha, self.limit)
         ys = grouped_linear(hidden, self.down, ends) + self.down_b[expert_of_row]
-        return combine(ys, routing, weights)
+        return ys, routing, weights
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

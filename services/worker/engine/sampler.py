@@ -5,8 +5,9 @@ over output) -> greedy argmax when temperature is 0 -> temperature -> top_k ->
 top_p and min_p over what top_k kept -> a draw. A seeded request draws by the
 exponential race (argmax of probs / Exp(1) noise, one draw per vocabulary column)
 from its own generator: the same seed gives the same tokens whatever else is in the
-batch. Requests without a seed draw from the engine's stream by inverse CDF, one
-uniform per row: the same distribution without 201k exponential draws per token.
+batch. Requests without a seed draw from the engine's stream: on a GPU by the same race
+(a few kernels), on the CPU by inverse CDF, one uniform per row (the same distribution
+without 201k exponential draws per token).
 
 Logprobs are the raw model's: log_softmax of the logits before penalties,
 temperature and truncation (vLLM's default), so they do not depend on the sampling
@@ -153,17 +154,36 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
         noise = torch.empty_like(probs)
         for j, i in enumerate(seeded):  # a seeded row reads only its own stream
             noise[j].exponential_(generator=rows[i].generator)
-        # An exact 0 draw would make 0/0 = NaN on a masked token, and argmax picks NaN.
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        _put(chosen, seeded, (probs / noise).argmax(dim=-1))
+        _put(chosen, seeded, _race(probs, noise))
     if shared:
         if all(rows[i].params.temperature == 1.0 and not _truncates(rows[i].params) for i in shared):
             weights = torch.softmax(_rows(logits, shared), dim=-1)  # nothing to scale or mask: no copy first
         else:
             weights = torch.softmax(_scaled(logits, shared, rows), dim=-1)
-        uniform = torch.rand(len(shared), dtype=torch.float64, device=logits.device, generator=generator)
-        _put(chosen, shared, _inverse_cdf(weights, uniform))
+        _put(chosen, shared, draw_shared(weights, generator))
     return chosen
+
+
+def draw_shared(weights: torch.Tensor, generator: torch.Generator | None, race: bool | None = None) -> torch.Tensor:
+    """One draw per row of weights [rows, vocab] (probabilities) from the shared stream: [rows] int64.
+
+    race (None: on a GPU) draws by the exponential race: four kernels whatever the vocabulary,
+    where the inverse CDF launches some twenty small ones after every decode step. On the CPU
+    the inverse CDF's one uniform a row beats 201k exponential draws. Both draw exactly from
+    weights / sum.
+    """
+    if weights.is_cuda if race is None else race:
+        noise = torch.empty_like(weights).exponential_(generator=generator)
+        return _race(weights, noise)
+    uniform = torch.rand(weights.shape[0], dtype=torch.float64, device=weights.device, generator=generator)
+    return _inverse_cdf(weights, uniform)
+
+
+def _race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax of probs / Exp(1) noise per row (consumes noise): a draw from probs. [rows] int64."""
+    # An exact 0 draw would make 0/0 = NaN on a masked token, and argmax picks NaN.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return torch.div(probs, noise, out=noise).argmax(dim=-1)
 
 
 def _raw_logprobs(logits: torch.Tensor, rows: list[SamplingRow]) -> dict[int, torch.Tensor]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.worker.engine.errors import EngineInputError
-from services.worker.engine.sampler import CDF_CHUNK, SamplingRow, check_params, make_generator, sample
+from services.worker.engine.sampler import CDF_CHUNK, SamplingRow, check_params, draw_shared, make_generator, sample
 from shared.protocol import SamplingParams
 
 VOCAB = 8
@@ -63,6 +63,28 @@ def test_unseeded_draws_over_a_vocabulary_of_many_chunks_follow_the_softmax():
     counts = torch.bincount(torch.tensor(out.token_ids), minlength=vocab).float() / n
     assert set(out.token_ids) <= set(hot)
     assert torch.allclose(counts[hot], torch.softmax(logits[0], -1)[hot], atol=0.03), counts[hot]
+
+
+@pytest.mark.parametrize("race", [True, False])
+def test_both_shared_stream_draws_follow_the_weights(race):
+    """The GPU's exponential race and the CPU's inverse CDF, each on the CPU: the same distribution."""
+    vocab = 2 * CDF_CHUNK + 5
+    weights = torch.zeros(vocab)
+    hot = [3, CDF_CHUNK + 1, 2 * CDF_CHUNK + 4]
+    weights[hot] = torch.tensor([0.5, 0.3, 0.2])
+    n = 4000
+    drawn = draw_shared(weights.expand(n, vocab).contiguous(), torch.Generator().manual_seed(9), race=race)
+    assert drawn.dtype == torch.long and drawn.shape == (n,)
+    assert set(drawn.tolist()) <= set(hot)  # zero weight is never drawn
+    counts = torch.bincount(drawn, minlength=vocab).float() / n
+    assert torch.allclose(counts[hot], weights[hot], atol=0.03), counts[hot]
+
+
+def test_the_cpu_draws_by_inverse_cdf_by_default():
+    weights = torch.softmax(torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(1)), -1)
+    # on the CPU the default is the inverse CDF: the same generator state gives the same draws as race=False
+    assert torch.equal(draw_shared(weights, torch.Generator().manual_seed(2)),
+                       draw_shared(weights, torch.Generator().manual_seed(2), race=False))
 
 
 def test_unseeded_draws_never_pick_a_masked_token():

@@ -25,6 +25,7 @@ import time
 import torch
 
 from bench.roofline import copy_bandwidth, decode_bound
+from kernels.decode_attention import xqa_decode
 from kernels.pdl import pdl_enabled
 from services.worker.model import ForwardBatch, load_model, make_checkpoint
 from services.worker.model.batch import NO_BLOCK
@@ -106,7 +107,8 @@ def run(path: str, batches: list[int], context: int, iters: int) -> dict:
                          bound_bytes=bound.weight_bytes + bound.kv_bytes,
                          x_bound=graph_step / bound.step_s))
     return dict(bandwidth=bandwidth, layers=c.num_hidden_layers, context=context, rows=rows,
-                device=torch.cuda.get_device_name(), pdl=pdl_enabled())
+                device=torch.cuda.get_device_name(), pdl=pdl_enabled(),
+                decode_attention="xqa" if xqa_decode() else "flashinfer")
 
 
 def main() -> None:
@@ -123,7 +125,8 @@ def main() -> None:
     path = random_checkpoint(args.preset, args.layers, args.checkpoint)
     print(f"checkpoint {path} ready in {time.perf_counter() - start:.1f} s")
     result = run(path, [int(b) for b in args.batches.split(",")], args.context, args.iters)
-    print(f"{result['device']} (PDL {'on' if result['pdl'] else 'off'}), "
+    print(f"{result['device']} (PDL {'on' if result['pdl'] else 'off'}, decode attention "
+          f"{result['decode_attention']}), "
           f"{result['layers']} layers, context {result['context']}, "
           f"copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s")
     print("| batch | step ms (plan + replay) | replay ms | eager ms | tok/s | roofline ms | step / roofline |")

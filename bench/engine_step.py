@@ -26,6 +26,7 @@ import torch
 
 from bench.decode_step import random_checkpoint
 from bench.roofline import copy_bandwidth, decode_bound
+from kernels.decode_attention import xqa_decode
 from kernels.pdl import pdl_enabled
 from services.worker.engine.engine import Engine
 from services.worker.model import load_model
@@ -98,7 +99,8 @@ def run(path: str, batches: list[int], prompt: int, output: int, loop_requests: 
                 row[f"{mode}_loop"] = closed_loop(engine, batch, loop_requests, prompt, output, c.vocab_size)
         rows.append(row)
     return dict(bandwidth=bandwidth, layers=c.num_hidden_layers, prompt=prompt, output=output, rows=rows,
-                startup_s=startup_s, device=torch.cuda.get_device_name(), pdl=pdl_enabled())
+                startup_s=startup_s, device=torch.cuda.get_device_name(), pdl=pdl_enabled(),
+                decode_attention="xqa" if xqa_decode() else "flashinfer")
 
 
 def main() -> None:
@@ -115,7 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     path = random_checkpoint(args.preset, args.layers, args.checkpoint)
     result = run(path, [int(b) for b in args.batches.split(",")], args.prompt, args.output, args.loop_requests)
-    print(f"{result['device']} (PDL {'on' if result['pdl'] else 'off'}), "
+    print(f"{result['device']} (PDL {'on' if result['pdl'] else 'off'}, decode attention "
+          f"{result['decode_attention']}), "
           f"{result['layers']} layers, prompt {result['prompt']}, output {result['output']}, "
           f"copy bandwidth {result['bandwidth'] / 1e9:.1f} GB/s, engine start-up (kernel compiles, graph captures) "
           f"{result['startup_s']:.1f} s")

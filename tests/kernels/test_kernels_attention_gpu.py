@@ -71,3 +71,51 @@ def test_sink_attention_matches_torch(case, group):
     # (long contexts dilute one extra logit: 0.048 was seen on random inputs, so not 5e-2)
     no_sink = paged_attention(q, k, v, kc_ref, vc_ref, plan, torch.full_like(sinks, -1e30), HEAD_DIM**-0.5)
     assert rel_err(no_sink.view_as(ref), ref) > 3e-2
+
+
+@pytest.mark.parametrize("group", ["full", "sliding"])
+@pytest.mark.parametrize("graph_rows", [None, 8])
+def test_xqa_decode_attention_matches_torch(group, graph_rows):
+    """kernels/decode_attention.py (FlashInfer's XQA) on the decode case, eager and as a padded graph plan."""
+    from kernels.decode_attention import DecodeAttention
+
+    query_lens, context_lens = CASES["decode"]
+    num_blocks = sum((c + BLOCK - 1) // BLOCK for c in context_lens) + 8
+    batch = random_batch(query_lens, context_lens, num_blocks, WINDOW)
+    used = {b for rows in batch.block_tables.values() for row in rows for b in row}
+    scratch = min(set(range(num_blocks)) - used)
+    window = WINDOW if group == "sliding" else None
+    n = len(query_lens)
+    t = graph_rows or n
+    dt = torch.bfloat16
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(t, HEADS, HEAD_DIM, device="cuda", dtype=dt)
+    k = torch.randn(t, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
+    v = torch.randn_like(k)
+    sinks = torch.randn(HEADS, device="cuda") * 2
+
+    plan = AttentionPlan.build(batch, group, window, BLOCK, torch.device("cuda"))
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    ref = paged_attention(q[:n], k[:n], v[:n], kc_ref, vc_ref, plan, sinks, HEAD_DIM**-0.5).view(n, HEADS, HEAD_DIM)
+
+    widths = {group: num_blocks} if graph_rows else None
+    attn = DecodeAttention(HEADS, KV_HEADS, HEAD_DIM, BLOCK, dt, "cuda", graph_rows=graph_rows, widths=widths)
+    attn.plan(batch, [(group, window)], {group: scratch})
+    out = attn(group, window, q, k, v, k_cache, v_cache, sinks)
+    keep = torch.ones(num_blocks, dtype=torch.bool)
+    keep[scratch] = False  # padding rows write only there
+    assert torch.equal(k_cache[keep], kc_ref[keep]) and torch.equal(v_cache[keep], vc_ref[keep])
+    assert out.shape == (t, HEADS, HEAD_DIM)
+    assert rel_err(out[:n], ref) <= 1e-2
+
+    # a second step on the same plan object: longer contexts, fresh tables (graph buffers rewritten in place)
+    longer = random_batch(query_lens, [c + 300 for c in context_lens],
+                          num_blocks + 40, WINDOW) if graph_rows is None else None
+    if longer is not None:
+        kc2 = torch.randn(num_blocks + 40, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
+        vc2 = torch.randn_like(kc2)
+        plan2 = AttentionPlan.build(longer, group, window, BLOCK, torch.device("cuda"))
+        ref2 = paged_attention(q, k, v, kc2.clone(), vc2.clone(), plan2, sinks, HEAD_DIM**-0.5).view(n, HEADS, HEAD_DIM)
+        attn.plan(longer, [(group, window)])
+        assert rel_err(attn(group, window, q, k, v, kc2, vc2, sinks), ref2) <= 1e-2

@@ -59,3 +59,26 @@ def test_a_hole_is_found_in_a_big_step_too():
     tables[41][30] = 41 * 64 + 30
     _, kv_indptr, indices, _ = page_metadata(batch, "full", BS)
     assert indices.tolist() == list(range(70 * 64)) and kv_indptr[-1] == 70 * 64
+
+
+def test_xqa_page_table_is_rectangular_with_scratch_in_the_gaps():
+    from kernels.decode_attention import page_table
+
+    # seq 0: 10 tokens (3 pages); seq 1: 13 tokens (4 pages), its first 2 blocks left the window; 2 padding rows
+    batch = _batch([[7, 3, 9, 11], [NO_BLOCK, NO_BLOCK, 5, 6]], [1, 1], [10, 13])
+    flat, lengths, width = page_table(batch, "sliding", BS, scratch_block=99, rows=4)
+    assert width == 4
+    assert list(flat) == [7, 3, 9, 99, 99, 99, 5, 6] + [99] * 8
+    assert list(lengths) == [10, 13, 1, 1]
+    # without padding rows: just the step's sequences (the last page, 11, is past seq 0's 10 tokens)
+    flat, lengths, width = page_table(batch, "full", BS, scratch_block=0)
+    assert list(flat) == [7, 3, 9, 0, 0, 0, 5, 6] and list(lengths) == [10, 13]
+
+
+def test_xqa_page_table_refuses_a_hole_and_an_oversized_step():
+    from kernels.decode_attention import page_table
+
+    with pytest.raises(ValueError, match="hole"):
+        page_table(_batch([[NO_BLOCK, 4, NO_BLOCK, 6]], [1], [13]), "sliding", BS, scratch_block=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        page_table(_batch([[1], [2]], [1, 1], [1, 1]), "full", BS, scratch_block=0, rows=1)

@@ -26,11 +26,18 @@ def checkpoint(tmp_path_factory):
                            num_hidden_layers=2, device="cuda")
 
 
-@pytest.fixture(scope="module", params=["mxfp4", "bf16"])
+@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-xqa"])
 def model(request, checkpoint):
-    """The cuda backend as loaded (MXFP4 experts), and over bf16 experts (the torch._grouped_mm path)."""
+    """The cuda backend as loaded (MXFP4 experts), over bf16 experts (the torch._grouped_mm path), and
+    with decode attention through XQA (ROSE_DECODE_ATTENTION=xqa: graph and eager decode steps both)."""
     if request.param == "mxfp4":
         return load_model(checkpoint, backend="cuda")
+    if request.param == "mxfp4-xqa":
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ROSE_DECODE_ATTENTION", "xqa")
+            xqa = load_model(checkpoint, backend="cuda")
+        assert xqa.decode_attention is not None
+        return xqa
     from services.worker.model.cuda_backend import CudaGptOss
 
     return CudaGptOss(load_model(checkpoint, device="cuda", dtype=torch.bfloat16, keep_mxfp4=False))

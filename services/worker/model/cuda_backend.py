@@ -63,6 +63,7 @@ class CudaGptOss(nn.Module):
     def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
         super().__init__()
         from kernels.attention import SinkAttention
+        from kernels.decode_attention import DecodeAttention, xqa_decode
         from services.worker.model.cuda_moe import GroupedExperts
 
         c = model.config
@@ -93,6 +94,12 @@ class CudaGptOss(nn.Module):
             SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
                           self._device)
             if self.flash else None
+        )
+        # decode steps' attention: XQA (kernels/decode_attention.py) where chosen, else the same wrapper as prefill
+        self.decode_attention = (
+            DecodeAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
+                            self._device)
+            if self.flash and xqa_decode() else None
         )
         self.cuda_graphs = cuda_graphs and self.flash  # the torch attention fallback is not capturable
         self.graphs = None  # DecodeGraphs over the KV cache of the last decode step
@@ -150,9 +157,10 @@ class CudaGptOss(nn.Module):
                 return self.graphs(batch)
         dev = self._device
         if self.flash:
-            self.attention.block_size = kv.block_size
-            self.attention.plan(batch, self.attention_keys)
-            attention, plans = self.attention, None
+            attention = self.decode_attention if self.decode_attention is not None and is_decode(batch) else self.attention
+            attention.block_size = kv.block_size
+            attention.plan(batch, self.attention_keys, kv.scratch_blocks)
+            plans = None
         else:
             attention = None
             plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in self.attention_keys}

@@ -6,8 +6,8 @@ bucket size b is captured once (the engine captures every bucket up to its
 max_num_seqs at start-up; otherwise at a bucket's first use), and a step of n <= b
 sequences replays the graph of the smallest such b:
 
-    plan      host: FlashInfer page metadata and cache slots into the bucket's fixed
-              buffers, token ids and positions into its input buffers
+    plan      host: FlashInfer page metadata (or XQA page tables) and cache slots into
+              the bucket's fixed buffers, token ids and positions into its input buffers
     replay    device: embedding .. lm_head for b rows
     logits    the first n rows of the bucket's output buffer
 
@@ -97,12 +97,16 @@ class DecodeGraphs:
 
     def _capture(self, b: int) -> _Captured:
         from kernels.attention import SinkAttention
+        from kernels.decode_attention import DecodeAttention
 
         m = self.model
         c = m.config
         dev = m.device
-        attention = SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.kv.block_size,
-                                  m.dtype, dev, graph_batch=b, max_pages=self.max_pages, workspaces=self.workspaces)
+        shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.kv.block_size, m.dtype, dev)
+        if m.decode_attention is not None:  # XQA: a page table as wide as the pool (no sequence lists more)
+            attention = DecodeAttention(*shape, graph_rows=b, widths=self.max_pages, buffers=self.workspaces)
+        else:
+            attention = SinkAttention(*shape, graph_batch=b, max_pages=self.max_pages, workspaces=self.workspaces)
         # plan a step of padding rows only: capture needs valid metadata, not real sequences
         empty = ForwardBatch(token_ids=torch.zeros(0, dtype=torch.long), positions=torch.zeros(0, dtype=torch.long),
                              query_lens=[], context_lens=[], block_tables={g: [] for g in GROUPS})

@@ -1,0 +1,194 @@
+"""Decode attention with sinks through FlashInfer's XQA kernel (TensorRT-LLM's decode MHA).
+
+A decode step brings one query token per sequence. kernels/attention.py runs it through
+FlashInfer's prefill-style sink wrapper, which needs a host `plan()` per (group, window) a
+step (its work split, copied to the device) and a separate merge-states kernel for the
+split KV. XQA is a decode kernel: it takes a rectangular page table [seqs, pages] and the
+context lengths on the device, splits long contexts over CTAs by itself (interleaved
+256-token tiles, merged in-kernel by the last CTA through semaphores), adds the sink
+(`exp(sink - max)` in the row sum: natural-log units, the checkpoint's raw value) and keeps
+the newest `window` keys of a sliding layer (the current token included, as gpt-oss's
+q_pos - k_pos < window). So a step's host work is one page table and one length per
+sequence, and a layer is one kernel.
+
+    attn = DecodeAttention(heads, kv_heads, head_dim, block_size, dtype, device)
+    attn.plan(batch, keys)                       # host: page tables, lengths, cache slots
+    out = attn.attend_qkv(group, window, qkv, cos, sin, k_cache, v_cache, sinks)
+
+With graph_rows set, every buffer is fixed ([graph_rows, width] page tables, width the
+group's pool size in pages) so a captured step reads whatever the last plan wrote; rows
+past the step's sequences are padding on the group's scratch block.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import torch
+
+from services.worker.model.batch import NO_BLOCK, ForwardBatch, HostStaging
+
+SCRATCH_BYTES = 16 * 1024 * 1024  # XQA's partial rows of split sequences (at most one per SM)
+
+
+def xqa_decode() -> bool:
+    """Whether the cuda backend's decode steps attend through XQA: ROSE_DECODE_ATTENTION=xqa.
+
+    FlashInfer's sink wrapper stays the default until XQA's GPU tests and `bench.decode_step`
+    under both have run on a GPU (written without one).
+    """
+    choice = os.environ.get("ROSE_DECODE_ATTENTION", "flashinfer")
+    if choice not in ("flashinfer", "xqa"):
+        raise ValueError(f"ROSE_DECODE_ATTENTION must be flashinfer or xqa, got {choice!r}")
+    return choice == "xqa"
+
+
+def page_table(batch: ForwardBatch, group: str, block_size: int, scratch_block: int,
+               rows: int | None = None) -> tuple[array, array, int]:
+    """(pages [rows x width] int32 row-major, lengths [rows] int32, width) of one group for XQA.
+
+    width is the step's most pages a sequence. A row lists the sequence's pages in order;
+    slots past its pages, a sliding table's leading NO_BLOCKs (blocks out of every window:
+    XQA skips their tiles) and rows past the step's sequences (length 1: CUDA-graph padding)
+    hold `scratch_block`, a block the engine never hands out.
+    """
+    tables = batch.block_tables[group]
+    pages = [(ctx + block_size - 1) // block_size for ctx in batch.context_lens]
+    width = max(pages, default=1)
+    rows = batch.num_seqs if rows is None else rows
+    if batch.num_seqs > rows:
+        raise ValueError(f"a step of {batch.num_seqs} sequences does not fit {rows} rows")
+    flat = array("i")
+    for s, (table, n) in enumerate(zip(tables, pages)):
+        row = table[:n]
+        lead = row.count(NO_BLOCK) if row and row[0] == NO_BLOCK else 0
+        if NO_BLOCK in row[lead:]:
+            raise ValueError(f"{group} block table of sequence {s} has a NO_BLOCK hole inside its keys")
+        flat.extend([scratch_block] * lead)
+        flat.extend(row[lead:])
+        flat.extend([scratch_block] * (width - n))
+    flat.extend([scratch_block] * (width * (rows - batch.num_seqs)))
+    lengths = array("i", batch.context_lens)
+    lengths.extend([1] * (rows - batch.num_seqs))
+    return flat, lengths, width
+
+
+class DecodeAttention:
+    """XQA decode attention for one-token-per-sequence steps (see the module docstring).
+
+    Same calls as kernels/attention.py's SinkAttention (plan, attend_qkv, __call__), for
+    decode steps only. graph_rows / widths[group]: the fixed buffers of a CUDA-graph bucket
+    (widths: pages a sequence may list, the group's pool size). buffers, shared between
+    instances that never run at once: the semaphores and the split scratch.
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                 device: torch.device | str, graph_rows: int | None = None, widths: dict[str, int] | None = None,
+                 buffers: dict | None = None):
+        from kernels.attention import missing_attention_packages
+
+        missing = missing_attention_packages()
+        if missing:
+            raise ImportError(f"XQA decode attention needs {', '.join(missing)}: pip install -e .[gpu]")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads} heads do not group over {num_kv_heads} kv heads")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.block_size, self.dtype = block_size, dtype
+        self.device = torch.device(device)
+        self.graph_rows, self.widths = graph_rows, dict(widths or {})
+        self.buffers = {} if buffers is None else buffers
+        self.tables: dict[str, torch.Tensor] = {}  # group -> [rows, width] int32
+        self.lengths: dict[str, torch.Tensor] = {}  # group -> [rows, 1] uint32 (int32 bits)
+        self.slots: dict[str, torch.Tensor] = {}  # group -> [rows] int64: each new token's cache slot
+        self.staging: HostStaging | None = None
+        if graph_rows is not None:
+            for group, width in self.widths.items():
+                self.tables[group] = torch.zeros(graph_rows, width, dtype=torch.int32, device=self.device)
+                self.lengths[group] = torch.ones(graph_rows, 1, dtype=torch.int32, device=self.device)
+                self.slots[group] = torch.zeros(graph_rows, dtype=torch.int64, device=self.device)
+
+    def _buffer(self, name: str, make):
+        if name not in self.buffers:
+            self.buffers[name] = make()
+        return self.buffers[name]
+
+    def plan(self, batch: ForwardBatch, keys, scratch_blocks: dict[str, int] | None = None) -> None:
+        """Page tables, context lengths and cache slots of this decode step for every group in keys (host, once a step).
+
+        Every copy goes from pinned memory, queued behind the step in flight.
+        """
+        from kernels.attention import write_slots
+
+        if any(q != 1 for q in batch.query_lens):
+            raise ValueError("XQA decode attention takes one new token per sequence")
+        rows = self.graph_rows or batch.num_seqs
+        if batch.num_seqs > rows:
+            raise ValueError(f"a step of {batch.num_seqs} sequences does not fit a {rows}-row graph plan")
+        scratch = scratch_blocks or {}
+        if self.staging is None:
+            self.staging = HostStaging()
+        self.staging.begin()
+        for group in dict.fromkeys(g for g, _ in keys):
+            block = scratch.get(group, 0)
+            flat, lengths, width = page_table(batch, group, self.block_size, block, rows=rows)
+            slots = write_slots(batch, group, self.block_size)
+            pad = torch.full((rows - len(slots),), block * self.block_size, dtype=torch.int64)
+            table = self.staging.put(torch.frombuffer(flat, dtype=torch.int32).view(rows, width))
+            table = table.to(self.device, non_blocking=True)
+            host_lengths = self.staging.put(torch.frombuffer(lengths, dtype=torch.int32).view(rows, 1))
+            host_slots = self.staging.put(torch.cat([slots, pad]))
+            if self.graph_rows is None:
+                self.tables[group] = table
+                self.lengths[group] = host_lengths.to(self.device, non_blocking=True)
+                self.slots[group] = host_slots.to(self.device, non_blocking=True)
+            else:  # the step's columns only: a row's later pages are never read (its length stops before them)
+                if width > self.tables[group].shape[1]:
+                    raise ValueError(f"{group}: {width} pages a sequence past the graph table's "
+                                     f"{self.tables[group].shape[1]}")
+                self.tables[group][:, :width].copy_(table)
+                self.lengths[group].copy_(host_lengths, non_blocking=True)
+                self.slots[group].copy_(host_slots, non_blocking=True)
+        self.staging.end()
+
+    def __call__(self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+        """Write k/v into the cache, then attend. q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]."""
+        slots = self.slots[group][: q.shape[0]]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(k_cache.dtype)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
+
+    def attend_qkv(self, group: str, window: int | None, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+        """From the QKV projection: rotary + cache write in one kernel (kernels/rope_cache.py), then attend."""
+        from kernels.rope_cache import rope_and_cache
+
+        q = rope_and_cache(qkv, cos, sin, self.slots[group][: qkv.shape[0]], k_cache, v_cache, self.num_heads,
+                           self.num_kv_heads, self.head_dim)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
+
+    def run(self, group: str, window: int | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            sinks: torch.Tensor) -> torch.Tensor:
+        """Attention only (cache already written). q [T, heads, D] with T the plan's rows -> [T, heads, D]."""
+        from flashinfer import xqa
+
+        t = q.shape[0]
+        table, lengths = self.tables[group], self.lengths[group]
+        if t != table.shape[0]:
+            raise ValueError(f"{t} query rows for a plan of {table.shape[0]}")
+        out = torch.empty(t, 1, self.num_heads, self.head_dim, dtype=self.dtype, device=q.device)
+        semaphores = self._buffer("semaphores", lambda: torch.zeros(
+            _semaphores(self.num_kv_heads, max(t, self.graph_rows or 0, 256)), dtype=torch.int32, device=q.device))
+        scratch = self._buffer("scratch", lambda: torch.zeros(SCRATCH_BYTES, dtype=torch.uint8, device=q.device))
+        group_sinks = sinks.float().view(self.num_kv_heads, self.num_heads // self.num_kv_heads)
+        xqa(q.to(self.dtype).view(t, 1, self.num_heads, self.head_dim), k_cache, v_cache, table,
+            lengths.view(torch.uint32), out, scratch, semaphores.view(torch.uint32), self.num_kv_heads,
+            self.block_size, sinks=group_sinks, sliding_win_size=window or 0, kv_layout="NHD")
+        return out.view(t, self.num_heads, self.head_dim)
+
+
+def _semaphores(num_kv_heads: int, rows: int) -> int:
+    """XQA's semaphore count for rows sequences (FlashInfer's test sizing, one more pair of slack)."""
+    seqs = num_kv_heads * rows
+    return (seqs + 1) // 2 * 2 + 2 + seqs + 2

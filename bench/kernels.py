@@ -148,6 +148,14 @@ def cases(tokens: int):
                 lambda ids, r, x, ys, w: moe_dispatch.combine(ys, r, w),
                 lambda ids, r, x, ys, w: (ys[r.pos.long()].view(tokens, K, H).float() * w[..., None]).sum(1)
                 .to(torch.bfloat16), None))
+    out.append(("combine+rmsnorm+residual", ((tokens * K + 4 * tokens) * H + H) * 2, routed,
+                lambda ids, r, x, ys, w: rmsnorm.combine_rmsnorm(ys, r.pos.view(tokens, K), w, x, x[0], 1e-5),
+                lambda ids, r, x, ys, w: rmsnorm.combine_rmsnorm_reference(ys, r.pos.view(tokens, K), w, x, x[0],
+                                                                           1e-5), None))
+    if tokens <= moe_dispatch.ROUTE_TOPK_MAX_TOKENS:
+        out.append(("router top-k + route", tokens * E * 2 + tokens * K * 4 * 4, lambda: (torch.randn(tokens, E, **bf),),
+                    lambda x: moe_dispatch.route_topk(x, K),
+                    lambda x: torch_route(router.router_reference(x, K)[0]), None))
     table = torch.randn(V, H, **bf)
     out.append(("embedding", 2 * tokens * H * 2, lambda: (torch.randint(0, V, (tokens,), device="cuda"),),
                 lambda ids: embedding.embedding(table, ids), lambda ids: embedding.embedding_reference(table, ids),
@@ -155,9 +163,13 @@ def cases(tokens: int):
     return out
 
 
-def attention_cases(batch: int, context: int = 4096):
-    """Decode: `batch` sequences of one new token over `context` cached tokens (full layer)."""
+def attention_cases(batch: int, context: int = 4096, xqa: bool = False):
+    """Decode: `batch` sequences of one new token over `context` cached tokens (full layer).
+
+    xqa: through kernels/decode_attention.py's XQA kernel instead of FlashInfer's sink wrapper.
+    """
     from kernels.attention import SinkAttention
+    from kernels.decode_attention import DecodeAttention
     from services.worker.model.batch import ForwardBatch
     from services.worker.model.paged_attention import AttentionPlan, paged_attention
 
@@ -173,7 +185,7 @@ def attention_cases(batch: int, context: int = 4096):
     vc = torch.randn_like(kc)
     q = torch.randn(batch, heads, dim, device="cuda", dtype=torch.bfloat16)
     sinks = torch.randn(heads, device="cuda")
-    attn = SinkAttention(heads, kv_heads, dim, block, torch.bfloat16, "cuda")
+    attn = (DecodeAttention if xqa else SinkAttention)(heads, kv_heads, dim, block, torch.bfloat16, "cuda")
     attn.plan(fb, [("full", None)])
     plan = AttentionPlan.build(fb, "full", None, block, torch.device("cuda"))
     k_new = kc.view(-1, kv_heads, dim)[plan.write_slots]  # rewrite what is there: the cache stays the same
@@ -186,11 +198,13 @@ def attention_cases(batch: int, context: int = 4096):
 
 def run_attention(batches: list[int], bw: float) -> list[dict]:
     rows = []
-    cases = [attention_cases(b) for b in batches]  # all random inputs before any graph capture
-    for batch, (nbytes, ours, ref) in zip(batches, cases):
+    # all random inputs before any graph capture
+    cases = [(b, xqa, attention_cases(b, xqa=xqa)) for xqa in (False, True) for b in batches]
+    for batch, xqa, (nbytes, ours, ref) in cases:
         t, how = measure([ours])
         t_ref = _loop_time([ref], reps=5)
-        row = {"kernel": "decode attention 4k ctx", "tokens": batch, "bytes": nbytes, "us": t * 1e6, "how": how,
+        name = "decode attention 4k ctx" + (" (XQA)" if xqa else "")
+        row = {"kernel": name, "tokens": batch, "bytes": nbytes, "us": t * 1e6, "how": how,
                "bw_pct": 100 * nbytes / t / bw, "x_eager": t_ref / t}
         rows.append(row)
         print(json.dumps(row), flush=True)

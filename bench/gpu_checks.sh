@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu_checks.sh              # GPU tests, then decode step and engine loop at batch 1, 8, 64
 #   ROSE_CHECKS=bench bash bench/gpu_checks.sh   # the benches only; ROSE_CHECKS=tests: the tests only
-#   ROSE_CHECKS=bench,ab bash bench/gpu_checks.sh  # and the decode step again without PDL and with XQA
+#   ROSE_CHECKS=bench,ab bash bench/gpu_checks.sh  # and the decode step again without PDL and without XQA
 #
 # On the device tool's machines, stage the cuda backend's packages first (a call before, on the
 # same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
@@ -38,16 +38,16 @@ if [[ $CHECKS == *bench* ]]; then
   timeout 200 python3 -m bench.engine_step --batches 1,8,64 --json "$OUT/engine.json" > "$OUT/engine.log" 2>&1
   echo "exit $?" >> "$OUT/engine.log"
 fi
-if [[ $CHECKS == *ab* ]]; then  # the same decode step without PDL, and with XQA decode attention (kernels/pdl.py,
-  # kernels/decode_attention.py): each against the default run above, in the same call
+if [[ $CHECKS == *ab* ]]; then  # the same decode step without PDL, and with FlashInfer's sink wrapper for decode
+  # attention instead of XQA (kernels/pdl.py, kernels/decode_attention.py): each against the default run above
   ROSE_PDL=0 timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 --json "$OUT/decode-nopdl.json" \
     > "$OUT/decode-nopdl.log" 2>&1
   echo "exit $?" >> "$OUT/decode-nopdl.log"
-  ROSE_DECODE_ATTENTION=xqa timeout 200 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
-    --json "$OUT/decode-xqa.json" > "$OUT/decode-xqa.log" 2>&1
-  echo "exit $?" >> "$OUT/decode-xqa.log"
+  ROSE_DECODE_ATTENTION=flashinfer timeout 200 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
+    --json "$OUT/decode-flashinfer.json" > "$OUT/decode-flashinfer.log" 2>&1
+  echo "exit $?" >> "$OUT/decode-flashinfer.log"
 fi
-for log in gpu-tests decode engine decode-nopdl decode-xqa; do
+for log in gpu-tests decode engine decode-nopdl decode-flashinfer; do
   [ -f "$OUT/$log.log" ] || continue
   echo "== $log"
   grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]" "$OUT/$log.log" | tail -14

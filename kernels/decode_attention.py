@@ -33,12 +33,13 @@ SCRATCH_BYTES = 16 * 1024 * 1024  # XQA's partial rows of split sequences (at mo
 
 
 def xqa_decode() -> bool:
-    """Whether the cuda backend's decode steps attend through XQA: ROSE_DECODE_ATTENTION=xqa.
+    """Whether the cuda backend's decode steps attend through XQA (the default), or, with
+    ROSE_DECODE_ATTENTION=flashinfer, through FlashInfer's sink wrapper as prefill does.
 
-    FlashInfer's sink wrapper stays the default until XQA's GPU tests and `bench.decode_step`
-    under both have run on a GPU (written without one).
+    `python -m bench.decode_step --batches 1,8,64` on an H100 (docs/BENCHMARKS.md): XQA's batch-1
+    step 2.721 ms against the wrapper's 3.665 (its per-step plan is most of the difference).
     """
-    choice = os.environ.get("ROSE_DECODE_ATTENTION", "flashinfer")
+    choice = os.environ.get("ROSE_DECODE_ATTENTION", "xqa")
     if choice not in ("flashinfer", "xqa"):
         raise ValueError(f"ROSE_DECODE_ATTENTION must be flashinfer or xqa, got {choice!r}")
     return choice == "xqa"

@@ -75,10 +75,10 @@ def _launcher(hidden: int, dtype: torch.dtype, w_dtype: torch.dtype | None, fuse
         wts = cute.make_rmem_tensor((per_lane, VEC), w_t)
         if cutlass.const_expr(has_weight):
             for j in cutlass.range_constexpr(per_lane):
-                v = lane + 32 * j
+                wv = lane + 32 * j
                 if cutlass.const_expr(tail(j)):
-                    v = cutlass.min(v, nvec - 1)
-                wts[j, None].store(mW[v, None].load())
+                    wv = cutlass.min(wv, nvec - 1)
+                wts[j, None].store(mW[wv, None].load())
         pdl_wait()
         if first < n:
             # Every load is unconditional (a tail lane re-reads the row's last vector, a

@@ -110,10 +110,11 @@ def test_xqa_decode_attention_matches_torch(group, graph_rows):
     assert rel_err(out[:n], ref) <= 1e-2
 
     # a second step on the same plan object: longer contexts, fresh tables (graph buffers rewritten in place)
-    longer = random_batch(query_lens, [c + 300 for c in context_lens],
-                          num_blocks + 40, WINDOW) if graph_rows is None else None
+    longer_lens = [c + 300 for c in context_lens]
+    blocks2 = sum((c + BLOCK - 1) // BLOCK for c in longer_lens) + 8
+    longer = random_batch(query_lens, longer_lens, blocks2, WINDOW) if graph_rows is None else None
     if longer is not None:
-        kc2 = torch.randn(num_blocks + 40, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
+        kc2 = torch.randn(blocks2, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
         vc2 = torch.randn_like(kc2)
         plan2 = AttentionPlan.build(longer, group, window, BLOCK, torch.device("cuda"))
         ref2 = paged_attention(q, k, v, kc2.clone(), vc2.clone(), plan2, sinks, HEAD_DIM**-0.5).view(n, HEADS, HEAD_DIM)

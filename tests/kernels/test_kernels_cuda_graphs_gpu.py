@@ -26,18 +26,21 @@ def checkpoint(tmp_path_factory):
                            num_hidden_layers=2, device="cuda")
 
 
-@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-xqa"])
+@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer"])
 def model(request, checkpoint):
-    """The cuda backend as loaded (MXFP4 experts), over bf16 experts (the torch._grouped_mm path), and
-    with decode attention through XQA (ROSE_DECODE_ATTENTION=xqa: graph and eager decode steps both)."""
+    """The cuda backend as loaded (MXFP4 experts, XQA decode attention), over bf16 experts (the
+    torch._grouped_mm path), and with decode attention through FlashInfer's sink wrapper
+    (ROSE_DECODE_ATTENTION=flashinfer: graph and eager decode steps both)."""
     if request.param == "mxfp4":
-        return load_model(checkpoint, backend="cuda")
-    if request.param == "mxfp4-xqa":
+        loaded = load_model(checkpoint, backend="cuda")
+        assert loaded.decode_attention is not None
+        return loaded
+    if request.param == "mxfp4-flashinfer":
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("ROSE_DECODE_ATTENTION", "xqa")
-            xqa = load_model(checkpoint, backend="cuda")
-        assert xqa.decode_attention is not None
-        return xqa
+            env.setenv("ROSE_DECODE_ATTENTION", "flashinfer")
+            wrapper = load_model(checkpoint, backend="cuda")
+        assert wrapper.decode_attention is None
+        return wrapper
     from services.worker.model.cuda_backend import CudaGptOss
 
     return CudaGptOss(load_model(checkpoint, device="cuda", dtype=torch.bfloat16, keep_mxfp4=False))

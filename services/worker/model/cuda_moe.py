@@ -67,7 +67,7 @@ class GroupedExperts:
             from kernels.mxfp4_gemv import mxfp4_gemv
 
             clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
-            if x.is_cuda and ids.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
+            if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
                 hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp,
                                     x_rows=routing.src)
             else:

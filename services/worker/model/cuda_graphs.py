@@ -50,19 +50,26 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.workspaces: dict = {}
         self.max_pages = {g: kv.k[kv.layer_groups.index(g)].shape[0] for g in set(kv.layer_groups)}
+        # XQA's page tables (kernels/decode_attention.py) list each sequence's pages from position 0,
+        # sliding ones too (leading pages out of the window on scratch): as wide as the most pages a
+        # sequence can hold, the largest pool's or the context limit's, whichever is fewer
+        longest = -(-model.config.max_position_embeddings // kv.block_size)
+        self.xqa_width = min(max(self.max_pages.values()), longest) if model.decode_attention is not None else None
         self.captured: dict[int, _Captured] = {}
         self.staging = HostStaging(1 << 12)  # token ids and positions on their way to a graph's inputs
 
     def fits(self, batch: ForwardBatch) -> bool:
         """A decode step within the largest bucket whose page lists fit the graphs' index buffers.
 
-        Each group's buffer holds its pool's worth of pages plus the padding; sequences that
+        XQA: every sequence's pages fit a row of its page tables. FlashInfer's wrapper: each group's buffer holds its pool's worth of pages plus the padding; sequences that
         share prefix blocks each list them, so a step can list more pages than the pool has
         blocks: such a step runs eagerly. Each group is checked against its own pool: the
         sliding pool is sized for windows, the full one for whole contexts.
         """
         if batch.num_seqs > self.buckets[-1] or not is_decode(batch):
             return False
+        if self.xqa_width is not None:  # one row per sequence: only its own pages count
+            return max(-(-ctx // self.kv.block_size) for ctx in batch.context_lens) <= self.xqa_width
         return all(step_pages(batch, g, self.kv.block_size) <= n for g, n in self.max_pages.items())
 
     def capture_up_to(self, num_seqs: int) -> None:
@@ -103,8 +110,9 @@ class DecodeGraphs:
         c = m.config
         dev = m.device
         shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.kv.block_size, m.dtype, dev)
-        if m.decode_attention is not None:  # XQA: a page table as wide as the pool (no sequence lists more)
-            attention = DecodeAttention(*shape, graph_rows=b, widths=self.max_pages, buffers=self.workspaces)
+        if m.decode_attention is not None:
+            widths = {g: self.xqa_width for g in self.max_pages}
+            attention = DecodeAttention(*shape, graph_rows=b, widths=widths, buffers=self.workspaces)
         else:
             attention = SinkAttention(*shape, graph_batch=b, max_pages=self.max_pages, workspaces=self.workspaces)
         # plan a step of padding rows only: capture needs valid metadata, not real sequences

@@ -29,7 +29,18 @@ def _graphs(pool_blocks, sliding_blocks=None):
     kv.scratch_blocks = {"full": pool_blocks - 1, "sliding": sliding_blocks - 1}
     graphs = DecodeGraphs.__new__(DecodeGraphs)
     graphs.kv, graphs.buckets, graphs.max_pages = kv, BUCKETS, {"full": pool_blocks, "sliding": sliding_blocks}
+    graphs.xqa_width = None  # FlashInfer's wrapper for decode attention (ROSE_DECODE_ATTENTION=flashinfer)
     return graphs
+
+
+def test_with_xqa_a_step_fits_when_each_sequence_fits_a_row():
+    # XQA rows list a sequence's pages from position 0 in every group, so a small sliding pool does not
+    # bound them and a shared prefix listed by many sequences costs nothing extra
+    graphs = _graphs(pool_blocks=200, sliding_blocks=8)
+    graphs.xqa_width = 200
+    assert graphs.fits(_decode([41 * BS] * 8, shared_prefix_blocks=40))
+    assert graphs.fits(_decode([200 * BS]))
+    assert not graphs.fits(_decode([200 * BS + 1]))
 
 
 def test_decode_steps_within_the_pool_take_a_graph():

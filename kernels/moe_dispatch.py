@@ -44,24 +44,19 @@ def moe_reference(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, exp
 
 
 @functools.cache
-def _route_launcher(num_experts: int, k: int):
-    cutlass, cute, _, cuda = cute_modules()
+def _placer(num_experts: int, k: int):
+    """A @cute.jit function: the end of routing, once every (token, choice) i holds its expert in mIds[i]
+    and its rank within the expert in mPos[i] (s_count: the experts' counts in shared memory).
+
+    One thread turns the counts into offsets; then each i's sorted slot p = offset + rank goes
+    to mPos[i], and mSrc[p] = its token.
+    """
+    cutlass, cute, _, _ = cute_modules()
     Int32 = cutlass.Int32
 
-    @cute.kernel
-    def kernel(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor):
-        pdl_wait()
-        tidx, _, _ = cute.arch.thread_idx()
-        smem = cutlass.utils.SmemAllocator()
-        s_count = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
-        s_off = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
-        n = mIds.shape[0]
-        for e in cutlass.range(tidx, num_experts, ROUTE_THREADS):
-            s_count[e] = Int32(0)
-        cute.arch.sync_threads()
-        for i in cutlass.range(tidx, n, ROUTE_THREADS):
-            e = mIds[i]
-            mPos[i] = cute.arch.atomic_add((s_count.iterator + e).llvm_ptr, Int32(1), scope="cta")
+    @cute.jit
+    def place(tidx: Int32, n: Int32, s_count: cute.Tensor, s_off: cute.Tensor, mIds: cute.Tensor,
+              mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor):
         cute.arch.sync_threads()
         if tidx == 0:
             running = Int32(0)
@@ -77,6 +72,31 @@ def _route_launcher(num_experts: int, k: int):
             p = s_off[mIds[i]] + mPos[i]
             mPos[i] = p
             mSrc[p] = i // k
+
+    return place
+
+
+@functools.cache
+def _route_launcher(num_experts: int, k: int):
+    cutlass, cute, _, cuda = cute_modules()
+    Int32 = cutlass.Int32
+    place = _placer(num_experts, k)
+
+    @cute.kernel
+    def kernel(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor):
+        pdl_wait()
+        tidx, _, _ = cute.arch.thread_idx()
+        smem = cutlass.utils.SmemAllocator()
+        s_count = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
+        s_off = smem.allocate_tensor(Int32, cute.make_layout((num_experts,)), 16)
+        n = mIds.shape[0]
+        for e in cutlass.range(tidx, num_experts, ROUTE_THREADS):
+            s_count[e] = Int32(0)
+        cute.arch.sync_threads()
+        for i in cutlass.range(tidx, n, ROUTE_THREADS):
+            e = mIds[i]
+            mPos[i] = cute.arch.atomic_add((s_count.iterator + e).llvm_ptr, Int32(1), scope="cta")
+        place(tidx, n, s_count, s_off, mIds, mCounts, mOffsets, mPos, mSrc)
 
     @cute.jit
     def launch(mIds: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor, mPos: cute.Tensor, mSrc: cute.Tensor,
@@ -95,6 +115,7 @@ def _route_topk_launcher(num_experts: int, k: int, dtype: torch.dtype):
     cutlass, cute, _, cuda = cute_modules()
     Int32, Float32 = cutlass.Int32, cutlass.Float32
     topk = warp_topk(num_experts, k)
+    place = _placer(num_experts, k)
     warps = ROUTE_THREADS // 32
 
     @cute.kernel
@@ -120,21 +141,7 @@ def _route_topk_launcher(num_experts: int, k: int, dtype: torch.dtype):
                     mIds[t * k + r] = e
                     mW[t, r] = top_w[r]
                     mPos[t * k + r] = cute.arch.atomic_add((s_count.iterator + e).llvm_ptr, Int32(1), scope="cta")
-        cute.arch.sync_threads()
-        if tidx == 0:
-            running = Int32(0)
-            for e in cutlass.range(num_experts):
-                c = s_count[e]
-                mCounts[e] = c
-                mOffsets[e] = running
-                s_off[e] = running
-                running = running + c
-            mOffsets[num_experts] = running
-        cute.arch.sync_threads()
-        for i in cutlass.range(tidx, tokens * k, ROUTE_THREADS):
-            p = s_off[mIds[i]] + mPos[i]
-            mPos[i] = p
-            mSrc[p] = i // k
+        place(tidx, tokens * k, s_count, s_off, mIds, mCounts, mOffsets, mPos, mSrc)
 
     @cute.jit
     def launch(mL: cute.Tensor, mIds: cute.Tensor, mW: cute.Tensor, mCounts: cute.Tensor, mOffsets: cute.Tensor,

@@ -32,6 +32,15 @@ def random_batch(query_lens, context_lens, num_blocks, window):
     )
 
 
+def random_inputs(num_blocks: int, tokens: int):
+    """(k_cache, v_cache, q, k, v, sinks): random bf16 caches and new rows, float32 sinks."""
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, **bf)
+    k = torch.randn(tokens, KV_HEADS, HEAD_DIM, **bf)
+    return (k_cache, torch.randn_like(k_cache), torch.randn(tokens, HEADS, HEAD_DIM, **bf), k, torch.randn_like(k),
+            torch.randn(HEADS, device="cuda") * 2)
+
+
 CASES = {
     "decode": ([1] * 5, [1, 17, 128, 129, 1000]),
     "prefill": ([1, 40, 300, 7], [1, 40, 300, 7]),
@@ -50,12 +59,7 @@ def test_sink_attention_matches_torch(case, group):
     window = WINDOW if group == "sliding" else None
     t = sum(query_lens)
     dt = torch.bfloat16
-    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
-    v_cache = torch.randn_like(k_cache)
-    q = torch.randn(t, HEADS, HEAD_DIM, device="cuda", dtype=dt)
-    k = torch.randn(t, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
-    v = torch.randn_like(k)
-    sinks = torch.randn(HEADS, device="cuda") * 2
+    k_cache, v_cache, q, k, v, sinks = random_inputs(num_blocks, t)
 
     plan = AttentionPlan.build(batch, group, window, BLOCK, torch.device("cuda"))
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
@@ -88,12 +92,7 @@ def test_xqa_decode_attention_matches_torch(group, graph_rows):
     n = len(query_lens)
     t = graph_rows or n
     dt = torch.bfloat16
-    k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
-    v_cache = torch.randn_like(k_cache)
-    q = torch.randn(t, HEADS, HEAD_DIM, device="cuda", dtype=dt)
-    k = torch.randn(t, KV_HEADS, HEAD_DIM, device="cuda", dtype=dt)
-    v = torch.randn_like(k)
-    sinks = torch.randn(HEADS, device="cuda") * 2
+    k_cache, v_cache, q, k, v, sinks = random_inputs(num_blocks, t)
 
     plan = AttentionPlan.build(batch, group, window, BLOCK, torch.device("cuda"))
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()

@@ -22,7 +22,9 @@ from kernels.pdl import pdl_enabled
 
 THREADS = 256
 ROUTE_THREADS = 1024
-# route_topk's single CTA up to this many tokens (every decode graph bucket), router_topk + route above
+# route_topk's single CTA up to this many tokens (every decode graph bucket), router_topk + route above.
+# Not yet timed against the pair (bench.kernels prints both rows); the decode step's replay at batch
+# 1, 8 and 64 did not grow with it (docs/BENCHMARKS.md, the PDL / XQA table).
 ROUTE_TOPK_MAX_TOKENS = 256
 
 

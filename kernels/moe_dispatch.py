@@ -23,8 +23,8 @@ from kernels.pdl import pdl_enabled
 THREADS = 256
 ROUTE_THREADS = 1024
 # route_topk's single CTA up to this many tokens (every decode graph bucket), router_topk + route above.
-# Not yet timed against the pair (bench.kernels prints both rows); the decode step's replay at batch
-# 1, 8 and 64 did not grow with it (docs/BENCHMARKS.md, the PDL / XQA table).
+# Not yet timed against the pair (bench.kernels prints both rows); with it (and without PDL) the decode
+# replay at batch 1 and 64 stayed where baa251e's was (docs/BENCHMARKS.md, the PDL / XQA table).
 ROUTE_TOPK_MAX_TOKENS = 256
 
 

@@ -109,7 +109,7 @@ class DecodeAttention:
                 self.lengths[group] = torch.ones(graph_rows, 1, dtype=torch.int32, device=self.device)
                 self.slots[group] = torch.zeros(graph_rows, dtype=torch.int64, device=self.device)
 
-    def _buffer(self, name: str, make):
+    def _buffer(self, name, make):
         if name not in self.buffers:
             self.buffers[name] = make()
         return self.buffers[name]
@@ -179,8 +179,11 @@ class DecodeAttention:
         if t != table.shape[0]:
             raise ValueError(f"{t} query rows for a plan of {table.shape[0]}")
         out = torch.empty(t, 1, self.num_heads, self.head_dim, dtype=self.dtype, device=q.device)
-        semaphores = self._buffer("semaphores", lambda: torch.zeros(
-            _semaphores(self.num_kv_heads, max(t, self.graph_rows or 0, 256)), dtype=torch.int32, device=q.device))
+        # one buffer per size class (256 rows covers every graph bucket); a graph keeps the pointer, so
+        # a larger eager step gets a buffer of its own instead of replacing the one graphs read
+        rows = max(256, 1 << (t - 1).bit_length())
+        semaphores = self._buffer(("semaphores", rows), lambda: torch.zeros(
+            _semaphores(self.num_kv_heads, rows), dtype=torch.int32, device=q.device))
         scratch = self._buffer("scratch", lambda: torch.zeros(SCRATCH_BYTES, dtype=torch.uint8, device=q.device))
         group_sinks = sinks.float().view(self.num_kv_heads, self.num_heads // self.num_kv_heads)
         xqa(q.to(self.dtype).view(t, 1, self.num_heads, self.head_dim), k_cache, v_cache, table,

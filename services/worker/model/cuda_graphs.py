@@ -61,10 +61,11 @@ class DecodeGraphs:
     def fits(self, batch: ForwardBatch) -> bool:
         """A decode step within the largest bucket whose page lists fit the graphs' index buffers.
 
-        XQA: every sequence's pages fit a row of its page tables. FlashInfer's wrapper: each group's buffer holds its pool's worth of pages plus the padding; sequences that
-        share prefix blocks each list them, so a step can list more pages than the pool has
-        blocks: such a step runs eagerly. Each group is checked against its own pool: the
-        sliding pool is sized for windows, the full one for whole contexts.
+        XQA: every sequence's pages fit a row of its page tables. FlashInfer's wrapper: each
+        group's buffer holds its pool's worth of pages plus the padding; sequences that share
+        prefix blocks each list them, so a step can list more pages than the pool has blocks:
+        such a step runs eagerly. Each group is checked against its own pool: the sliding pool
+        is sized for windows, the full one for whole contexts.
         """
         if batch.num_seqs > self.buckets[-1] or not is_decode(batch):
             return False

@@ -15,9 +15,12 @@ sequence, and a layer is one kernel.
     attn.plan(batch, keys)                       # host: page tables, lengths, cache slots
     out = attn.attend_qkv(group, window, qkv, cos, sin, k_cache, v_cache, sinks)
 
-With graph_rows set, every buffer is fixed ([graph_rows, width] page tables, width the
-group's pool size in pages) so a captured step reads whatever the last plan wrote; rows
-past the step's sequences are padding on the group's scratch block.
+With graph_rows set, every buffer is fixed ([graph_rows, width] page tables, width the most
+pages a sequence can hold) so a captured step reads whatever the last plan wrote; a plan
+rewrites only the step's columns, and rows past the step's sequences are padding on the
+group's scratch block. The cuda backend uses it for every decode step (eager and graphs)
+unless ROSE_DECODE_ATTENTION=flashinfer; `tests/kernels/test_kernels_attention_gpu.py` checks
+the sink and window semantics above against the torch reference.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class DecodeAttention:
 
     Same calls as kernels/attention.py's SinkAttention (plan, attend_qkv, __call__), for
     decode steps only. graph_rows / widths[group]: the fixed buffers of a CUDA-graph bucket
-    (widths: pages a sequence may list, the group's pool size). buffers, shared between
+    (widths: the most pages a sequence may list). buffers, shared between
     instances that never run at once: the semaphores and the split scratch.
     """
 

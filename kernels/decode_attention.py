@@ -4,8 +4,8 @@ A decode step brings one query token per sequence. kernels/attention.py runs it 
 FlashInfer's prefill-style sink wrapper, which needs a host `plan()` per (group, window) a
 step (its work split, copied to the device) and a separate merge-states kernel for the
 split KV. XQA is a decode kernel: it takes a rectangular page table [seqs, pages] and the
-context lengths on the device, splits long contexts over CTAs by itself (interleaved
-256-token tiles, merged in-kernel by the last CTA through semaphores), adds the sink
+context lengths on the device (it can split long contexts over CTAs and merge them in-kernel;
+rose runs it unsplit, see `run`), adds the sink
 (`exp(sink - max)` in the row sum: natural-log units, the checkpoint's raw value) and keeps
 the newest `window` keys of a sliding layer (the current token included, as gpt-oss's
 q_pos - k_pos < window). So a step's host work is one page table and one length per
@@ -39,8 +39,9 @@ def xqa_decode() -> bool:
     """Whether the cuda backend's decode steps attend through XQA (the default), or, with
     ROSE_DECODE_ATTENTION=flashinfer, through FlashInfer's sink wrapper as prefill does.
 
-    `python -m bench.decode_step --batches 1,8,64` on an H100 (docs/BENCHMARKS.md): XQA's batch-1
-    step 2.721 ms against the wrapper's 3.665 (its per-step plan is most of the difference).
+    `python -m bench.decode_step --batches 1,8,64` on an H100 (docs/BENCHMARKS.md): unsplit XQA's
+    replay 2.320 / 6.403 / 9.277 ms at batch 1 / 8 / 64 against the wrapper's 2.356 / 6.476 / 9.349,
+    and no per-step FlashInfer plan on the host.
     """
     choice = os.environ.get("ROSE_DECODE_ATTENTION", "xqa")
     if choice not in ("flashinfer", "xqa"):
@@ -189,9 +190,14 @@ class DecodeAttention:
             _semaphores(self.num_kv_heads, rows), dtype=torch.int32, device=q.device))
         scratch = self._buffer("scratch", lambda: torch.zeros(SCRATCH_BYTES, dtype=torch.uint8, device=q.device))
         group_sinks = sinks.float().view(self.num_kv_heads, self.num_heads // self.num_kv_heads)
+
+        # sm_count=1: one CTA per (sequence, kv head), no multi-block split. With the split (XQA's
+        # default, SMs / (sequences x kv heads) CTAs each) the graph-vs-eager test failed on the H100
+        # at bucket 4 with 3 sequences (7.4e-02 to 1.2e-01; zeroing the semaphores first did not help);
+        # without it the graphs matched eager exactly and the batch-1 replay was 2.320 ms (split: 2.285).
         xqa(q.to(self.dtype).view(t, 1, self.num_heads, self.head_dim), k_cache, v_cache, table,
             lengths.view(torch.uint32), out, scratch, semaphores.view(torch.uint32), self.num_kv_heads,
-            self.block_size, sinks=group_sinks, sliding_win_size=window or 0, kv_layout="NHD")
+            self.block_size, sinks=group_sinks, sliding_win_size=window or 0, kv_layout="NHD", sm_count=1)
         return out.view(t, self.num_heads, self.head_dim)
 
 

@@ -27,6 +27,9 @@ from .harness import MODEL, assert_serving, stream_body, streams_with_event
 pytestmark = [pytest.mark.e2e]
 
 CAPACITY = 4  # the gateway's in-flight limit; the scheduler holds 2 running + 1 queued
+# max_tokens' limit: long enough that two running streams outlast the full-queue scene (at 16 a
+# cold mesh finished them before its probe: the probe was served, not refused)
+MAX_TOKENS = 64
 LIMITS = {
     "ROSE_MAX_NUM_SEQS": "2",
     "ROSE_MAX_QUEUE": "1",
@@ -38,7 +41,7 @@ LIMITS = {
     "ROSE_MAX_STOP_STRING_CHARS": "32",
     "ROSE_MAX_TOOLS": "4",
     "ROSE_MAX_TOOLS_BYTES": "2048",
-    "ROSE_MAX_TOKENS_LIMIT": "16",
+    "ROSE_MAX_TOKENS_LIMIT": str(MAX_TOKENS),
     "ROSE_MAX_BODY_BYTES": "65536",
 }
 
@@ -76,18 +79,26 @@ async def test_full_queue_refuses_while_running_streams_go_on(small):
             sent = time.monotonic()
             reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": [9, 9, 9], "max_tokens": 2})
             seen.update(status=reply.status_code, seconds=time.monotonic() - sent, retry=reply.headers.get("retry-after"),
-                        code=reply.json()["error"]["code"])
+                        code=reply.json().get("error", {}).get("code"))
 
     async def queued_then_refuse():
         async with httpx.AsyncClient(base_url=small.url, timeout=60) as http:
             queued = asyncio.create_task(http.post("/v1/completions", json={**stream_body(90, 4), "stream": False}))
-            await asyncio.sleep(0.1)  # it reaches the queue; the two streams have ~15 tokens to go
+            await asyncio.sleep(0.1)  # it reaches the queue; the two streams have ~60 tokens to go
             await refuse()
-            assert not queued.done(), "the queued request ran before the probe: the queue was not full"
+            if seen["status"] == 429:
+                assert not queued.done(), "the queued request ran before the probe: the queue was not full"
             assert (await queued).status_code == 200
 
-    outcomes = await streams_with_event(small.url, 2, 16, queued_then_refuse)
-    assert outcomes == ["completed", "completed"]
+    # The scene is timing: on a loaded 2-core box the queued request can still miss the queue
+    # within 0.1 s, and the probe is then rightly served. Such a miss sets nothing up; it is
+    # played again, and a refusal must come within three plays.
+    for _ in range(3):
+        outcomes = await streams_with_event(small.url, 2, MAX_TOKENS, queued_then_refuse)
+        assert outcomes == ["completed", "completed"]
+        if seen["status"] == 429:
+            break
+        assert seen["status"] == 200, seen
     assert seen["status"] == 429 and seen["retry"] == "1" and seen["code"] == "overloaded", seen
     assert seen["seconds"] < 1.0, seen
 
@@ -106,13 +117,14 @@ LIMIT_CASES = [
     ("prompts x n", {"model": MODEL, "prompt": ["a", "b", "c"], "max_tokens": 2}, 400, "prompt"),
     ("stop strings", chat(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
     ("stop length", chat(stop="x" * 33), 400, "stop"),
-    ("max_tokens", chat(max_tokens=17), 400, "max_tokens"),
-    ("max_completion_tokens", chat(max_tokens=None, max_completion_tokens=17), 400, "max_completion_tokens"),
+    ("max_tokens", chat(max_tokens=MAX_TOKENS + 1), 400, "max_tokens"),
+    ("max_completion_tokens", chat(max_tokens=None, max_completion_tokens=MAX_TOKENS + 1), 400,
+     "max_completion_tokens"),
     ("tools count", chat(tools=[tool(f"f{i}") for i in range(5)]), 400, "tools"),
     ("tools size", chat(tools=[tool("f", "x" * 3000)]), 400, "tools"),
     ("body size", chat(messages=[{"role": "user", "content": "x" * 70000}]), 413, None),
     ("prompt vs context", {"model": MODEL, "prompt": list(range(1, 300)), "max_tokens": 2}, 400, None),
-    ("prompt + max_tokens vs context", {"model": MODEL, "prompt": list(range(1, 250)), "max_tokens": 16}, 400, None),
+    ("prompt + max_tokens vs context", {"model": MODEL, "prompt": list(range(1, 250)), "max_tokens": MAX_TOKENS}, 400, None),
 ]
 
 
@@ -132,7 +144,7 @@ def test_input_limits(small, name, body, status, param):
 def test_default_max_tokens_is_the_limit(small):
     reply = httpx.post(small.url + "/v1/completions", json={"model": MODEL, "prompt": [5, 6, 7], "ignore_eos": True}, timeout=60)
     assert reply.status_code == 200, reply.text
-    assert reply.json()["usage"]["completion_tokens"] == 16
+    assert reply.json()["usage"]["completion_tokens"] == MAX_TOKENS
 
 
 OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models/{model_id}")]

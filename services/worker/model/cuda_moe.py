@@ -8,8 +8,8 @@
     h = swiglu(xs W_gu[e]^T + b_gu[e])            grouped GEMM (MXFP4: SwiGLU fused in its store;
                                                   bf16: + CuTeDSL swiglu) [T*k, I]
     ys = h W_d[e]^T + b_d[e]                      grouped GEMM         [T*k, H]
-    y = sum_j weights[t, j] ys[pos(t, j)]         CuTeDSL combine      [T, H] (the cuda backend folds it
-                                                  into the next RMSNorm: `expert_rows`)
+    y = sum_j weights[t, j] ys[pos(t, j)]         folded into the next RMSNorm by the cuda backend
+                                                  (kernels/rmsnorm.py's combine_rmsnorm)
 
 The grouped GEMMs take the per-expert row offsets on the device (no host sync), so
 the step stays capturable. MXFP4 experts (the checkpoint's format) stay packed and go
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from kernels.gemv import linear
-from kernels.moe_dispatch import ROUTE_TOPK_MAX_TOKENS, combine, dispatch, route, route_topk
+from kernels.moe_dispatch import ROUTE_TOPK_MAX_TOKENS, dispatch, route, route_topk
 from kernels.router import router_topk
 from kernels.swiglu import swiglu
 
@@ -46,15 +46,9 @@ class GroupedExperts:
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
         self.alpha, self.limit = experts.alpha, experts.limit
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] bf16 -> [T, H] bf16."""
-        ys, routing, weights = self.expert_rows(x)
-        return combine(ys, routing, weights)
-
     def expert_rows(self, x: torch.Tensor):
-        """Everything but the combine: (ys [T*k, H] in expert order, routing, weights [T, k] float32).
-
-        The cuda backend combines them into the next RMSNorm (kernels/rmsnorm.py's combine_rmsnorm).
+        """x [T, H] bf16 -> everything but the combine: (ys [T*k, H] in expert order, routing, weights [T, k]
+        float32). The cuda backend combines them into the next RMSNorm (kernels/rmsnorm.py's combine_rmsnorm).
         """
         logits = linear(x, self.router_w, self.router_b).contiguous()
         if x.shape[0] <= ROUTE_TOPK_MAX_TOKENS:

@@ -145,6 +145,13 @@ def test_gateway_health_and_ready(monkeypatch):
 def fake_worker():
     """A live process whose command line is `... rose worker --device cpu`."""
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "rose", "worker", "--device", "cpu"])
+    # until the child has exec'd, /proc shows the parent's command line (CI once read it that early)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            if b"worker" in f.read():
+                break
+        time.sleep(0.01)
     yield proc
     proc.kill()
     proc.wait()

@@ -90,7 +90,37 @@ def _as_tensor(values: array, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(values, dtype=dtype)
 
 
-class SinkAttention:
+class CacheThenAttend:
+    """What both attentions here do around their `run`: write the step's new k/v at `self.slots[group]`
+    (the plan's cache slots, one per query row), then attend. Subclasses set num_heads,
+    num_kv_heads, head_dim, slots and define run(group, window, q, k_cache, v_cache, sinks)."""
+
+    def __call__(
+        self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    ) -> torch.Tensor:
+        """Write k/v into the cache, then attend. q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]."""
+        slots = self.slots[group]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(k_cache.dtype)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
+
+    def attend_qkv(
+        self, group: str, window: int | None, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    ) -> torch.Tensor:
+        """From the QKV projection: rotary + cache write in one kernel (kernels/rope_cache.py), then attend.
+
+        qkv [T, (heads + 2 kv_heads) * D] bf16, cos/sin [T, D/2] float32 -> [T, heads, D].
+        """
+        from kernels.rope_cache import rope_and_cache
+
+        q = rope_and_cache(qkv, cos, sin, self.slots[group], k_cache, v_cache, self.num_heads, self.num_kv_heads,
+                           self.head_dim)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
+
+
+class SinkAttention(CacheThenAttend):
     """Plans once per step, then runs every layer of the step through FlashInfer.
 
     One FlashInfer wrapper per (group, window) pair, made at first use: window None is
@@ -188,30 +218,6 @@ class SinkAttention:
                 padding = torch.full((pad_to - len(slots),), scratch.get(group, 0) * self.block_size)
                 self.slots[group].copy_(self.staging.put(torch.cat([slots, padding])), non_blocking=True)
         self.staging.end()
-
-    def __call__(
-        self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
-    ) -> torch.Tensor:
-        """Write k/v into the cache, then attend. q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]."""
-        slots = self.slots[group]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(k_cache.dtype)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
-        return self.run(group, window, q, k_cache, v_cache, sinks)
-
-    def attend_qkv(
-        self, group: str, window: int | None, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
-    ) -> torch.Tensor:
-        """From the QKV projection: rotary + cache write in one kernel (kernels/rope_cache.py), then attend.
-
-        qkv [T, (heads + 2 kv_heads) * D] bf16, cos/sin [T, D/2] float32 -> [T, heads, D].
-        """
-        from kernels.rope_cache import rope_and_cache
-
-        q = rope_and_cache(qkv, cos, sin, self.slots[group], k_cache, v_cache, self.num_heads, self.num_kv_heads,
-                           self.head_dim)
-        return self.run(group, window, q, k_cache, v_cache, sinks)
 
     def run(self, group: str, window: int | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             sinks: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from array import array
 
 import torch
 
+from kernels.attention import CacheThenAttend
 from services.worker.model.batch import NO_BLOCK, ForwardBatch, HostStaging
 
 SCRATCH_BYTES = 16 * 1024 * 1024  # XQA's partial rows of split sequences (at most one per SM)
@@ -79,13 +80,13 @@ def page_table(batch: ForwardBatch, group: str, block_size: int, scratch_block: 
     return flat, lengths, width
 
 
-class DecodeAttention:
+class DecodeAttention(CacheThenAttend):
     """XQA decode attention for one-token-per-sequence steps (see the module docstring).
 
-    Same calls as kernels/attention.py's SinkAttention (plan, attend_qkv, __call__), for
-    decode steps only. graph_rows / widths[group]: the fixed buffers of a CUDA-graph bucket
-    (widths: the most pages a sequence may list). buffers, shared between
-    instances that never run at once: the semaphores and the split scratch.
+    Same calls as kernels/attention.py's SinkAttention (plan, and CacheThenAttend's attend_qkv and
+    __call__ around its own run), for decode steps only. graph_rows / widths[group]: the fixed
+    buffers of a CUDA-graph bucket (widths: the most pages a sequence may list). buffers, shared
+    between instances that never run at once: the semaphores and the split scratch.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
@@ -101,14 +102,14 @@ class DecodeAttention:
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.block_size, self.dtype = block_size, dtype
         self.device = torch.device(device)
-        self.graph_rows, self.widths = graph_rows, dict(widths or {})
+        self.graph_rows = graph_rows
         self.buffers = {} if buffers is None else buffers
         self.tables: dict[str, torch.Tensor] = {}  # group -> [rows, width] int32
         self.lengths: dict[str, torch.Tensor] = {}  # group -> [rows, 1] uint32 (int32 bits)
         self.slots: dict[str, torch.Tensor] = {}  # group -> [rows] int64: each new token's cache slot
         self.staging: HostStaging | None = None
         if graph_rows is not None:
-            for group, width in self.widths.items():
+            for group, width in (widths or {}).items():
                 self.tables[group] = torch.zeros(graph_rows, width, dtype=torch.int32, device=self.device)
                 self.lengths[group] = torch.ones(graph_rows, 1, dtype=torch.int32, device=self.device)
                 self.slots[group] = torch.zeros(graph_rows, dtype=torch.int64, device=self.device)
@@ -127,9 +128,7 @@ class DecodeAttention:
 
         if any(q != 1 for q in batch.query_lens):
             raise ValueError("XQA decode attention takes one new token per sequence")
-        rows = self.graph_rows or batch.num_seqs
-        if batch.num_seqs > rows:
-            raise ValueError(f"a step of {batch.num_seqs} sequences does not fit a {rows}-row graph plan")
+        rows = self.graph_rows or batch.num_seqs  # page_table refuses a step past the graph's rows
         scratch = scratch_blocks or {}
         if self.staging is None:
             self.staging = HostStaging()
@@ -155,23 +154,6 @@ class DecodeAttention:
                 self.lengths[group].copy_(host_lengths, non_blocking=True)
                 self.slots[group].copy_(host_slots, non_blocking=True)
         self.staging.end()
-
-    def __call__(self, group: str, window: int | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-        """Write k/v into the cache, then attend. q [T, heads, D], k/v [T, kv_heads, D] -> [T, heads, D]."""
-        slots = self.slots[group][: q.shape[0]]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = k.to(k_cache.dtype)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim)[slots] = v.to(v_cache.dtype)
-        return self.run(group, window, q, k_cache, v_cache, sinks)
-
-    def attend_qkv(self, group: str, window: int | None, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
-        """From the QKV projection: rotary + cache write in one kernel (kernels/rope_cache.py), then attend."""
-        from kernels.rope_cache import rope_and_cache
-
-        q = rope_and_cache(qkv, cos, sin, self.slots[group][: qkv.shape[0]], k_cache, v_cache, self.num_heads,
-                           self.num_kv_heads, self.head_dim)
-        return self.run(group, window, q, k_cache, v_cache, sinks)
 
     def run(self, group: str, window: int | None, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             sinks: torch.Tensor) -> torch.Tensor:

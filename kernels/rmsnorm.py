@@ -187,8 +187,7 @@ def combine_rmsnorm_reference(ys: torch.Tensor, pos: torch.Tensor, weights: torc
                               weight: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain torch: the MoE combine (rounded to ys' dtype) into `rmsnorm_reference` with the residual."""
     moe = (ys[pos.long()].float() * weights.float()[..., None]).sum(1).to(ys.dtype)
-    y, h = rmsnorm_reference(moe, weight, eps, residual)
-    return y, h
+    return rmsnorm_reference(moe, weight, eps, residual)
 
 
 def combine_rmsnorm(ys: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor,

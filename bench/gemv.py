@@ -2,8 +2,9 @@
 
     python -m bench.gemv [--tokens 1,2,4] [--json out.json]
 
-MXFP4 experts: the CuTeDSL decode GEMV (kernels/mxfp4_gemv.py) per rows-per-CTA, and the
-Triton tensor-core decode tile beside it: gate_up (2880 -> 5760, alone and with the SwiGLU fused
+MXFP4 experts: the CuTeDSL decode GEMVs (kernels/mxfp4_mma.py's tensor-core kernel, and
+kernels/mxfp4_gemv.py's FMA kernel per rows-per-CTA) and the Triton tensor-core decode tile
+beside them: gate_up (2880 -> 5760, alone and with the SwiGLU fused
 in its store) and down (2880 -> 2880) over tokens x 4 routed rows of 32 experts. Dense bf16 (kernels/gemv.py) against cuBLAS (F.linear) on the
 attention's QKV (2880 -> 5120) and o_proj (4096 -> 2880) and the router (2880 -> 32), per
 config at one row and the best three at 2 and 4 rows. Each figure is the median of CUDA-graph
@@ -27,11 +28,12 @@ DENSE = {"qkv": (5120, H), "o_proj": (H, 4096), "router": (E, H)}  # (out, in)
 
 
 def mxfp4_paths():
-    """(label, config) of the MXFP4 launches compared: GEMV rows per CTA, or the Triton tile."""
+    """(label, config) of the MXFP4 launches compared: the tensor-core GEMV, the FMA GEMV per rows per CTA, the Triton tile."""
     from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    for rows_per_cta in (2, 4, 8, 16, 32):
-        yield f"cute rows/CTA {rows_per_cta}", rows_per_cta
+    yield "cute mma rows/CTA 16", (True, 16)
+    for rows_per_cta in (4, 8, 16):
+        yield f"cute fma rows/CTA {rows_per_cta}", (False, rows_per_cta)
     yield "triton decode tile", TILE_CONFIGS[0][1]
 
 
@@ -61,9 +63,9 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
             nbytes = active * n_out * (k // 2 + k // 32 + 2) + n * (k + (n_out // 2 if swiglu else n_out)) * 2
             label = name + ("+swiglu" if swiglu else "")
             for path, config in mxfp4_paths():
-                if isinstance(config, int):
-                    fns = [lambda o=o: mxfp4_gemv(x, blocks, scales, bias, o, swiglu=swiglu, rows_per_cta=config)
-                           for _, o in routings]
+                if isinstance(config, tuple):
+                    fns = [lambda o=o: mxfp4_gemv(x, blocks, scales, bias, o, swiglu=swiglu, mma=config[0],
+                                                  rows_per_cta=config[1]) for _, o in routings]
                 else:
                     fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
                            for _, o in routings]

@@ -27,13 +27,19 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
+import os
+
 from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
+from kernels.mxfp4_mma import TILE, mma_scales_ok, warps_for  # noqa: F401 (mma_scales_ok: callers' check)
+from kernels.mxfp4_mma import launcher as mma_launcher
 from kernels.pdl import pdl_enabled
 
 # Weight rows per CTA. `python -m bench.gemv --no-dense` at 5b99aa9 on an H100 at 20b shapes, 1..4
 # tokens: 8 was within 4% of the fastest of 2, 4, 8, 16, 32 in every case; others were up to 42% slower.
 ROWS_PER_CTA = 8
 TWO_POW_126 = 8.507059173023462e37
+# The tensor-core kernel by default; ROSE_MXFP4_GEMV=fma keeps the FMA one (A/B timing).
+MMA_DEFAULT = os.environ.get("ROSE_MXFP4_GEMV", "mma") != "fma"
 
 # code j of a word (bits 4j..4j+3), j < 6: (u & MASK) * MUL puts the magnitude at float32 bits
 # 22..24 and the sign at bit 31; j = 6, 7 need a shift right, which a multiply cannot do.
@@ -71,12 +77,15 @@ def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None, x_rows=N
 
 def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                offsets: torch.Tensor, out: torch.Tensor | None = None,
-               swiglu: tuple[float, float] | None = None, rows_per_cta: int = ROWS_PER_CTA,
-               x_rows: torch.Tensor | None = None) -> torch.Tensor:
+               swiglu: tuple[float, float] | None = None, rows_per_cta: int | None = None,
+               x_rows: torch.Tensor | None = None, mma: bool | None = None) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e] (see module doc).
 
     Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
     row i reads x[x_rows[i]] (x is then [T, K], the tokens before dispatch: no permuted copy).
+    mma: the tensor-core kernel (kernels/mxfp4_mma.py; default unless ROSE_MXFP4_GEMV=fma), which
+    needs every scale byte <= MMA_MAX_SCALE (the caller checks once: mma_scales_ok); False: this
+    module's FMA kernel. rows_per_cta: 16 or 32 for the MMA kernel (default 16), 2..32 for the FMA one.
     """
     from kernels.moe_mxfp4 import _check
 
@@ -89,8 +98,12 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
             raise ValueError(f"x_rows is on {x_rows.device}, x on {x.device}")
         n = x_rows.shape[0]
     experts, n_out = blocks.shape[:2]
-    if rows_per_cta not in (2, 4, 8, 16, 32):
-        raise ValueError(f"rows_per_cta must be a power of two 2..32, got {rows_per_cta}")
+    if mma is None:
+        mma = MMA_DEFAULT
+    if rows_per_cta is None:
+        rows_per_cta = TILE if mma else ROWS_PER_CTA
+    if rows_per_cta not in ((16, 32) if mma else (2, 4, 8, 16, 32)):
+        raise ValueError(f"rows_per_cta must be {'16 or 32' if mma else 'a power of two 2..32'}, got {rows_per_cta}")
     width = n_out // 2 if swiglu is not None else n_out
     if out is not None and (tuple(out.shape) != (n, width) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {x.dtype} [{n}, {width}]")
@@ -100,9 +113,17 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     cutlass = cute_modules()[0]
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     gather = x_rows is not None
-    key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit), gather)
+    if mma:
+        key = ("mxfp4_mma", experts, n_out, k, rows_per_cta // TILE, warps_for(k), swiglu is not None, float(alpha),
+               float(limit), gather)
+        x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
+        jit_fn = mma_launcher(*key[1:])
+    else:
+        key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit), gather)
+        x_arg = rows(x.view(x.shape[0], k // 8, 8))
+        jit_fn = _launcher(*key[1:])
     groups = k // 32
-    launch(key, _launcher(*key[1:]), rows(x.view(x.shape[0], k // 8, 8)),
+    launch(key, jit_fn, x_arg,
            rows(x_rows if gather else offsets, align=4),  # the kernel reads it only when gathering
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
            fixed(scales.view(experts * n_out, groups), align=1), fixed(bias.view(-1), align=2),

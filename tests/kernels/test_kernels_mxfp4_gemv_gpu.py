@@ -10,6 +10,7 @@ pytestmark = pytest.mark.gpu
 
 TOL = 1e-2
 HIDDEN = 2880
+KERNELS = [(True, 16), (False, 8), (False, 32)]  # (mma, rows_per_cta)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 7, 16])
@@ -23,11 +24,12 @@ def test_mxfp4_gemv(rows, experts, n_out, split, swiglu):
     offsets = expert_offsets(rows, experts, split)
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) * (4 if swiglu else 1)  # reach the clamp
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
-    for rows_per_cta in (8, 32):  # the default, and lanes holding a row each
+    # the tensor-core kernel, then the FMA one at its default and with lanes holding a row each
+    for mma, rows_per_cta in KERNELS:
         out = poisoned(*ref.shape)
-        y = mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta)
+        y = mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta, mma=mma)
         assert y.data_ptr() == out.data_ptr()
-        assert rel_err(y, ref) <= TOL, rows_per_cta
+        assert rel_err(y, ref) <= TOL, (mma, rows_per_cta)
 
 
 @pytest.mark.parametrize("k,n_out,rows_per_cta", [(96, 40, 32), (64, 48, 8), (1056, 200, 16), (128, 34, 2)])
@@ -40,12 +42,14 @@ def test_mxfp4_gemv_odd_shapes(k, n_out, rows_per_cta):
     x = torch.randn(9, k, device="cuda", dtype=torch.bfloat16)
     for swiglu in (None, (1.702, 7.0)):
         ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
-        out = poisoned(*ref.shape)
-        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta)
-        assert rel_err(out, ref) <= TOL, swiglu
+        for mma, rows in ((False, rows_per_cta), (True, 16)):
+            out = poisoned(*ref.shape)
+            mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows, mma=mma)
+            assert rel_err(out, ref) <= TOL, (swiglu, mma)
 
 
-def test_mxfp4_gemv_leaves_unrouted_rows():
+@pytest.mark.parametrize("mma", [True, False])
+def test_mxfp4_gemv_leaves_unrouted_rows(mma):
     """Rows before offsets[0] and past offsets[E] belong to no expert: left as they were."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
@@ -53,13 +57,14 @@ def test_mxfp4_gemv_leaves_unrouted_rows():
     x = torch.randn(8, 96, device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor([2, 3, 3, 5, 6], dtype=torch.int32, device="cuda")
     out = poisoned(8, 64)
-    mxfp4_gemv(x, blocks, scales, bias, offsets, out=out)
+    mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, mma=mma)
     assert out[:2].isnan().all() and out[6:].isnan().all()
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets)
     assert rel_err(out[2:6], ref[2:6]) <= TOL
 
 
-def test_mxfp4_gemv_graph_replay():
+@pytest.mark.parametrize("mma", [True, False])
+def test_mxfp4_gemv_graph_replay(mma):
     """Captured once, replayed after the routing changed in place: the kernel reads the offsets on the device."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
@@ -67,11 +72,11 @@ def test_mxfp4_gemv_graph_replay():
     x = torch.randn(4, HIDDEN, device="cuda", dtype=torch.bfloat16)
     offsets = expert_offsets(4, 32, "random")
     out = poisoned(4, HIDDEN)
-    mxfp4_gemv(x, blocks, scales, bias, offsets, out=out)
+    mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, mma=mma)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out)
+        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, mma=mma)
     for split in ("one", "sparse", "random"):
         offsets.copy_(expert_offsets(4, 32, split))
         out.fill_(float("nan"))
@@ -82,7 +87,8 @@ def test_mxfp4_gemv_graph_replay():
 
 @pytest.mark.parametrize("tokens", [1, 3, 4])
 @pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
-def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu):
+@pytest.mark.parametrize("mma", [True, False])
+def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu, mma):
     """x_rows: routed row i reads token x_rows[i] of the undispatched x, as the route kernel's src gives it."""
     from kernels.moe_dispatch import route
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
@@ -94,5 +100,22 @@ def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu):
     routing = route(ids, experts)
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, routing.offsets, swiglu=swiglu, x_rows=routing.src)
     out = poisoned(*ref.shape)
-    mxfp4_gemv(x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src)
+    mxfp4_gemv(x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src, mma=mma)
     assert rel_err(out, ref) <= TOL
+
+
+def test_mxfp4_mma_scale_range():
+    """The tensor-core kernel's bf16 multiplier 2**(s - 1) at the ends of its range: scale bytes 0..MMA_MAX_SCALE
+    (weights from 2**-128 to 12), every code; larger bytes are what mma_scales_ok turns away."""
+    from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+    from kernels.mxfp4_mma import MMA_MAX_SCALE, mma_scales_ok
+
+    blocks, _, bias = random_mxfp4(4, 64, 256)
+    edges = torch.tensor([0, 1, 2, 100, 127, MMA_MAX_SCALE - 1, MMA_MAX_SCALE], dtype=torch.uint8, device="cuda")
+    scales = edges[torch.randint(len(edges), (4, 64, 8), device="cuda")]
+    offsets = expert_offsets(6, 4, "random")
+    x = torch.randn(6, 256, device="cuda", dtype=torch.bfloat16)
+    ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets)
+    out = mxfp4_gemv(x, blocks, scales, bias, offsets, mma=True)
+    assert rel_err(out, ref) <= TOL
+    assert mma_scales_ok(scales) and not mma_scales_ok(scales, scales + 1)

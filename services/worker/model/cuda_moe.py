@@ -39,8 +39,12 @@ class GroupedExperts:
         self.router_w, self.router_b = mlp.router.weight, mlp.router.bias
         self.packed = experts.packed
         if self.packed:  # (blocks [E, out, in/32, 16], scales [E, out, in/32]) uint8 as stored
+            from kernels.mxfp4_mma import mma_scales_ok
+
             self.gate_up = (experts.gate_up_proj_blocks, experts.gate_up_proj_scales)
             self.down = (experts.down_proj_blocks, experts.down_proj_scales)
+            # the tensor-core decode GEMV (the default; None below) holds scale bytes up to 128: checked once here
+            self.gemv_mma = mma_scales_ok(self.gate_up[1], self.down[1])
         else:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
@@ -63,11 +67,12 @@ class GroupedExperts:
             clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
             if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
                 hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp,
-                                    x_rows=routing.src)
+                                    x_rows=routing.src, mma=None if self.gemv_mma else False)
             else:
                 hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                               swiglu=clamp)
-            return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets), routing, weights
+            ys = grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets, gemv_mma=None if self.gemv_mma else False)
+            return ys, routing, weights
         xs = dispatch(x, routing)
         n = xs.shape[0]
         expert_of_row = torch.repeat_interleave(

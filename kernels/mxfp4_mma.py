@@ -1,0 +1,220 @@
+"""MXFP4 expert GEMV on the tensor cores (CuTeDSL): the decode path of kernels/mxfp4_gemv.py.
+
+Same contract as mxfp4_gemv (one routed row of x times its expert's packed weight, plus bias,
+optionally the clamped SwiGLU). The FMA kernel there spends ~5.7 instructions a code, about
+as long as the weights take to stream at one token, so a CTA's loads and math barely overlap.
+Here a code costs ~2.6: each packed word becomes bf16 pairs in integer ops, is scaled in one
+bf16 multiply per pair, and the tensor cores do the multiply-adds.
+
+Per warp, one m16n8k16 bf16 MMA takes 16 weight rows (A) by 16 values of K by 8 columns of x
+(B; every column the same routed row, so the product's columns are equal). The sum over K
+does not care which real K a fragment slot holds, so slots are mapped to what is cheap to
+load and widen, with A and B always mapped alike:
+  - lane (g, t) (g = lane / 4, t = lane % 4) owns scale group j = 4c + t of quad c (one 16-byte
+    vector of 32 codes) for rows g and g + 8 of each 16-row tile, and the 32 x values of j;
+  - the 8 codes of word v (nibble i = code 32j + 8v + i) become four bf16x2 pairs (nibble i,
+    nibble i + 4); pairs 0, 1 fill one MMA's A (slots 2t, 2t+1 and 2t+8, 2t+9), pairs 2, 3
+    the next's, and B gets x's matching pairs by byte permutes.
+Widening: (u & 0x000F000F) * 0x1040 puts the even nibbles' magnitude at bf16 bits 6..8 and
+their sign at bit 15 (products of the low half stay below bit 16), & 0x81C081C0 keeps those:
+the e2m1 value times 2**-126 (0.5 becomes a subnormal). One mul.rn.bf16x2 by 2**(s - 1), s
+the e8m0 byte, gives the exact dequantized weight (a normal bf16 for s <= MMA_MAX_SCALE);
+the MMAs accumulate in float32 over the whole K, so no per-group step is left.
+
+CTA: `warps` warps split the quads of K; each lane loads all of its words and scales first
+(the only DRAM traffic), then widens and multiplies; the warps' row sums meet in shared
+memory, where the bias, the SwiGLU and the store happen.
+"""
+
+import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
+
+from kernels._cute import cute_modules, pdl_wait
+from kernels.pdl import pdl_enabled
+
+# Largest e8m0 scale byte the bf16 multiplier 2**(s - 1) holds (exponent field s + 126 <= 254).
+# Real checkpoints sit far below it (weights of magnitude > 12 would be needed); larger ones go
+# to the FMA kernel (mma_scales_ok).
+MMA_MAX_SCALE = 128
+# Quads (4 scale groups, 128 values of K) each warp loads up front; sets the warps a CTA has.
+QUADS_PER_WARP = 6
+TILE = 16  # weight rows an MMA takes
+
+
+def mma_scales_ok(*scales) -> bool:
+    """Whether every scale byte fits the tensor-core kernel's multiplier (one host sync: call at load time)."""
+    return all(int(s.max()) <= MMA_MAX_SCALE for s in scales if s.numel())
+
+
+def warps_for(k: int, quads_per_warp: int = QUADS_PER_WARP) -> int:
+    quads = (k // 32 + 3) // 4
+    return max(1, min(8, -(-quads // quads_per_warp)))
+
+
+_WIDEN = """{
+.reg .b32 m, u;
+and.b32 m, $4, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $0, m, $5;
+and.b32 m, $4, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $1, m, $5;
+shr.b32 u, $4, 8;
+and.b32 m, u, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $2, m, $5;
+and.b32 m, u, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $3, m, $5;
+}"""
+_MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
+        "{$10,$11,$12,$13};")
+
+
+@functools.cache
+def launcher(experts: int, n_out: int, k: int, warps: int, fuse_swiglu: bool, alpha: float,
+             limit: float, gather: bool):
+    """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4])."""
+    cutlass, cute, _, cuda = cute_modules()
+    from cutlass._mlir.dialects import llvm
+    from cutlass.cutlass_dsl import T, dsl_user_op
+
+    Float32, Int32 = cutlass.Float32, cutlass.Int32
+    groups = k // 32
+    quads = (groups + 3) // 4
+    per_warp = -(-quads // warps)
+    bn = TILE
+
+    def asm(result_t, args, text, constraints, loc, ip):
+        return llvm.inline_asm(result_t, [a.ir_value(loc=loc, ip=ip) for a in args], text, constraints,
+                               has_side_effects=False, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+    def unpack(struct, n, t, loc, ip):
+        return [llvm.extractvalue(t, struct, [i], loc=loc, ip=ip) for i in range(n)]
+
+    @dsl_user_op
+    def widen(word, mult, *, loc=None, ip=None):  # 8 codes -> 4 bf16x2 pairs (nibble i, i + 4) times mult
+        i32 = T.i32()
+        out = asm(llvm.StructType.get_literal([i32] * 4), [Int32(word), Int32(mult)], _WIDEN,
+                  "=r,=r,=r,=r,r,r", loc, ip)
+        return [Int32(v) for v in unpack(out, 4, i32, loc, ip)]
+
+    @dsl_user_op
+    def permute(a, b, selector, *, loc=None, ip=None):
+        return Int32(asm(T.i32(), [Int32(a), Int32(b)], f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", loc, ip))
+
+    @dsl_user_op
+    def bulk_copy(dst, src, size, mbar, *, loc=None, ip=None):  # global -> shared, completing tx bytes on mbar
+        llvm.inline_asm(None, [dst.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
+                               src.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
+                               Int32(size).ir_value(loc=loc, ip=ip), mbar.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip)],
+                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
+                        "r,l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
+
+    @dsl_user_op
+    def mma(a, b, c, *, loc=None, ip=None):  # 4 A regs, 2 B regs, 4 C floats -> 4 D floats
+        f32 = T.f32()
+        out = asm(llvm.StructType.get_literal([f32] * 4), [Int32(v) for v in a + b] + [Float32(v) for v in c],
+                  _MMA, "=f,=f,=f,=f" + ",r" * 6 + ",f" * 4, loc, ip)
+        return [Float32(v) for v in unpack(out, 4, f32, loc, ip)]
+
+    def row_value(red, mB, expert, pid_n, i):
+        """(trace time) Output row pid_n * bn + i: the warps' sums plus bias, rounded to bf16 as the unfused path stores it."""
+        total = red[0, i]
+        for w in range(1, warps):
+            total = total + red[w, i]
+        col = cutlass.min(pid_n * bn + i, n_out - 1)
+        return (total + mB[expert * n_out + col].to(Float32)).to(cutlass.BFloat16).to(Float32)
+
+    @cute.kernel
+    def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
+               mO: cute.Tensor, mY: cute.Tensor):
+        pdl_wait()  # the expert, hence every weight byte, depends on the route before
+        tidx, _, _ = cute.arch.thread_idx()
+        row, pid_n, _ = cute.arch.block_idx()
+        lane = tidx % 32
+        warp = tidx // 32
+        g = lane // 4
+        t = lane % 4
+        # the row's expert: how many experts end at or before it
+        before = Int32(0)
+        for c in cutlass.range_constexpr((experts + 31) // 32):
+            e = cutlass.min(lane + 32 * c, experts - 1)
+            ends_before = Int32(1) + ((row - mO[e + 1]) >> 31)  # 1 when offsets[e + 1] <= row
+            if lane + 32 * c < experts:
+                before = before + ends_before
+        expert = cutlass.min(cute.arch.warp_reduction_sum(before), experts - 1)
+        routed = row >= mO[0] and row < mO[experts]  # rows outside every expert are left unwritten
+        x_row = row
+        if cutlass.const_expr(gather):
+            x_row = mR[row]
+
+        # One thread has the tile's rows (contiguous in blocks) copied to shared memory in one bulk
+        # copy, the CTA copies their scales; the lanes then read them from there: all of the
+        # tile's DRAM reads are in flight at once, whatever registers the math holds.
+        row0 = pid_n * bn
+        w_tile = cute.make_tensor(cute.arch.alloc_smem(Int32, bn * groups * 4, alignment=128),
+                                  cute.make_layout((bn, groups, 4), stride=(groups * 4, 4, 1)))
+        s_tile = cute.make_tensor(cute.arch.alloc_smem(cutlass.Uint8, bn * groups, alignment=16),
+                                  cute.make_layout((bn, groups), stride=(groups, 1)))
+        mbar = cute.arch.alloc_smem(cutlass.Int64, 1, alignment=8)
+        if tidx == 0:
+            cute.arch.mbarrier_init(mbar, 1)
+            cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        if tidx == 0:
+            size = cutlass.min(bn, n_out - row0) * (groups * 16)
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar, size)
+            bulk_copy(w_tile.iterator, mW.iterator + (expert * n_out + row0) * (groups * 4), size, mbar)
+        for i in cutlass.range_constexpr((bn * groups + 32 * warps - 1) // (32 * warps)):
+            idx = tidx + 32 * warps * i
+            if idx < bn * groups:
+                r = idx // groups
+                s_tile[r, idx - r * groups] = mS[expert * n_out + cutlass.min(row0 + r, n_out - 1), idx - r * groups]
+        cute.arch.sync_threads()
+        cute.arch.mbarrier_wait(mbar, 0)
+
+        # MMA row g is tile row g with bits 0 and 1 swapped: the two rows a quarter-warp reads
+        # then start 16 banks apart at K = 2880 (row stride 360 words), so its 128-bit reads don't conflict
+        rg = (g & 4) | ((g & 1) << 1) | ((g >> 1) & 1)
+        acc = cute.make_rmem_tensor((2, 4), Float32)
+        acc.fill(0.0)
+        xw = cute.make_rmem_tensor((4, 4), Int32)
+        words = cute.make_rmem_tensor((2, 4), Int32)
+        for q in cutlass.range_constexpr(per_warp):
+            j = 4 * (warp * per_warp + q) + t  # past the last group: clamped reads, multiplier 0
+            jl = cutlass.min(j, groups - 1)
+            for v in cutlass.range_constexpr(4):
+                xw[v, None].store(mX[x_row, 4 * jl + v, None].load())
+            mults = []
+            for h in cutlass.range_constexpr(2):  # rows rg and rg + 8
+                words[h, None].store(w_tile[rg + 8 * h, jl, None].load())
+                m = s_tile[rg + 8 * h, jl].to(Int32) * 128 + 0x3F00  # bf16 2**(s - 1), twice
+                mults.append((m | (m << 16)) & ~((groups - 1 - j) >> 31))
+            for v in cutlass.range_constexpr(4):
+                b = [permute(xw[v, 0], xw[v, 2], "0x5410"), permute(xw[v, 0], xw[v, 2], "0x7632"),
+                     permute(xw[v, 1], xw[v, 3], "0x5410"), permute(xw[v, 1], xw[v, 3], "0x7632")]
+                lo = widen(words[0, v], mults[0])
+                hi = widen(words[1, v], mults[1])
+                for c in cutlass.range_constexpr(2):  # pairs 0, 1 then 2, 3; two chains of MMAs
+                    d = mma([lo[2 * c], hi[2 * c], lo[2 * c + 1], hi[2 * c + 1]], b[2 * c:2 * c + 2],
+                            [acc[c, i] for i in range(4)])
+                    for i in cutlass.range_constexpr(4):
+                        acc[c, i] = d[i]
+
+        red = cute.make_tensor(cute.arch.alloc_smem(Float32, warps * bn, alignment=16),
+                               cute.make_layout((warps, bn), stride=(bn, 1)))
+        if t == 0:  # D's columns are equal; lane (g, 0) holds tile rows rg (d0) and rg + 8 (d2)
+            red[warp, rg] = acc[0, 0] + acc[1, 0]
+            red[warp, rg + 8] = acc[0, 2] + acc[1, 2]
+        cute.arch.sync_threads()
+
+        if cutlass.const_expr(fuse_swiglu):
+            if tidx < bn // 2 and pid_n * bn + 2 * tidx < n_out and routed:
+                gate = cutlass.min(row_value(red, mB, expert, pid_n, 2 * tidx), Float32(limit))
+                up = cutlass.max(cutlass.min(row_value(red, mB, expert, pid_n, 2 * tidx + 1), Float32(limit)), Float32(-limit))
+                h = gate / (Float32(1.0) + cute.math.exp(-Float32(alpha) * gate)) * (up + Float32(1.0))
+                mY[row, pid_n * (bn // 2) + tidx] = h.to(cutlass.BFloat16)
+        else:
+            if tidx < bn and pid_n * bn + tidx < n_out and routed:
+                mY[row, pid_n * bn + tidx] = row_value(red, mB, expert, pid_n, tidx).to(cutlass.BFloat16)
+
+    @cute.jit
+    def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
+                  mO: cute.Tensor, mY: cute.Tensor, n: Int32, stream: cuda.CUstream):
+        kernel(mX, mR, mW, mS, mB, mO, mY).launch(
+            grid=[n, (n_out + bn - 1) // bn, 1], block=[32 * warps, 1, 1], stream=stream, use_pdl=pdl_enabled()
+        )
+
+    return launch_fn

@@ -85,7 +85,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     row i reads x[x_rows[i]] (x is then [T, K], the tokens before dispatch: no permuted copy).
     mma: the tensor-core kernel (kernels/mxfp4_mma.py; default unless ROSE_MXFP4_GEMV=fma), which
     needs every scale byte <= MMA_MAX_SCALE (the caller checks once: mma_scales_ok); False: this
-    module's FMA kernel. rows_per_cta: 16 or 32 for the MMA kernel (default 16), 2..32 for the FMA one.
+    module's FMA kernel. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
     """
     from kernels.moe_mxfp4 import _check
 
@@ -102,8 +102,8 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
         mma = MMA_DEFAULT
     if rows_per_cta is None:
         rows_per_cta = TILE if mma else ROWS_PER_CTA
-    if rows_per_cta not in ((16, 32) if mma else (2, 4, 8, 16, 32)):
-        raise ValueError(f"rows_per_cta must be {'16 or 32' if mma else 'a power of two 2..32'}, got {rows_per_cta}")
+    if rows_per_cta not in ((TILE,) if mma else (2, 4, 8, 16, 32)):
+        raise ValueError(f"rows_per_cta must be {'16' if mma else 'a power of two 2..32'}, got {rows_per_cta}")
     width = n_out // 2 if swiglu is not None else n_out
     if out is not None and (tuple(out.shape) != (n, width) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {x.dtype} [{n}, {width}]")
@@ -114,8 +114,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     gather = x_rows is not None
     if mma:
-        key = ("mxfp4_mma", experts, n_out, k, rows_per_cta // TILE, warps_for(k), swiglu is not None, float(alpha),
-               float(limit), gather)
+        key = ("mxfp4_mma", experts, n_out, k, warps_for(k), swiglu is not None, float(alpha), float(limit), gather)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
         jit_fn = mma_launcher(*key[1:])
     else:

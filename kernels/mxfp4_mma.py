@@ -45,9 +45,9 @@ def mma_scales_ok(*scales) -> bool:
     return all(int(s.max()) <= MMA_MAX_SCALE for s in scales if s.numel())
 
 
-def warps_for(k: int, quads_per_warp: int = QUADS_PER_WARP) -> int:
+def warps_for(k: int) -> int:
     quads = (k // 32 + 3) // 4
-    return max(1, min(8, -(-quads // quads_per_warp)))
+    return max(1, min(8, -(-quads // QUADS_PER_WARP)))
 
 
 _WIDEN = """{
@@ -140,29 +140,32 @@ def launcher(experts: int, n_out: int, k: int, warps: int, fuse_swiglu: bool, al
         if cutlass.const_expr(gather):
             x_row = mR[row]
 
-        # One thread has the tile's rows (contiguous in blocks) copied to shared memory in one bulk
-        # copy, the CTA copies their scales; the lanes then read them from there: all of the
-        # tile's DRAM reads are in flight at once, whatever registers the math holds.
+        # Each warp has its slice of K (per_warp quads of the tile's 16 rows) copied to shared
+        # memory by bulk copies, one a row, completing on the warp's own mbarrier, and copies the
+        # slice's scales itself: every DRAM read of the CTA is in flight at once, whatever registers
+        # the math holds, and a warp starts multiplying as soon as its slice has landed.
         row0 = pid_n * bn
         w_tile = cute.make_tensor(cute.arch.alloc_smem(Int32, bn * groups * 4, alignment=128),
                                   cute.make_layout((bn, groups, 4), stride=(groups * 4, 4, 1)))
         s_tile = cute.make_tensor(cute.arch.alloc_smem(cutlass.Uint8, bn * groups, alignment=16),
                                   cute.make_layout((bn, groups), stride=(groups, 1)))
-        mbar = cute.arch.alloc_smem(cutlass.Int64, 1, alignment=8)
-        if tidx == 0:
+        mbar = cute.arch.alloc_smem(cutlass.Int64, warps, alignment=8) + warp
+        g0 = warp * (4 * per_warp)
+        g_count = cutlass.max(cutlass.min(4 * per_warp, groups - g0), 0)
+        rows_valid = cutlass.min(bn, n_out - row0)  # rows past n_out are not copied (nor stored)
+        if lane == 0:
             cute.arch.mbarrier_init(mbar, 1)
             cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
-        if tidx == 0:
-            size = cutlass.min(bn, n_out - row0) * (groups * 16)
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar, size)
-            bulk_copy(w_tile.iterator, mW.iterator + (expert * n_out + row0) * (groups * 4), size, mbar)
-        for i in cutlass.range_constexpr((bn * groups + 32 * warps - 1) // (32 * warps)):
-            idx = tidx + 32 * warps * i
-            if idx < bn * groups:
-                r = idx // groups
-                s_tile[r, idx - r * groups] = mS[expert * n_out + cutlass.min(row0 + r, n_out - 1), idx - r * groups]
-        cute.arch.sync_threads()
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar, rows_valid * g_count * 16)
+        cute.arch.sync_warp()
+        if lane < rows_valid and g_count > 0:
+            bulk_copy(w_tile.iterator + (lane * groups + g0) * 4,
+                      mW.iterator + ((expert * n_out + row0 + lane) * groups + g0) * 4, g_count * 16, mbar)
+        for i in cutlass.range_constexpr(2 * per_warp):  # lane: row lane % 16, every other group of the slice
+            jj = 2 * i + lane // 16
+            if jj < g_count:
+                s_tile[lane % 16, g0 + jj] = mS[expert * n_out + cutlass.min(row0 + lane % 16, n_out - 1), g0 + jj]
+        cute.arch.sync_warp()
         cute.arch.mbarrier_wait(mbar, 0)
 
         # MMA row g is tile row g with bits 0 and 1 swapped: the two rows a quarter-warp reads

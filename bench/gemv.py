@@ -31,10 +31,10 @@ def mxfp4_paths():
     """(label, config) of the MXFP4 launches compared: the tensor-core GEMV, the FMA GEMV per rows per CTA, the Triton tile."""
     from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    for quads in (3, 6):
-        yield f"cute mma {quads} quads/warp", (True, 16, quads)
-    for rows_per_cta in (4, 8, 16):
-        yield f"cute fma rows/CTA {rows_per_cta}", (False, rows_per_cta, None)
+    for quads, ctas in ((3, 2), (3, 3), (6, 4), (6, 2)):
+        yield f"cute mma {quads} quads/warp {ctas} CTAs/SM", (True, 16, quads, ctas)
+    for rows_per_cta in (4, 8):
+        yield f"cute fma rows/CTA {rows_per_cta}", (False, rows_per_cta, None, None)
     yield "triton decode tile", TILE_CONFIGS[0][1]
 
 
@@ -50,7 +50,7 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
         blocks, scales = quantize(torch.randn(E, n_out, k, device="cuda") / 50)
         projections[name] = (blocks, scales, torch.randn(E, n_out, **bf), n_out, k)
     rows = []
-    quads_default = mxfp4_mma.QUADS_PER_WARP
+    defaults = mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM
     for tokens in tokens_list:
         n = tokens * K
         routings = []
@@ -72,10 +72,10 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
                 else:
                     fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
                            for _, o in routings]
-                if isinstance(config, tuple) and config[2]:
-                    mxfp4_mma.QUADS_PER_WARP = config[2]  # read when the launch's key is made
+                if isinstance(config, tuple) and config[0]:  # read at each launch
+                    mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM = config[2:]
                 t, _ = measure(fns)
-                mxfp4_mma.QUADS_PER_WARP = quads_default
+                mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM = defaults
                 row = {"case": f"mxfp4 {label}", "rows": n, "config": path, "us": t * 1e6,
                        "bw_pct": 100 * nbytes / t / copy_bw}
                 rows.append(row)

@@ -30,8 +30,8 @@ import torch
 import os
 
 from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
-from kernels.mxfp4_mma import TILE, mma_scales_ok, warps_for  # noqa: F401 (mma_scales_ok: callers' check)
-from kernels.mxfp4_mma import launcher as mma_launcher
+from kernels import mxfp4_mma
+from kernels.mxfp4_mma import TILE, mma_layout_ok, warps_for
 from kernels.pdl import pdl_enabled
 
 # Weight rows per CTA. `python -m bench.gemv --no-dense` at 5b99aa9 on an H100 at 20b shapes, 1..4
@@ -83,9 +83,9 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
 
     Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
     row i reads x[x_rows[i]] (x is then [T, K], the tokens before dispatch: no permuted copy).
-    mma: the tensor-core kernel (kernels/mxfp4_mma.py; default unless ROSE_MXFP4_GEMV=fma), which
-    needs every scale byte <= MMA_MAX_SCALE (the caller checks once: mma_scales_ok); False: this
-    module's FMA kernel. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
+    mma: the tensor-core kernel (kernels/mxfp4_mma.py; the default where out is a multiple of 16,
+    unless ROSE_MXFP4_GEMV=fma), which needs every scale byte <= MMA_MAX_SCALE (the caller checks
+    once: mma_scales_ok); False: this module's FMA kernel. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
     """
     from kernels.moe_mxfp4 import _check
 
@@ -99,7 +99,10 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
         n = x_rows.shape[0]
     experts, n_out = blocks.shape[:2]
     if mma is None:
-        mma = MMA_DEFAULT
+        mma = MMA_DEFAULT and mma_layout_ok(blocks, scales)
+    elif mma and not mma_layout_ok(blocks, scales):
+        raise ValueError(f"the MMA kernel copies 16-row tiles: out ({n_out}) must be a multiple of {TILE} and "
+                         "blocks and scales 16-byte aligned")
     if rows_per_cta is None:
         rows_per_cta = TILE if mma else ROWS_PER_CTA
     if rows_per_cta not in ((TILE,) if mma else (2, 4, 8, 16, 32)):
@@ -113,21 +116,30 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     cutlass = cute_modules()[0]
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     gather = x_rows is not None
+    groups = k // 32
     if mma:
-        key = ("mxfp4_mma", experts, n_out, k, warps_for(k), swiglu is not None, float(alpha), float(limit), gather)
+        key = ("mxfp4_mma", experts, n_out, k, warps_for(k), mxfp4_mma.STAGES, swiglu is not None, float(alpha),
+               float(limit), gather)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
-        jit_fn = mma_launcher(*key[1:])
+        n_tiles = n * (n_out // TILE)
+        sizes = (cutlass.Int32(n_tiles), cutlass.Int32(min(n_tiles, mxfp4_mma.CTAS_PER_SM * sm_count(x.device))))
+        jit_fn = mxfp4_mma.launcher(*key[1:])
     else:
         key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit), gather)
         x_arg = rows(x.view(x.shape[0], k // 8, 8))
+        sizes = (cutlass.Int32(n),)
         jit_fn = _launcher(*key[1:])
-    groups = k // 32
     launch(key, jit_fn, x_arg,
            rows(x_rows if gather else offsets, align=4),  # the kernel reads it only when gathering
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
-           fixed(scales.view(experts * n_out, groups), align=1), fixed(bias.view(-1), align=2),
-           fixed(offsets, align=4), rows(y), cutlass.Int32(n))
+           fixed(scales.view(experts * n_out, groups), align=16 if mma else 1), fixed(bias.view(-1), align=2),
+           fixed(offsets, align=4), rows(y), *sizes)
     return y
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache
@@ -216,7 +228,7 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
         for r in cutlass.range_constexpr(bn):
             words[r, None].store(mW[w_rows[r], g, None].load())
         for r in cutlass.range_constexpr(bn):
-            part[r] = row_dot(words, r, xs) * TWO_POW_126 * exp2_bits(mS[w_rows[r], g].to(Int32))
+            part[r] = row_dot(words, r, xs) * TWO_POW_126 * exp2_bits(mS[w_rows[r], g].to(Int32) & 0xFF)
         total = butterfly(part, lane)
         red = cute.make_tensor(cute.arch.alloc_smem(Float32, warps * 32, alignment=16),
                                cute.make_layout((warps, 32), stride=(32, 1)))

@@ -35,14 +35,21 @@ from kernels.pdl import pdl_enabled
 # Real checkpoints sit far below it (weights of magnitude > 12 would be needed); larger ones go
 # to the FMA kernel (mma_scales_ok).
 MMA_MAX_SCALE = 128
-# Quads (4 scale groups, 128 values of K) each warp loads up front; sets the warps a CTA has.
-QUADS_PER_WARP = 6
-TILE = 16  # weight rows an MMA takes
+# Quads (4 scale groups, 128 values of K) each warp multiplies per tile; sets the warps a CTA has.
+QUADS_PER_WARP = 3
+TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
+STAGES = 2  # tiles a CTA holds in shared memory: the one multiplied, STAGES - 1 in flight
+CTAS_PER_SM = 2  # the grid: persistent CTAs, each looping over tiles
 
 
 def mma_scales_ok(*scales) -> bool:
     """Whether every scale byte fits the tensor-core kernel's multiplier (one host sync: call at load time)."""
     return all(int(s.max()) <= MMA_MAX_SCALE for s in scales if s.numel())
+
+
+def mma_layout_ok(blocks, scales) -> bool:
+    """Whether the kernel's 16-row bulk copies fit: out a multiple of 16, blocks and scales 16-byte aligned."""
+    return blocks.shape[1] % TILE == 0 and blocks.data_ptr() % 16 == 0 and scales.data_ptr() % 16 == 0
 
 
 def warps_for(k: int) -> int:
@@ -63,7 +70,7 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,
 
 
 @functools.cache
-def launcher(experts: int, n_out: int, k: int, warps: int, fuse_swiglu: bool, alpha: float,
+def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, fuse_swiglu: bool, alpha: float,
              limit: float, gather: bool):
     """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4])."""
     cutlass, cute, _, cuda = cute_modules()
@@ -74,7 +81,7 @@ def launcher(experts: int, n_out: int, k: int, warps: int, fuse_swiglu: bool, al
     groups = k // 32
     quads = (groups + 3) // 4
     per_warp = -(-quads // warps)
-    bn = TILE
+    tiles_per_row = n_out // TILE
 
     def asm(result_t, args, text, constraints, loc, ip):
         return llvm.inline_asm(result_t, [a.ir_value(loc=loc, ip=ip) for a in args], text, constraints,
@@ -109,115 +116,146 @@ def launcher(experts: int, n_out: int, k: int, warps: int, fuse_swiglu: bool, al
                   _MMA, "=f,=f,=f,=f" + ",r" * 6 + ",f" * 4, loc, ip)
         return [Float32(v) for v in unpack(out, 4, f32, loc, ip)]
 
-    def row_value(red, mB, expert, pid_n, i):
-        """(trace time) Output row pid_n * bn + i: the warps' sums plus bias, rounded to bf16 as the unfused path stores it."""
-        total = red[0, i]
-        for w in range(1, warps):
-            total = total + red[w, i]
-        col = cutlass.min(pid_n * bn + i, n_out - 1)
-        return (total + mB[expert * n_out + col].to(Float32)).to(cutlass.BFloat16).to(Float32)
+    @cute.jit
+    def expert_of(mO: cute.Tensor, row: Int32, lane: Int32, found: cute.Tensor):
+        """(whole warp) found[0] = routed row's expert (how many experts end at or before it), found[1] =
+        whether the row is routed at all (rows outside offsets[0]:offsets[E] are left unwritten)."""
+        before = Int32(0)
+        for c in cutlass.range_constexpr((experts + 31) // 32):
+            e = cutlass.min(lane + 32 * c, experts - 1)
+            if lane + 32 * c < experts:
+                before = before + Int32(1) + ((row - mO[e + 1]) >> 31)  # 1 when offsets[e + 1] <= row
+        found[0] = cutlass.min(cute.arch.warp_reduction_sum(before), experts - 1)
+        found[1] = Int32(0)
+        if row >= mO[0] and row < mO[experts]:
+            found[1] = Int32(1)
+
+    @cute.jit
+    def issue(mO: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, w_tiles: cute.Tensor, s_tiles: cute.Tensor,
+              mbar: cute.Pointer, stage: Int32, tile: Int32, lane: Int32):
+        """(whole warp) Start the bulk copies of tile's 16 weight rows and their scales (each contiguous in the
+        checkpoint's layout) into `stage`; they complete on its mbarrier `mbar`."""
+        found = cute.make_rmem_tensor((2,), Int32)
+        expert_of(mO, tile // tiles_per_row, lane, found)
+        first = found[0] * n_out + (tile % tiles_per_row) * TILE
+        if lane == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar, TILE * groups * 17)
+            bulk_copy(w_tiles.iterator + stage * (TILE * groups * 4), mW.iterator + first * (groups * 4),
+                      TILE * groups * 16, mbar)
+            bulk_copy(s_tiles.iterator + stage * (TILE * groups), mS.iterator + first * groups, TILE * groups, mbar)
+
+    @cute.jit
+    def store_rows(red: cute.Tensor, mB: cute.Tensor, mY: cute.Tensor, expert: Int32, row: Int32, pid_n: Int32,
+                   tidx: Int32):
+        """Threads 0..15 (0..7 with the SwiGLU): the warps' sums plus bias, rounded to bf16 as the unfused
+        path stores gate_up, then the clamped SwiGLU of each (gate, up) pair, into y's row."""
+        if cutlass.const_expr(fuse_swiglu):
+            if tidx < TILE // 2:
+                pair = cute.make_rmem_tensor((2,), Float32)
+                for p in cutlass.range_constexpr(2):
+                    total = red[0, 2 * tidx + p]
+                    for w in cutlass.range_constexpr(1, warps):
+                        total = total + red[w, 2 * tidx + p]
+                    bias = mB[expert * n_out + pid_n * TILE + 2 * tidx + p].to(Float32)
+                    pair[p] = (total + bias).to(cutlass.BFloat16).to(Float32)
+                gate = cutlass.min(pair[0], Float32(limit))
+                up = cutlass.max(cutlass.min(pair[1], Float32(limit)), Float32(-limit))
+                h = gate / (Float32(1.0) + cute.math.exp(-Float32(alpha) * gate)) * (up + Float32(1.0))
+                mY[row, pid_n * (TILE // 2) + tidx] = h.to(cutlass.BFloat16)
+        else:
+            if tidx < TILE:
+                total = red[0, tidx]
+                for w in cutlass.range_constexpr(1, warps):
+                    total = total + red[w, tidx]
+                mY[row, pid_n * TILE + tidx] = (total + mB[expert * n_out + pid_n * TILE + tidx].to(Float32)).to(
+                    cutlass.BFloat16)
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
-               mO: cute.Tensor, mY: cute.Tensor):
-        pdl_wait()  # the expert, hence every weight byte, depends on the route before
+               mO: cute.Tensor, mY: cute.Tensor, n_tiles: Int32):
+        pdl_wait()  # the experts, hence every weight byte, depend on the route before
         tidx, _, _ = cute.arch.thread_idx()
-        row, pid_n, _ = cute.arch.block_idx()
+        cta, _, _ = cute.arch.block_idx()
+        grid, _, _ = cute.arch.grid_dim()
         lane = tidx % 32
         warp = tidx // 32
         g = lane // 4
         t = lane % 4
-        # the row's expert: how many experts end at or before it
-        before = Int32(0)
-        for c in cutlass.range_constexpr((experts + 31) // 32):
-            e = cutlass.min(lane + 32 * c, experts - 1)
-            ends_before = Int32(1) + ((row - mO[e + 1]) >> 31)  # 1 when offsets[e + 1] <= row
-            if lane + 32 * c < experts:
-                before = before + ends_before
-        expert = cutlass.min(cute.arch.warp_reduction_sum(before), experts - 1)
-        routed = row >= mO[0] and row < mO[experts]  # rows outside every expert are left unwritten
-        x_row = row
-        if cutlass.const_expr(gather):
-            x_row = mR[row]
-
-        # Each warp has its slice of K (per_warp quads of the tile's 16 rows) copied to shared
-        # memory by bulk copies, one a row, completing on the warp's own mbarrier, and copies the
-        # slice's scales itself: every DRAM read of the CTA is in flight at once, whatever registers
-        # the math holds, and a warp starts multiplying as soon as its slice has landed.
-        row0 = pid_n * bn
-        w_tile = cute.make_tensor(cute.arch.alloc_smem(Int32, bn * groups * 4, alignment=128),
-                                  cute.make_layout((bn, groups, 4), stride=(groups * 4, 4, 1)))
-        s_tile = cute.make_tensor(cute.arch.alloc_smem(cutlass.Uint8, bn * groups, alignment=16),
-                                  cute.make_layout((bn, groups), stride=(groups, 1)))
-        mbar = cute.arch.alloc_smem(cutlass.Int64, warps, alignment=8) + warp
-        g0 = warp * (4 * per_warp)
-        g_count = cutlass.max(cutlass.min(4 * per_warp, groups - g0), 0)
-        rows_valid = cutlass.min(bn, n_out - row0)  # rows past n_out are not copied (nor stored)
-        if lane == 0:
-            cute.arch.mbarrier_init(mbar, 1)
-            cute.arch.mbarrier_init_fence()
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar, rows_valid * g_count * 16)
-        cute.arch.sync_warp()
-        if lane < rows_valid and g_count > 0:
-            bulk_copy(w_tile.iterator + (lane * groups + g0) * 4,
-                      mW.iterator + ((expert * n_out + row0 + lane) * groups + g0) * 4, g_count * 16, mbar)
-        for i in cutlass.range_constexpr(2 * per_warp):  # lane: row lane % 16, every other group of the slice
-            jj = 2 * i + lane // 16
-            if jj < g_count:
-                s_tile[lane % 16, g0 + jj] = mS[expert * n_out + cutlass.min(row0 + lane % 16, n_out - 1), g0 + jj]
-        cute.arch.sync_warp()
-        cute.arch.mbarrier_wait(mbar, 0)
-
         # MMA row g is tile row g with bits 0 and 1 swapped: the two rows a quarter-warp reads
         # then start 16 banks apart at K = 2880 (row stride 360 words), so its 128-bit reads don't conflict
         rg = (g & 4) | ((g & 1) << 1) | ((g >> 1) & 1)
-        acc = cute.make_rmem_tensor((2, 4), Float32)
-        acc.fill(0.0)
-        xw = cute.make_rmem_tensor((4, 4), Int32)
-        words = cute.make_rmem_tensor((2, 4), Int32)
-        for q in cutlass.range_constexpr(per_warp):
-            j = 4 * (warp * per_warp + q) + t  # past the last group: clamped reads, multiplier 0
-            jl = cutlass.min(j, groups - 1)
-            for v in cutlass.range_constexpr(4):
-                xw[v, None].store(mX[x_row, 4 * jl + v, None].load())
-            mults = []
-            for h in cutlass.range_constexpr(2):  # rows rg and rg + 8
-                words[h, None].store(w_tile[rg + 8 * h, jl, None].load())
-                m = s_tile[rg + 8 * h, jl].to(Int32) * 128 + 0x3F00  # bf16 2**(s - 1), twice
-                mults.append((m | (m << 16)) & ~((groups - 1 - j) >> 31))
-            for v in cutlass.range_constexpr(4):
-                b = [permute(xw[v, 0], xw[v, 2], "0x5410"), permute(xw[v, 0], xw[v, 2], "0x7632"),
-                     permute(xw[v, 1], xw[v, 3], "0x5410"), permute(xw[v, 1], xw[v, 3], "0x7632")]
-                lo = widen(words[0, v], mults[0])
-                hi = widen(words[1, v], mults[1])
-                for c in cutlass.range_constexpr(2):  # pairs 0, 1 then 2, 3; two chains of MMAs
-                    d = mma([lo[2 * c], hi[2 * c], lo[2 * c + 1], hi[2 * c + 1]], b[2 * c:2 * c + 2],
-                            [acc[c, i] for i in range(4)])
-                    for i in cutlass.range_constexpr(4):
-                        acc[c, i] = d[i]
 
-        red = cute.make_tensor(cute.arch.alloc_smem(Float32, warps * bn, alignment=16),
-                               cute.make_layout((warps, bn), stride=(bn, 1)))
-        if t == 0:  # D's columns are equal; lane (g, 0) holds tile rows rg (d0) and rg + 8 (d2)
-            red[warp, rg] = acc[0, 0] + acc[1, 0]
-            red[warp, rg + 8] = acc[0, 2] + acc[1, 2]
+        smem = cutlass.utils.SmemAllocator()
+        w_tiles = smem.allocate_tensor(Int32, cute.make_layout((stages, TILE, groups, 4)), byte_alignment=128)
+        s_tiles = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((stages, TILE, groups)), byte_alignment=16)
+        red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE)), byte_alignment=16)
+        mbars = smem.allocate_array(cutlass.Int64, stages, byte_alignment=8)
+        w_stride, s_stride = TILE * groups * 4, TILE * groups
+        if tidx == 0:
+            for st in cutlass.range_constexpr(stages):
+                cute.arch.mbarrier_init(mbars + st, 1)
+            cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
-        if cutlass.const_expr(fuse_swiglu):
-            if tidx < bn // 2 and pid_n * bn + 2 * tidx < n_out and routed:
-                gate = cutlass.min(row_value(red, mB, expert, pid_n, 2 * tidx), Float32(limit))
-                up = cutlass.max(cutlass.min(row_value(red, mB, expert, pid_n, 2 * tidx + 1), Float32(limit)), Float32(-limit))
-                h = gate / (Float32(1.0) + cute.math.exp(-Float32(alpha) * gate)) * (up + Float32(1.0))
-                mY[row, pid_n * (bn // 2) + tidx] = h.to(cutlass.BFloat16)
-        else:
-            if tidx < bn and pid_n * bn + tidx < n_out and routed:
-                mY[row, pid_n * bn + tidx] = row_value(red, mB, expert, pid_n, tidx).to(cutlass.BFloat16)
+        # this CTA's tiles: cta, cta + grid, ...; stages - 1 of them in flight ahead of the one multiplied
+        count = (n_tiles - cta + grid - 1) // grid
+        if warp == 0:
+            for st in cutlass.range_constexpr(stages - 1):
+                if st < count:
+                    issue(mO, mW, mS, w_tiles, s_tiles, mbars + st, Int32(st), cta + st * grid, lane)
+        for i in cutlass.range(count):
+            ahead = i + stages - 1  # its stage was freed by the barrier that ended tile i - 1
+            if warp == 0 and ahead < count:
+                issue(mO, mW, mS, w_tiles, s_tiles, mbars + ahead % stages, ahead % stages, cta + ahead * grid, lane)
+            tile = cta + i * grid
+            row = tile // tiles_per_row
+            pid_n = tile % tiles_per_row
+            x_row = row
+            if cutlass.const_expr(gather):
+                x_row = mR[row]
+            stage = i % stages
+            cute.arch.mbarrier_wait(mbars + stage, (i // stages) % 2)
+
+            acc = cute.make_rmem_tensor((2, 4), Float32)
+            acc.fill(0.0)
+            xw = cute.make_rmem_tensor((4, 4), Int32)
+            words = cute.make_rmem_tensor((2, 4), Int32)
+            for q in cutlass.range_constexpr(per_warp):
+                j = 4 * (warp * per_warp + q) + t  # past the last group: clamped reads, multiplier 0
+                jl = cutlass.min(j, groups - 1)
+                for v in cutlass.range_constexpr(4):
+                    xw[v, None].store(mX[x_row, 4 * jl + v, None].load())
+                mults = []
+                for h in cutlass.range_constexpr(2):  # rows rg and rg + 8
+                    words[h, None].store(w_tiles[stage, rg + 8 * h, jl, None].load())
+                    m = (s_tiles[stage, rg + 8 * h, jl].to(Int32) & 0xFF) * 128 + 0x3F00  # bf16 2**(s - 1), twice
+                    mults.append((m | (m << 16)) & ~((groups - 1 - j) >> 31))
+                for v in cutlass.range_constexpr(4):
+                    b = [permute(xw[v, 0], xw[v, 2], "0x5410"), permute(xw[v, 0], xw[v, 2], "0x7632"),
+                         permute(xw[v, 1], xw[v, 3], "0x5410"), permute(xw[v, 1], xw[v, 3], "0x7632")]
+                    lo = widen(words[0, v], mults[0])
+                    hi = widen(words[1, v], mults[1])
+                    for c in cutlass.range_constexpr(2):  # pairs 0, 1 then 2, 3; two chains of MMAs
+                        d = mma([lo[2 * c], hi[2 * c], lo[2 * c + 1], hi[2 * c + 1]], b[2 * c:2 * c + 2],
+                                [acc[c, n] for n in range(4)])
+                        for n in cutlass.range_constexpr(4):
+                            acc[c, n] = d[n]
+            if t == 0:  # D's columns are equal; lane (g, 0) holds tile rows rg (d0) and rg + 8 (d2)
+                red[i % 2, warp, rg] = acc[0, 0] + acc[1, 0]
+                red[i % 2, warp, rg + 8] = acc[0, 2] + acc[1, 2]
+            cute.arch.sync_threads()  # the stage is read: free for the copy issued next iteration
+
+            if warp == 0:  # (red is double-buffered: the next tile's writes go to the other half)
+                found = cute.make_rmem_tensor((2,), Int32)
+                expert_of(mO, row, lane, found)
+                if found[1] != 0:
+                    store_rows(red[i % 2, None, None], mB, mY, found[0], row, pid_n, tidx)
 
     @cute.jit
     def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
-                  mO: cute.Tensor, mY: cute.Tensor, n: Int32, stream: cuda.CUstream):
-        kernel(mX, mR, mW, mS, mB, mO, mY).launch(
-            grid=[n, (n_out + bn - 1) // bn, 1], block=[32 * warps, 1, 1], stream=stream, use_pdl=pdl_enabled()
+                  mO: cute.Tensor, mY: cute.Tensor, n_tiles: Int32, grid: Int32, stream: cuda.CUstream):
+        kernel(mX, mR, mW, mS, mB, mO, mY, n_tiles).launch(
+            grid=[grid, 1, 1], block=[32 * warps, 1, 1], stream=stream, use_pdl=pdl_enabled()
         )
 
     return launch_fn

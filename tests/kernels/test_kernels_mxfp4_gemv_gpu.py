@@ -61,8 +61,10 @@ def test_mxfp4_mma_odd_shapes(k, n_out):
         out = poisoned(*ref.shape)
         mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, mma=True)
         assert rel_err(out, ref) <= TOL, swiglu
+    narrow = random_mxfp4(5, 8, k)
     with pytest.raises(ValueError, match="multiple of 16"):
-        mxfp4_gemv(x, blocks[:, :8], scales[:, :8], bias[:, :8], offsets, mma=True)
+        mxfp4_gemv(x, *narrow, offsets, mma=True)
+    assert rel_err(mxfp4_gemv(x, *narrow, offsets), mxfp4_gemv_reference(x, *narrow, offsets)) <= TOL
 
 
 @pytest.mark.parametrize("mma", [True, False])

@@ -31,10 +31,10 @@ def mxfp4_paths():
     """(label, config) of the MXFP4 launches compared: the tensor-core GEMV, the FMA GEMV per rows per CTA, the Triton tile."""
     from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    for quads, ctas in ((3, 2), (3, 3), (6, 4), (6, 2)):
-        yield f"cute mma {quads} quads/warp {ctas} CTAs/SM", (True, 16, quads, ctas)
+    for quads, ctas, stages in ((3, 2, 2), (3, 2, 3), (3, 2, 4), (3, 4, 2), (6, 2, 3), (6, 3, 3)):
+        yield f"cute mma {quads} quads/warp {ctas} CTAs/SM {stages} stages", (True, 16, quads, ctas, stages)
     for rows_per_cta in (4, 8):
-        yield f"cute fma rows/CTA {rows_per_cta}", (False, rows_per_cta, None, None)
+        yield f"cute fma rows/CTA {rows_per_cta}", (False, rows_per_cta, None, None, None)
     yield "triton decode tile", TILE_CONFIGS[0][1]
 
 
@@ -50,7 +50,7 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
         blocks, scales = quantize(torch.randn(E, n_out, k, device="cuda") / 50)
         projections[name] = (blocks, scales, torch.randn(E, n_out, **bf), n_out, k)
     rows = []
-    defaults = mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM
+    defaults = mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM, mxfp4_mma.STAGES
     for tokens in tokens_list:
         n = tokens * K
         routings = []
@@ -73,9 +73,9 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
                     fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
                            for _, o in routings]
                 if isinstance(config, tuple) and config[0]:  # read at each launch
-                    mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM = config[2:]
+                    mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM, mxfp4_mma.STAGES = config[2:]
                 t, _ = measure(fns)
-                mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM = defaults
+                mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM, mxfp4_mma.STAGES = defaults
                 row = {"case": f"mxfp4 {label}", "rows": n, "config": path, "us": t * 1e6,
                        "bw_pct": 100 * nbytes / t / copy_bw}
                 rows.append(row)

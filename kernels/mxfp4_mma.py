@@ -1,17 +1,17 @@
-"""MXFP4 expert GEMV on the tensor cores (CuTeDSL): the decode path of kernels/mxfp4_gemv.py.
+"""MXFP4 expert GEMV on the tensor cores (CuTeDSL): a decode path of kernels/mxfp4_gemv.py.
 
-Same contract as mxfp4_gemv (one routed row of x times its expert's packed weight, plus bias,
-optionally the clamped SwiGLU). The FMA kernel there spends ~5.7 instructions a code, about
-as long as the weights take to stream at one token, so a CTA's loads and math barely overlap.
-Here a code costs ~2.6: each packed word becomes bf16 pairs in integer ops, is scaled in one
-bf16 multiply per pair, and the tensor cores do the multiply-adds.
+Same contract as mxfp4_gemv (routed rows of x times their experts' packed weights, plus bias,
+optionally the clamped SwiGLU). The FMA kernel there spends ~5.7 instructions a code; here the
+hot loop spends ~2.9 (sm_90a SASS: 560 instructions for a lane's 192 codes of a tile): each
+packed word becomes bf16 pairs in integer ops, is scaled in one bf16 multiply per pair, and the
+tensor cores do the multiply-adds. mxfp4_gemv picks it where it measured faster (MMA_MIN_ROWS).
 
 Per warp, one m16n8k16 bf16 MMA takes 16 weight rows (A) by 16 values of K by 8 columns of x
 (B; every column the same routed row, so the product's columns are equal). The sum over K
 does not care which real K a fragment slot holds, so slots are mapped to what is cheap to
 load and widen, with A and B always mapped alike:
   - lane (g, t) (g = lane / 4, t = lane % 4) owns scale group j = 4c + t of quad c (one 16-byte
-    vector of 32 codes) for rows g and g + 8 of each 16-row tile, and the 32 x values of j;
+    vector of 32 codes) for two rows of the 16-row tile, and the 32 x values of j;
   - the 8 codes of word v (nibble i = code 32j + 8v + i) become four bf16x2 pairs (nibble i,
     nibble i + 4); pairs 0, 1 fill one MMA's A (slots 2t, 2t+1 and 2t+8, 2t+9), pairs 2, 3
     the next's, and B gets x's matching pairs by byte permutes.
@@ -21,9 +21,12 @@ the e2m1 value times 2**-126 (0.5 becomes a subnormal). One mul.rn.bf16x2 by 2**
 the e8m0 byte, gives the exact dequantized weight (a normal bf16 for s <= MMA_MAX_SCALE);
 the MMAs accumulate in float32 over the whole K, so no per-group step is left.
 
-CTA: `warps` warps split the quads of K; each lane loads all of its words and scales first
-(the only DRAM traffic), then widens and multiplies; the warps' row sums meet in shared
-memory, where the bias, the SwiGLU and the store happen.
+Memory: persistent CTAs loop over 16-row tiles (a routed row's expert, 16 output rows); one
+thread starts the bulk copies of the next tile's weights and scales (each contiguous in the
+checkpoint's layout) into shared memory while the CTA multiplies the current one. Without the
+math this streams a one-token gate_up at 84% of the copy bandwidth (14.6 us); with it, 22.7 us,
+no faster than the FMA kernel: the math, not the memory, is the floor at one token (deeper
+pipelines measured slower). `python -m bench.gemv` sweeps quads per warp, CTAs and stages.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
@@ -39,7 +42,7 @@ MMA_MAX_SCALE = 128
 QUADS_PER_WARP = 3
 TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
 STAGES = 2  # tiles a CTA holds in shared memory: the one multiplied, STAGES - 1 in flight
-CTAS_PER_SM = 2  # the grid: persistent CTAs, each looping over tiles
+CTAS_PER_SM = 4  # the grid: persistent CTAs, each looping over tiles
 
 
 def mma_scales_ok(*scales) -> bool:
@@ -186,9 +189,13 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, fuse_swi
         rg = (g & 4) | ((g & 1) << 1) | ((g >> 1) & 1)
 
         smem = cutlass.utils.SmemAllocator()
-        w_tiles = smem.allocate_tensor(Int32, cute.make_layout((stages, TILE, groups, 4)), byte_alignment=128)
-        s_tiles = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((stages, TILE, groups)), byte_alignment=16)
-        red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE)), byte_alignment=16)
+        # row-major stages, as the bulk copies write them (make_layout's default is column-major)
+        w_tiles = smem.allocate_tensor(Int32, cute.make_layout((stages, TILE, groups, 4), stride=(
+            TILE * groups * 4, groups * 4, 4, 1)), byte_alignment=128)
+        s_tiles = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((stages, TILE, groups), stride=(
+            TILE * groups, groups, 1)), byte_alignment=16)
+        red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE), stride=(warps * TILE, TILE, 1)),
+                                   byte_alignment=16)
         mbars = smem.allocate_array(cutlass.Int64, stages, byte_alignment=8)
         w_stride, s_stride = TILE * groups * 4, TILE * groups
         if tidx == 0:

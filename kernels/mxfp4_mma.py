@@ -24,7 +24,8 @@ the MMAs accumulate in float32 over the whole K, so no per-group step is left.
 Memory: persistent CTAs loop over 16-row tiles (a routed row's expert, 16 output rows); one
 thread starts the bulk copies of the next tile's weights and scales (each contiguous in the
 checkpoint's layout) into shared memory while the CTA multiplies the current one. Without the
-math this streams a one-token gate_up at 84% of the copy bandwidth (14.6 us); with it, 22.7 us,
+math (a build with the quad loop compiled out, in the same `bench.gemv` run) this streams a
+one-token gate_up at 84% of the copy bandwidth (14.6 us); with it, 22.7 us,
 no faster than the FMA kernel: the math, not the memory, is the floor at one token (deeper
 pipelines measured slower). `python -m bench.gemv` sweeps quads per warp, CTAs and stages.
 """

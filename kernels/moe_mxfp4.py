@@ -157,7 +157,6 @@ def grouped_mxfp4_linear(
     config: TileConfig | None = None,
     dot_scaled: bool | None = None,
     swiglu: tuple[float, float] | None = None,
-    gemv_mma: bool | None = None,
 ) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e].
 
@@ -167,12 +166,12 @@ def grouped_mxfp4_linear(
     (kernels/mxfp4_gemv.py) unless `config` picks a tensor-core tile; otherwise `config` overrides the tile table (tile_config(N)). `dot_scaled`
     picks the tensor-core kernel's widening (default: tl.dot_scaled on CUDA, plain ops elsewhere).
     swiglu=(alpha, limit) applies the clamped SwiGLU to the interleaved gate/up columns on the way
-    out: y is then [N, out/2]. gemv_mma: the GEMV's `mma` (False where a scale byte exceeds MMA_MAX_SCALE).
+    out: y is then [N, out/2].
     """
     if config is None and x.is_cuda and x.shape[0] <= GEMV_ROWS:
         from kernels.mxfp4_gemv import mxfp4_gemv
 
-        return mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, mma=gemv_mma)
+        return mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu)
     _check(x, blocks, scales, bias, offsets, out, swiglu)
     n, k = x.shape
     num_experts, n_out = blocks.shape[:2]

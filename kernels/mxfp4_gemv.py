@@ -27,8 +27,6 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-import os
-
 from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
 from kernels import mxfp4_mma
 from kernels.mxfp4_mma import TILE, mma_layout_ok, warps_for
@@ -38,12 +36,7 @@ from kernels.pdl import pdl_enabled
 # tokens: 8 was within 4% of the fastest of 2, 4, 8, 16, 32 in every case; others were up to 42% slower.
 ROWS_PER_CTA = 8
 TWO_POW_126 = 8.507059173023462e37
-# Which kernel mma=None picks: the tensor-core one from MMA_MIN_ROWS routed rows up, where it
-# measured faster (`python -m bench.gemv`, H100: 16 rows 57.1 vs 61.9 us for gate_up, 33.8 vs 35.2
-# for down; at 4 rows, one token, 22.7 vs 22.0 and 14.0 vs 13.5: no gain). ROSE_MXFP4_GEMV=mma or
-# fma forces one (A/B timing).
-MMA_MIN_ROWS = 13
-MMA_FORCED = os.environ.get("ROSE_MXFP4_GEMV")
+
 
 # code j of a word (bits 4j..4j+3), j < 6: (u & MASK) * MUL puts the magnitude at float32 bits
 # 22..24 and the sign at bit 31; j = 6, 7 need a shift right, which a multiply cannot do.
@@ -82,14 +75,14 @@ def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None, x_rows=N
 def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                offsets: torch.Tensor, out: torch.Tensor | None = None,
                swiglu: tuple[float, float] | None = None, rows_per_cta: int | None = None,
-               x_rows: torch.Tensor | None = None, mma: bool | None = None) -> torch.Tensor:
+               x_rows: torch.Tensor | None = None, mma: bool = False) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e] (see module doc).
 
     Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
     row i reads x[x_rows[i]] (x is then [T, K], the tokens before dispatch: no permuted copy).
     mma: True for the tensor-core kernel (kernels/mxfp4_mma.py), which needs out in 16-row tiles and
-    every scale byte <= MMA_MAX_SCALE (the caller checks once: mma_scales_ok); False for this
-    module's FMA kernel; None picks by the rows (MMA_MIN_ROWS) where out allows. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
+    every scale byte <= MMA_MAX_SCALE (the caller checks both once: mma_fits); else this module's
+    FMA kernel. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
     """
     from kernels.moe_mxfp4 import _check
 
@@ -102,10 +95,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
             raise ValueError(f"x_rows is on {x_rows.device}, x on {x.device}")
         n = x_rows.shape[0]
     experts, n_out = blocks.shape[:2]
-    if mma is None:
-        wanted = n >= MMA_MIN_ROWS if MMA_FORCED not in ("mma", "fma") else MMA_FORCED == "mma"
-        mma = wanted and mma_layout_ok(blocks, scales)
-    elif mma and not mma_layout_ok(blocks, scales):
+    if mma and not mma_layout_ok(blocks, scales):
         raise ValueError(f"the MMA kernel copies 16-row tiles: out ({n_out}) must be a multiple of {TILE} and "
                          "blocks and scales 16-byte aligned")
     if rows_per_cta is None:

@@ -4,7 +4,8 @@ Same contract as mxfp4_gemv (routed rows of x times their experts' packed weight
 optionally the clamped SwiGLU). The FMA kernel there spends ~5.7 instructions a code; here the
 hot loop spends ~2.9 (sm_90a SASS: 560 instructions for a lane's 192 codes of a tile): each
 packed word becomes bf16 pairs in integer ops, is scaled in one bf16 multiply per pair, and the
-tensor cores do the multiply-adds. mxfp4_gemv picks it where it measured faster (MMA_MIN_ROWS).
+tensor cores do the multiply-adds. The cuda backend runs gate_up through it (services/worker/model/
+cuda_moe.py says why) and down through the FMA kernel.
 
 Per warp, one m16n8k16 bf16 MMA takes 16 weight rows (A) by 16 values of K by 8 columns of x
 (B; every column the same routed row, so the product's columns are equal). The sum over K
@@ -54,6 +55,11 @@ def mma_scales_ok(*scales) -> bool:
 def mma_layout_ok(blocks, scales) -> bool:
     """Whether the kernel's 16-row bulk copies fit: out a multiple of 16, blocks and scales 16-byte aligned."""
     return blocks.shape[1] % TILE == 0 and blocks.data_ptr() % 16 == 0 and scales.data_ptr() % 16 == 0
+
+
+def mma_fits(blocks, scales) -> bool:
+    """Both of the above, for a projection's weights (at load time)."""
+    return mma_layout_ok(blocks, scales) and mma_scales_ok(scales)
 
 
 def warps_for(k: int) -> int:

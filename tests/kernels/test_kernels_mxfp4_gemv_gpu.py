@@ -50,7 +50,7 @@ def test_mxfp4_gemv_odd_shapes(k, n_out, rows_per_cta):
 @pytest.mark.parametrize("k,n_out", [(96, 48), (64, 16), (1056, 208), (2880, 5760 + 16)])
 def test_mxfp4_mma_odd_shapes(k, n_out):
     """The tensor-core kernel at K of one partial quad or a few, a CTA looping over many tiles or one; out in
-    16-row tiles, which it must be (anything else is refused, and mma=None takes the FMA kernel)."""
+    16-row tiles, which it must be (anything else is refused; the default FMA kernel takes it)."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
     blocks, scales, bias = random_mxfp4(5, n_out, k)

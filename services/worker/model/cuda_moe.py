@@ -21,6 +21,8 @@ in place.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from kernels.gemv import linear
@@ -39,12 +41,17 @@ class GroupedExperts:
         self.router_w, self.router_b = mlp.router.weight, mlp.router.bias
         self.packed = experts.packed
         if self.packed:  # (blocks [E, out, in/32, 16], scales [E, out, in/32]) uint8 as stored
-            from kernels.mxfp4_mma import mma_scales_ok
+            from kernels.mxfp4_mma import mma_fits
 
             self.gate_up = (experts.gate_up_proj_blocks, experts.gate_up_proj_scales)
             self.down = (experts.down_proj_blocks, experts.down_proj_scales)
-            # the tensor-core decode GEMV (the default; None below) holds scale bytes up to 128: checked once here
-            self.gemv_mma = mma_scales_ok(self.gate_up[1], self.down[1])
+            # Decode's gate_up GEMV on the tensor cores where the weights allow (checked once, here): at
+            # 20b shapes it measured level with the FMA kernel at one token and 7-13% faster at 2-4
+            # tokens (`python -m bench.gemv`); down stays on the FMA kernel (faster at 1-2 tokens,
+            # within 4% at 3-4). Fixed
+            # per projection, not per row count, so a padded graph bucket runs the kernels eager does.
+            # ROSE_MXFP4_GEMV=fma keeps both on the FMA kernel (A/B timing).
+            self.gate_up_mma = os.environ.get("ROSE_MXFP4_GEMV") != "fma" and mma_fits(*self.gate_up)
         else:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
@@ -67,12 +74,11 @@ class GroupedExperts:
             clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
             if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
                 hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp,
-                                    x_rows=routing.src, mma=None if self.gemv_mma else False)
+                                    x_rows=routing.src, mma=self.gate_up_mma)
             else:
                 hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                               swiglu=clamp)
-            ys = grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets, gemv_mma=None if self.gemv_mma else False)
-            return ys, routing, weights
+            return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets), routing, weights
         xs = dispatch(x, routing)
         n = xs.shape[0]
         expert_of_row = torch.repeat_interleave(

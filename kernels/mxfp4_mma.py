@@ -4,8 +4,8 @@ Same contract as mxfp4_gemv (routed rows of x times their experts' packed weight
 optionally the clamped SwiGLU). The FMA kernel there spends ~5.7 instructions a code; here the
 hot loop spends ~2.9 (sm_90a SASS: 560 instructions for a lane's 192 codes of a tile): each
 packed word becomes bf16 pairs in integer ops, is scaled in one bf16 multiply per pair, and the
-tensor cores do the multiply-adds. The cuda backend runs gate_up through it (services/worker/model/
-cuda_moe.py says why) and down through the FMA kernel.
+tensor cores do the multiply-adds. The cuda backend runs decode's gate_up through it from two
+tokens up and down through the FMA kernel (services/worker/model/cuda_moe.py says why).
 
 Per warp, one m16n8k16 bf16 MMA takes 16 weight rows (A) by 16 values of K by 8 columns of x
 (B; every column the same routed row, so the product's columns are equal). The sum over K

@@ -45,12 +45,12 @@ class GroupedExperts:
 
             self.gate_up = (experts.gate_up_proj_blocks, experts.gate_up_proj_scales)
             self.down = (experts.down_proj_blocks, experts.down_proj_scales)
-            # Decode's gate_up GEMV on the tensor cores where the weights allow (checked once, here): at
-            # 20b shapes it measured level with the FMA kernel at one token and 7-13% faster at 2-4
-            # tokens (`python -m bench.gemv`); down stays on the FMA kernel (faster at 1-2 tokens,
-            # within 4% at 3-4). Fixed
-            # per projection, not per row count, so a padded graph bucket runs the kernels eager does.
-            # ROSE_MXFP4_GEMV=fma keeps both on the FMA kernel (A/B timing).
+            # Decode's gate_up GEMV runs on the tensor cores from two tokens up, where the weights allow
+            # (checked once, here): at 20b shapes (`python -m bench.gemv`, H100) it measured 7-13% faster
+            # than the FMA kernel at 2-4 tokens, 4.5% slower at one (23.0 vs 22.0 us). down stays on the
+            # FMA kernel (faster at 1-2 tokens, within 4% at 3-4). Decode graphs keep a single sequence
+            # in the one-sequence bucket, so a graph runs the kernels eager runs. ROSE_MXFP4_GEMV=fma
+            # keeps everything on the FMA kernel (A/B timing).
             self.gate_up_mma = os.environ.get("ROSE_MXFP4_GEMV") != "fma" and mma_fits(*self.gate_up)
         else:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
@@ -74,7 +74,7 @@ class GroupedExperts:
             clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
             if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
                 hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp,
-                                    x_rows=routing.src, mma=self.gate_up_mma)
+                                    x_rows=routing.src, mma=self.gate_up_mma and x.shape[0] > 1)
             else:
                 hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                               swiglu=clamp)

@@ -32,9 +32,8 @@ def test_mxfp4_gemv(rows, experts, n_out, split, swiglu):
         assert rel_err(y, ref) <= TOL, (mma, rows_per_cta)
 
 
-@pytest.mark.parametrize("k,n_out,rows_per_cta", [(96, 40, 32), (64, 48, 8), (1056, 200, 16), (128, 34, 2)])
-def test_mxfp4_gemv_odd_shapes(k, n_out, rows_per_cta):
-    """K of a few groups (idle lanes, one warp) or past 32 groups (two warps); out not a multiple of the rows a CTA takes."""
+def check_odd_shape(k: int, n_out: int, **kernel):
+    """Five experts, nine rows, both epilogues through mxfp4_gemv(..., **kernel) against the reference -> (x, offsets)."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
     blocks, scales, bias = random_mxfp4(5, n_out, k)
@@ -43,8 +42,15 @@ def test_mxfp4_gemv_odd_shapes(k, n_out, rows_per_cta):
     for swiglu in (None, (1.702, 7.0)):
         ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
         out = poisoned(*ref.shape)
-        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta, mma=False)
-        assert rel_err(out, ref) <= TOL, swiglu
+        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, **kernel)
+        assert rel_err(out, ref) <= TOL, (swiglu, kernel)
+    return x, offsets
+
+
+@pytest.mark.parametrize("k,n_out,rows_per_cta", [(96, 40, 32), (64, 48, 8), (1056, 200, 16), (128, 34, 2)])
+def test_mxfp4_gemv_odd_shapes(k, n_out, rows_per_cta):
+    """K of a few groups (idle lanes, one warp) or past 32 groups (two warps); out not a multiple of the rows a CTA takes."""
+    check_odd_shape(k, n_out, rows_per_cta=rows_per_cta, mma=False)
 
 
 @pytest.mark.parametrize("k,n_out", [(96, 48), (64, 16), (1056, 208), (2880, 5760 + 16)])
@@ -53,14 +59,7 @@ def test_mxfp4_mma_odd_shapes(k, n_out):
     16-row tiles, which it must be (anything else is refused; the default FMA kernel takes it)."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
-    blocks, scales, bias = random_mxfp4(5, n_out, k)
-    offsets = expert_offsets(9, 5, "random")
-    x = torch.randn(9, k, device="cuda", dtype=torch.bfloat16)
-    for swiglu in (None, (1.702, 7.0)):
-        ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
-        out = poisoned(*ref.shape)
-        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, mma=True)
-        assert rel_err(out, ref) <= TOL, swiglu
+    x, offsets = check_odd_shape(k, n_out, mma=True)
     narrow = random_mxfp4(5, 8, k)
     with pytest.raises(ValueError, match="multiple of 16"):
         mxfp4_gemv(x, *narrow, offsets, mma=True)

@@ -27,8 +27,8 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 
 import torch
 
-from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
 from kernels import mxfp4_mma
+from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
 from kernels.mxfp4_mma import TILE, mma_layout_ok, warps_for
 from kernels.pdl import pdl_enabled
 
@@ -36,7 +36,6 @@ from kernels.pdl import pdl_enabled
 # tokens: 8 was within 4% of the fastest of 2, 4, 8, 16, 32 in every case; others were up to 42% slower.
 ROWS_PER_CTA = 8
 TWO_POW_126 = 8.507059173023462e37
-
 
 # code j of a word (bits 4j..4j+3), j < 6: (u & MASK) * MUL puts the magnitude at float32 bits
 # 22..24 and the sign at bit 31; j = 6, 7 need a shift right, which a multiply cannot do.

@@ -204,7 +204,6 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, fuse_swi
         red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE), stride=(warps * TILE, TILE, 1)),
                                    byte_alignment=16)
         mbars = smem.allocate_array(cutlass.Int64, stages, byte_alignment=8)
-        w_stride, s_stride = TILE * groups * 4, TILE * groups
         if tidx == 0:
             for st in cutlass.range_constexpr(stages):
                 cute.arch.mbarrier_init(mbars + st, 1)

@@ -112,8 +112,8 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     gather = x_rows is not None
     groups = k // 32
     if mma:
-        key = ("mxfp4_mma", experts, n_out, k, warps_for(k), mxfp4_mma.STAGES, swiglu is not None, float(alpha),
-               float(limit), gather)
+        key = ("mxfp4_mma", experts, n_out, k, warps_for(k), mxfp4_mma.STAGES, mxfp4_mma.MATH, swiglu is not None,
+               float(alpha), float(limit), gather)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
         n_tiles = n * (n_out // TILE)
         sizes = (cutlass.Int32(n_tiles), cutlass.Int32(min(n_tiles, mxfp4_mma.CTAS_PER_SM * sm_count(x.device))))

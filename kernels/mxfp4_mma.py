@@ -25,8 +25,8 @@ the MMAs accumulate in float32 over the whole K, so no per-group step is left.
 Memory: persistent CTAs loop over 16-row tiles (a routed row's expert, 16 output rows); one
 thread starts the bulk copies of the next tile's weights and scales (each contiguous in the
 checkpoint's layout) into shared memory while the CTA multiplies the current one. Without the
-math (a build with the quad loop compiled out, in the same `bench.gemv` run) this streams a
-one-token gate_up at 84% of the copy bandwidth (14.6 us); with it, 22.7 us,
+math (the quad loop compiled out: MATH = False, bench.gemv's "memory floor" row) this streamed
+a one-token gate_up at 84% of the copy bandwidth (14.6 us); with it, 22.7 us,
 no faster than the FMA kernel: the math, not the memory, is the floor at one token (deeper
 pipelines measured slower). `python -m bench.gemv` sweeps quads per warp, CTAs and stages.
 """
@@ -45,6 +45,8 @@ QUADS_PER_WARP = 3
 TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
 STAGES = 2  # tiles a CTA holds in shared memory: the one multiplied, STAGES - 1 in flight
 CTAS_PER_SM = 4  # the grid: persistent CTAs, each looping over tiles
+# False compiles the quad loop out (loads, barriers and stores only): bench.gemv's memory floor.
+MATH = True
 
 
 def mma_scales_ok(*scales) -> bool:
@@ -80,8 +82,8 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,
 
 
 @functools.cache
-def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, fuse_swiglu: bool, alpha: float,
-             limit: float, gather: bool):
+def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bool, fuse_swiglu: bool,
+             alpha: float, limit: float, gather: bool):
     """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4])."""
     cutlass, cute, _, cuda = cute_modules()
     from cutlass._mlir.dialects import llvm
@@ -233,7 +235,7 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, fuse_swi
             acc.fill(0.0)
             xw = cute.make_rmem_tensor((4, 4), Int32)
             words = cute.make_rmem_tensor((2, 4), Int32)
-            for q in cutlass.range_constexpr(per_warp):
+            for q in cutlass.range_constexpr(per_warp if math else 0):
                 j = 4 * (warp * per_warp + q) + t  # past the last group: clamped reads, multiplier 0
                 jl = cutlass.min(j, groups - 1)
                 for v in cutlass.range_constexpr(4):

@@ -4,6 +4,7 @@
 #   bash bench/gpu_checks.sh              # GPU tests, then decode step and engine loop at batch 1, 8, 64
 #   ROSE_CHECKS=bench bash bench/gpu_checks.sh   # the benches only; ROSE_CHECKS=tests: the tests only
 #   ROSE_CHECKS=bench,ab bash bench/gpu_checks.sh  # and the decode step again without PDL and without XQA
+#   ROSE_CHECKS=gemv bash bench/gpu_checks.sh      # the MXFP4 decode GEMV sweep (CuTeDSL only: no FlashInfer)
 #
 # On the device tool's machines, stage the cuda backend's packages first (a call before, on the
 # same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
@@ -47,7 +48,11 @@ if [[ $CHECKS == *ab* ]]; then  # the same decode step without PDL, and with Fla
     --json "$OUT/decode-flashinfer.json" > "$OUT/decode-flashinfer.log" 2>&1
   echo "exit $?" >> "$OUT/decode-flashinfer.log"
 fi
-for log in gpu-tests decode engine decode-nopdl decode-flashinfer; do
+if [[ $CHECKS == *gemv* ]]; then  # the MXFP4 decode GEMVs at 1 and 4 tokens (kernels/mxfp4_mma.py, mxfp4_gemv.py)
+  timeout 200 python3 -m bench.gemv --no-dense --tokens 1,4 --json "$OUT/gemv.json" > "$OUT/gemv.log" 2>&1
+  echo "exit $?" >> "$OUT/gemv.log"
+fi
+for log in gpu-tests decode engine decode-nopdl decode-flashinfer gemv; do
   [ -f "$OUT/$log.log" ] || continue
   echo "== $log"
   grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]" "$OUT/$log.log" | tail -14

@@ -79,6 +79,29 @@ def _placer(num_experts: int, k: int):
 
 
 @functools.cache
+def expert_finder(num_experts: int):
+    """A @cute.jit function (mO, row, lane, found), run by a whole warp: found[0] = the expert whose rows
+    offsets[e]:offsets[e+1] hold routed row `row` (how many experts end at or before it), found[1] = 1 if
+    offsets[0] <= row < offsets[E] (rows outside every expert are left unwritten), else 0."""
+    cutlass, cute, _, _ = cute_modules()
+    Int32 = cutlass.Int32
+
+    @cute.jit
+    def find(mO: cute.Tensor, row: Int32, lane: Int32, found: cute.Tensor):
+        before = Int32(0)
+        for c in cutlass.range_constexpr((num_experts + 31) // 32):
+            e = cutlass.min(lane + 32 * c, num_experts - 1)
+            if lane + 32 * c < num_experts:
+                before = before + Int32(1) + ((row - mO[e + 1]) >> 31)  # 1 when offsets[e + 1] <= row
+        found[0] = cutlass.min(cute.arch.warp_reduction_sum(before), num_experts - 1)
+        found[1] = Int32(0)
+        if row >= mO[0] and row < mO[num_experts]:
+            found[1] = Int32(1)
+
+    return find
+
+
+@functools.cache
 def _route_launcher(num_experts: int, k: int):
     cutlass, cute, _, cuda = cute_modules()
     Int32 = cutlass.Int32

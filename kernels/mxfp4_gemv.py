@@ -29,6 +29,7 @@ import torch
 
 from kernels import mxfp4_mma
 from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
+from kernels.moe_dispatch import expert_finder
 from kernels.mxfp4_mma import TILE, mma_layout_ok, warps_for
 from kernels.pdl import pdl_enabled
 
@@ -147,6 +148,7 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
     groups = k // 32
     warps = (groups + 31) // 32
     word_ptx = _word_ptx()
+    find_expert = expert_finder(experts)
     row_shift = 5 - (bn.bit_length() - 1)  # after the butterfly lane l holds row l >> row_shift
 
     def asm(result_t, args, text, constraints, loc, ip):
@@ -197,15 +199,10 @@ def _launcher(experts: int, n_out: int, k: int, bn: int, fuse_swiglu: bool, alph
         row, pid_n, _ = cute.arch.block_idx()
         lane = tidx % 32
         warp = tidx // 32
-        # the row's expert: how many experts end at or before it
-        before = Int32(0)
-        for c in cutlass.range_constexpr((experts + 31) // 32):
-            e = cutlass.min(lane + 32 * c, experts - 1)
-            ends_before = Int32(1) + ((row - mO[e + 1]) >> 31)  # 1 when offsets[e + 1] <= row
-            if lane + 32 * c < experts:
-                before = before + ends_before
-        expert = cutlass.min(cute.arch.warp_reduction_sum(before), experts - 1)
-        routed = row >= mO[0] and row < mO[experts]  # rows outside every expert are left unwritten
+        found = cute.make_rmem_tensor((2,), Int32)
+        find_expert(mO, row, lane, found)
+        expert = found[0]
+        routed = found[1] != 0  # rows outside every expert are left unwritten
 
         x_row = row
         if cutlass.const_expr(gather):

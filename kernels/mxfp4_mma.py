@@ -34,6 +34,7 @@ pipelines measured slower). `python -m bench.gemv` sweeps quads per warp, CTAs a
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
 
 from kernels._cute import cute_modules, pdl_wait
+from kernels.moe_dispatch import expert_finder
 from kernels.pdl import pdl_enabled
 
 # Largest e8m0 scale byte the bf16 multiplier 2**(s - 1) holds (exponent field s + 126 <= 254).
@@ -94,6 +95,7 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     quads = (groups + 3) // 4
     per_warp = -(-quads // warps)
     tiles_per_row = n_out // TILE
+    expert_of = expert_finder(experts)
 
     def asm(result_t, args, text, constraints, loc, ip):
         return llvm.inline_asm(result_t, [a.ir_value(loc=loc, ip=ip) for a in args], text, constraints,
@@ -127,20 +129,6 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
         out = asm(llvm.StructType.get_literal([f32] * 4), [Int32(v) for v in a + b] + [Float32(v) for v in c],
                   _MMA, "=f,=f,=f,=f" + ",r" * 6 + ",f" * 4, loc, ip)
         return [Float32(v) for v in unpack(out, 4, f32, loc, ip)]
-
-    @cute.jit
-    def expert_of(mO: cute.Tensor, row: Int32, lane: Int32, found: cute.Tensor):
-        """(whole warp) found[0] = routed row's expert (how many experts end at or before it), found[1] =
-        whether the row is routed at all (rows outside offsets[0]:offsets[E] are left unwritten)."""
-        before = Int32(0)
-        for c in cutlass.range_constexpr((experts + 31) // 32):
-            e = cutlass.min(lane + 32 * c, experts - 1)
-            if lane + 32 * c < experts:
-                before = before + Int32(1) + ((row - mO[e + 1]) >> 31)  # 1 when offsets[e + 1] <= row
-        found[0] = cutlass.min(cute.arch.warp_reduction_sum(before), experts - 1)
-        found[1] = Int32(0)
-        if row >= mO[0] and row < mO[experts]:
-            found[1] = Int32(1)
 
     @cute.jit
     def issue(mO: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, w_tiles: cute.Tensor, s_tiles: cute.Tensor,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +29,31 @@ from bench.kernels import EXPERT_SETS, E, H, I, K, _copies, copy_bandwidth, meas
 DENSE = {"qkv": (5120, H), "o_proj": (H, 4096), "router": (E, H)}  # (out, in)
 
 
+class Cute(NamedTuple):
+    """A CuTeDSL GEMV launch: mxfp4_gemv's mma and rows_per_cta, and the kernels.mxfp4_mma settings
+    (module constants, read at each launch) the MMA kernel runs with."""
+
+    mma: bool
+    rows_per_cta: int
+    settings: dict | None = None
+
+
+def mma_settings(quads: int, ctas: int, stages: int, math: bool = True) -> dict:
+    return {"QUADS_PER_WARP": quads, "CTAS_PER_SM": ctas, "STAGES": stages, "MATH": math}
+
+
 def mxfp4_paths():
-    """(label, config) of the MXFP4 launches compared: the tensor-core GEMV, the FMA GEMV per rows per CTA, the Triton tile."""
+    """(label, config) of the MXFP4 launches compared: the tensor-core GEMV, the FMA GEMV per rows per CTA,
+    the Triton tile."""
     from kernels.moe_mxfp4 import TILE_CONFIGS
 
     for quads, ctas, stages in ((3, 2, 2), (3, 2, 3), (3, 2, 4), (3, 4, 2), (6, 2, 3), (6, 3, 3)):
-        yield f"cute mma {quads} quads/warp {ctas} CTAs/SM {stages} stages", (True, 16, quads, ctas, stages, True)
-    yield "cute mma memory floor (no math)", (True, 16, 3, 4, 2, False)  # not a result: what the stream allows
+        label = f"cute mma {quads} quads/warp {ctas} CTAs/SM {stages} stages"
+        yield label, Cute(True, 16, mma_settings(quads, ctas, stages))
+    # not a result: what the stream alone allows
+    yield "cute mma memory floor (no math)", Cute(True, 16, mma_settings(3, 4, 2, math=False))
     for rows_per_cta in (4, 8):
-        yield f"cute fma rows/CTA {rows_per_cta}", (False, rows_per_cta, None, None, None, None)
+        yield f"cute fma rows/CTA {rows_per_cta}", Cute(False, rows_per_cta)
     yield "triton decode tile", TILE_CONFIGS[0][1]
 
 
@@ -52,7 +69,6 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
         blocks, scales = quantize(torch.randn(E, n_out, k, device="cuda") / 50)
         projections[name] = (blocks, scales, torch.randn(E, n_out, **bf), n_out, k)
     rows = []
-    defaults = mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM, mxfp4_mma.STAGES, mxfp4_mma.MATH
     for tokens in tokens_list:
         n = tokens * K
         routings = []
@@ -68,18 +84,21 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
             nbytes = active * n_out * (k // 2 + k // 32 + 2) + n * (k + (n_out // 2 if swiglu else n_out)) * 2
             label = name + ("+swiglu" if swiglu else "")
             for path, config in mxfp4_paths():
-                if isinstance(config, tuple):
-                    fns = [lambda o=o: mxfp4_gemv(x, blocks, scales, bias, o, swiglu=swiglu, mma=config[0],
-                                                  rows_per_cta=config[1]) for _, o in routings]
+                settings = config.settings if isinstance(config, Cute) else None  # read at each launch
+                if isinstance(config, Cute):
+                    fns = [lambda o=o: mxfp4_gemv(x, blocks, scales, bias, o, swiglu=swiglu, mma=config.mma,
+                                                  rows_per_cta=config.rows_per_cta) for _, o in routings]
                 else:
                     fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
                            for _, o in routings]
-                if isinstance(config, tuple) and config[0]:  # read at each launch
-                    mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM, mxfp4_mma.STAGES, mxfp4_mma.MATH = config[2:]
+                saved = {key: getattr(mxfp4_mma, key) for key in settings or {}}
+                for key, value in (settings or {}).items():
+                    setattr(mxfp4_mma, key, value)
                 t, _ = measure(fns)
-                mxfp4_mma.QUADS_PER_WARP, mxfp4_mma.CTAS_PER_SM, mxfp4_mma.STAGES, mxfp4_mma.MATH = defaults
+                for key, value in saved.items():
+                    setattr(mxfp4_mma, key, value)
                 row = {"case": f"mxfp4 {label}", "rows": n, "config": path, "us": t * 1e6,
-                       "bw_pct": 100 * nbytes / t / copy_bw, "floor": isinstance(config, tuple) and config[5] is False}
+                       "bw_pct": 100 * nbytes / t / copy_bw, "floor": bool(settings) and not settings["MATH"]}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows

@@ -39,7 +39,7 @@ from kernels.pdl import pdl_enabled
 
 # Largest e8m0 scale byte the bf16 multiplier 2**(s - 1) holds (exponent field s + 126 <= 254).
 # Real checkpoints sit far below it (weights of magnitude > 12 would be needed); larger ones go
-# to the FMA kernel (mma_scales_ok).
+# to the FMA kernel (mma_fits).
 MMA_MAX_SCALE = 128
 # Quads (4 scale groups, 128 values of K) each warp multiplies per tile; sets the warps a CTA has.
 QUADS_PER_WARP = 3
@@ -117,9 +117,8 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
 
     @dsl_user_op
     def bulk_copy(dst, src, size, mbar, *, loc=None, ip=None):  # global -> shared, completing tx bytes on mbar
-        llvm.inline_asm(None, [dst.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
-                               src.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip),
-                               Int32(size).ir_value(loc=loc, ip=ip), mbar.toint(loc=loc, ip=ip).ir_value(loc=loc, ip=ip)],
+        args = [dst.toint(loc=loc, ip=ip), src.toint(loc=loc, ip=ip), Int32(size), mbar.toint(loc=loc, ip=ip)]
+        llvm.inline_asm(None, [a.ir_value(loc=loc, ip=ip) for a in args],
                         "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
                         "r,l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 

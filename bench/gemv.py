@@ -30,8 +30,8 @@ DENSE = {"qkv": (5120, H), "o_proj": (H, 4096), "router": (E, H)}  # (out, in)
 
 
 class Cute(NamedTuple):
-    """A CuTeDSL GEMV launch: mxfp4_gemv's mma and rows_per_cta, and the kernels.mxfp4_mma settings
-    (module constants, read at each launch) the MMA kernel runs with."""
+    """A CuTeDSL GEMV launch: the tensor-core kernel (on the repacked weights) or the FMA one, rows_per_cta,
+    and the kernels.mxfp4_mma settings (module constants, read at each launch) the MMA kernel runs with."""
 
     mma: bool
     rows_per_cta: int
@@ -47,7 +47,7 @@ def mxfp4_paths():
     the Triton tile."""
     from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    for quads, ctas, stages in ((3, 2, 2), (3, 2, 3), (3, 2, 4), (3, 4, 2), (6, 2, 3), (6, 3, 3)):
+    for quads, ctas, stages in ((3, 4, 2), (3, 3, 2), (3, 2, 2), (3, 2, 3), (6, 4, 2), (6, 3, 3)):
         label = f"cute mma {quads} quads/warp {ctas} CTAs/SM {stages} stages"
         yield label, Cute(True, 16, mma_settings(quads, ctas, stages))
     # not a result: what the stream alone allows
@@ -61,13 +61,14 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
     from kernels import mxfp4_mma
     from kernels.moe_mxfp4 import grouped_mxfp4_linear
     from kernels.mxfp4_gemv import mxfp4_gemv
+    from kernels.mxfp4_mma import repack
     from services.worker.model.mxfp4 import quantize
 
     bf = dict(device="cuda", dtype=torch.bfloat16)
     projections = {}
     for name, (n_out, k) in {"gate_up": (2 * I, H), "down": (H, I)}.items():
         blocks, scales = quantize(torch.randn(E, n_out, k, device="cuda") / 50)
-        projections[name] = (blocks, scales, torch.randn(E, n_out, **bf), n_out, k)
+        projections[name] = (blocks, scales, torch.randn(E, n_out, **bf), n_out, k, repack(blocks))
     rows = []
     for tokens in tokens_list:
         n = tokens * K
@@ -75,7 +76,7 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
         for _ in range(EXPERT_SETS):
             counts, offsets = random_routing(tokens)
             routings.append((int((counts > 0).sum()), offsets.cuda()))
-        for (name, (blocks, scales, bias, n_out, k)), swiglu in (
+        for (name, (blocks, scales, bias, n_out, k, repacked)), swiglu in (
             (("gate_up", projections["gate_up"]), None), (("gate_up", projections["gate_up"]), (1.702, 7.0)),
             (("down", projections["down"]), None),
         ):
@@ -86,7 +87,8 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
             for path, config in mxfp4_paths():
                 settings = config.settings if isinstance(config, Cute) else None  # read at each launch
                 if isinstance(config, Cute):
-                    fns = [lambda o=o: mxfp4_gemv(x, blocks, scales, bias, o, swiglu=swiglu, mma=config.mma,
+                    weights = repacked if config.mma else blocks
+                    fns = [lambda o=o: mxfp4_gemv(x, weights, scales, bias, o, swiglu=swiglu, repacked=config.mma,
                                                   rows_per_cta=config.rows_per_cta) for _, o in routings]
                 else:
                     fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)

@@ -75,14 +75,15 @@ def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None, x_rows=N
 def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                offsets: torch.Tensor, out: torch.Tensor | None = None,
                swiglu: tuple[float, float] | None = None, rows_per_cta: int | None = None,
-               x_rows: torch.Tensor | None = None, mma: bool = False) -> torch.Tensor:
+               x_rows: torch.Tensor | None = None, repacked: bool = False) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e] (see module doc).
 
     Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
     row i reads x[x_rows[i]] (x is then [T, K], the tokens before dispatch: no permuted copy).
-    mma: True for the tensor-core kernel (kernels/mxfp4_mma.py), which needs out in 16-row tiles and
-    every scale byte <= MMA_MAX_SCALE (the caller checks both once: mma_fits); else this module's
-    FMA kernel. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
+    repacked: blocks are kernels.mxfp4_mma.repack's copy of the weights: run that module's
+    tensor-core kernel, which needs out in 16-row tiles and every scale byte <= MMA_MAX_SCALE (the
+    caller checks both once: mma_fits); else blocks are the checkpoint's and this module's FMA
+    kernel runs. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
     """
     from kernels.moe_mxfp4 import _check
 
@@ -95,13 +96,13 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
             raise ValueError(f"x_rows is on {x_rows.device}, x on {x.device}")
         n = x_rows.shape[0]
     experts, n_out = blocks.shape[:2]
-    if mma and not mma_layout_ok(blocks, scales):
+    if repacked and not mma_layout_ok(blocks, scales):
         raise ValueError(f"the MMA kernel copies 16-row tiles: out ({n_out}) must be a multiple of {TILE} and "
                          "blocks and scales 16-byte aligned")
     if rows_per_cta is None:
-        rows_per_cta = TILE if mma else ROWS_PER_CTA
-    if rows_per_cta not in ((TILE,) if mma else (2, 4, 8, 16, 32)):
-        raise ValueError(f"rows_per_cta must be {'16' if mma else 'a power of two 2..32'}, got {rows_per_cta}")
+        rows_per_cta = TILE if repacked else ROWS_PER_CTA
+    if rows_per_cta not in ((TILE,) if repacked else (2, 4, 8, 16, 32)):
+        raise ValueError(f"rows_per_cta must be {'16' if repacked else 'a power of two 2..32'}, got {rows_per_cta}")
     width = n_out // 2 if swiglu is not None else n_out
     if out is not None and (tuple(out.shape) != (n, width) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {x.dtype} [{n}, {width}]")
@@ -112,7 +113,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     alpha, limit = swiglu if swiglu is not None else (0.0, 0.0)
     gather = x_rows is not None
     groups = k // 32
-    if mma:
+    if repacked:
         key = ("mxfp4_mma", experts, n_out, k, warps_for(k), mxfp4_mma.STAGES, mxfp4_mma.MATH, swiglu is not None,
                float(alpha), float(limit), gather)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
@@ -127,7 +128,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     launch(key, jit_fn, x_arg,
            rows(x_rows if gather else offsets, align=4),  # the kernel reads it only when gathering
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
-           fixed(scales.view(experts * n_out, groups), align=16 if mma else 1), fixed(bias.view(-1), align=2),
+           fixed(scales.view(experts * n_out, groups), align=16 if repacked else 1), fixed(bias.view(-1), align=2),
            fixed(offsets, align=4), rows(y), *sizes)
     return y
 

@@ -1,57 +1,95 @@
-"""MXFP4 expert GEMV on the tensor cores (CuTeDSL): a decode path of kernels/mxfp4_gemv.py.
+"""MXFP4 expert GEMV on the tensor cores (CuTeDSL): the decode path of kernels/mxfp4_gemv.py.
 
-Same contract as mxfp4_gemv (routed rows of x times their experts' packed weights, plus bias,
-optionally the clamped SwiGLU). The FMA kernel there spends ~5.7 instructions a code; here the
-hot loop spends ~2.9 (sm_90a SASS: 560 instructions for a lane's 192 codes of a tile): each
-packed word becomes bf16 pairs in integer ops, is scaled in one bf16 multiply per pair, and the
-tensor cores do the multiply-adds. The cuda backend runs decode's gate_up through it from two
-tokens up and down through the FMA kernel (services/worker/model/cuda_moe.py says why).
+Same contract as mxfp4_gemv (routed rows of x times their experts' weights, plus bias, optionally
+the clamped SwiGLU), on a copy of the weights whose bits are rearranged at load (`repack`) so that
+widening costs about one integer instruction a code: the checkpoint's nibbles keep each code's
+sign next to its magnitude, but a bf16 wants them 7 bits apart, which took a multiply and two
+masks per pair of codes plus a bf16 multiply by the scale.
 
-Per warp, one m16n8k16 bf16 MMA takes 16 weight rows (A) by 16 values of K by 8 columns of x
-(B; every column the same routed row, so the product's columns are equal). The sum over K
-does not care which real K a fragment slot holds, so slots are mapped to what is cheap to
-load and widen, with A and B always mapped alike:
-  - lane (g, t) (g = lane / 4, t = lane % 4) owns scale group j = 4c + t of quad c (one 16-byte
-    vector of 32 codes) for two rows of the 16-row tile, and the 32 x values of j;
-  - the 8 codes of word v (nibble i = code 32j + 8v + i) become four bf16x2 pairs (nibble i,
-    nibble i + 4); pairs 0, 1 fill one MMA's A (slots 2t, 2t+1 and 2t+8, 2t+9), pairs 2, 3
-    the next's, and B gets x's matching pairs by byte permutes.
-Widening: (u & 0x000F000F) * 0x1040 puts the even nibbles' magnitude at bf16 bits 6..8 and
-their sign at bit 15 (products of the low half stay below bit 16), & 0x81C081C0 keeps those:
-the e2m1 value times 2**-126 (0.5 becomes a subnormal). One mul.rn.bf16x2 by 2**(s - 1), s
-the e8m0 byte, gives the exact dequantized weight (a normal bf16 for s <= MMA_MAX_SCALE);
-the MMAs accumulate in float32 over the whole K, so no per-group step is left.
+Repacked word (8 codes of one weight row, K = 32j + 8t + 0..7 for scale group j, word t):
+code pair p (K 2p, 2p + 1) comes out as one bf16x2 register, each half the e2m1 value times
+2**-126 (sign at bit 15, exponent bits 1..0 and the mantissa bit at bits 8..6):
+    pair 0: u & M            pair 1: rotl(u, 10) & M        pair 2: rotl(u, 13) & M
+    pair 3: ((u & 0x001B001B) * 0x1084) & M                  (M = 0x81C081C0)
+Three rotations of one 4-bit field cannot tile 16 bits with a fourth (checked by enumeration), so
+the last pair's bits sit where one multiply spreads them without carries. Within each quad of
+scale groups the 16 words are stored transposed (16 bytes = word t of 4 groups), so a lane loads a
+quad's words with one 128-bit read.
 
-Memory: persistent CTAs loop over 16-row tiles (a routed row's expert, 16 output rows); one
-thread starts the bulk copies of the next tile's weights and scales (each contiguous in the
-checkpoint's layout) into shared memory while the CTA multiplies the current one. Without the
-math (the quad loop compiled out: MATH = False, bench.gemv's "memory floor" row) this streamed
-a one-token gate_up at 84% of the copy bandwidth (14.6 us); with it, 22.7 us,
-no faster than the FMA kernel: the math, not the memory, is the floor at one token (deeper
-pipelines measured slower). `python -m bench.gemv` sweeps quads per warp, CTAs and stages.
+Per warp, m16n8k16 bf16 MMAs take 16 weight rows (A) by 16 values of K by 8 columns of x (B: every
+column the same routed row, so the product's columns are equal). Lane (g, t) holds word t of a
+group for rows g and g + 8: its pairs 0, 1 fill one MMA's A (slots 2t, 2t+1 and 2t+8, 2t+9),
+pairs 2, 3 the next's, and B takes x's 8 values of that word straight from one 16-byte load. The
+four lanes t of a row cover exactly one scale group, so the group's two MMAs are scaled after the
+fact: one float32 FMA per row by 2**(s - 65). x is multiplied by 2**64 on load (exact in bf16), so
+every product of the tiny widened weights is a normal float32.
+
+Memory: persistent CTAs loop over 16-row tiles (a routed row's expert, 16 output rows); one warp
+starts the bulk copies (cp.async.bulk + mbarrier) of the next tile's weights and scales, each
+contiguous, into shared memory while the CTA multiplies the current one. MATH = False compiles
+the multiply out (bench.gemv's "memory floor" row). `python -m bench.gemv` sweeps the settings.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
+
+import torch
 
 from kernels._cute import cute_modules, pdl_wait
 from kernels.moe_dispatch import expert_finder
 from kernels.pdl import pdl_enabled
 
-# Largest e8m0 scale byte the bf16 multiplier 2**(s - 1) holds (exponent field s + 126 <= 254).
-# Real checkpoints sit far below it (weights of magnitude > 12 would be needed); larger ones go
-# to the FMA kernel (mma_fits).
-MMA_MAX_SCALE = 128
-# Quads (4 scale groups, 128 values of K) each warp multiplies per tile; sets the warps a CTA has.
-QUADS_PER_WARP = 3
+# Largest e8m0 scale byte the post-MMA factor 2**(s - 65) holds as a float32 (exponent field
+# s + 62 <= 254). Real checkpoints sit far below it; larger ones go to the FMA kernel (mma_fits).
+MMA_MAX_SCALE = 192
+QUADS_PER_WARP = 3  # quads (4 scale groups, 128 values of K) each warp multiplies per tile: sets the warps
 TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
 STAGES = 2  # tiles a CTA holds in shared memory: the one multiplied, STAGES - 1 in flight
 CTAS_PER_SM = 4  # the grid: persistent CTAs, each looping over tiles
 # False compiles the quad loop out (loads, barriers and stores only): bench.gemv's memory floor.
 MATH = True
 
+MASK = 0x81C081C0  # a bf16x2's sign bits and the 3 low bits of exponent + mantissa that e2m1 fills
+ROTATIONS = (0, 10, 13)  # pairs 0..2: rotl(u, r) & MASK
+# pair 3: where each e2m1 bit (m0, e0, e1, sign) of a half sits; * LAST_MUL moves it to TARGET_BITS
+LAST_BITS, LAST_MUL = (4, 0, 1, 3), 0x1084
+TARGET_BITS = (6, 7, 8, 15)
+X_SCALE_BF16X2 = 0x5F805F80  # 2**64 twice: x's prescale
+FACTOR_BIAS = 62  # float32 exponent field of the group factor: s + 127 - 65
+
+
+def _repacked_bit(code: int, bit: int) -> int:
+    """Where bit `bit` (m0, e0, e1, sign) of code `code` (0..7, K order) of a checkpoint word goes."""
+    pair, half = divmod(code, 2)
+    if pair < len(ROTATIONS):
+        return (TARGET_BITS[bit] + 16 * half - ROTATIONS[pair]) % 32
+    return LAST_BITS[bit] + 16 * half
+
+
+def repack(blocks: torch.Tensor) -> torch.Tensor:
+    """The tensor-core kernel's copy of checkpoint blocks [E, out, K/32, 16] uint8 (same shape and size):
+    each 32-bit word's bits rearranged (module doc), and each quad of scale groups' words transposed."""
+    e, out, groups, _ = blocks.shape
+    words = blocks.contiguous().view(torch.int32).view(e, out, groups, 4)
+    packed = torch.zeros_like(words)
+    for code in range(8):
+        for bit in range(4):
+            packed |= ((words >> (4 * code + bit)) & 1) << _repacked_bit(code, bit)
+    full = groups // 4 * 4  # whole quads; a last partial quad is transposed on its own
+    quads = packed[:, :, :full].reshape(e, out, full // 4, 4, 4).transpose(-1, -2)
+    tail = packed[:, :, full:].transpose(-1, -2)
+    flat = torch.cat([quads.reshape(e, out, -1), tail.reshape(e, out, -1)], dim=-1)
+    return flat.contiguous().view(torch.uint8).view(e, out, groups, 16)
+
+
+def widen_reference(word: int) -> list[int]:
+    """The kernel's widening of one repacked word, in Python: four bf16x2 bit patterns (pairs 0..3)."""
+    rotl = lambda u, r: ((u << r) | (u >> (32 - r))) & 0xFFFFFFFF if r else u  # noqa: E731
+    pairs = [rotl(word, r) & MASK for r in ROTATIONS]
+    return pairs + [((word & 0x001B001B) * LAST_MUL) & 0xFFFFFFFF & MASK]
+
 
 def mma_scales_ok(*scales) -> bool:
-    """Whether every scale byte fits the tensor-core kernel's multiplier (one host sync: call at load time)."""
+    """Whether every scale byte fits the kernel's float32 factor (one host sync: call at load time)."""
     return all(int(s.max()) <= MMA_MAX_SCALE for s in scales if s.numel())
 
 
@@ -70,14 +108,15 @@ def warps_for(k: int) -> int:
     return max(1, min(8, -(-quads // QUADS_PER_WARP)))
 
 
-_WIDEN = """{
-.reg .b32 m, u;
-and.b32 m, $4, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $0, m, $5;
-and.b32 m, $4, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $1, m, $5;
-shr.b32 u, $4, 8;
-and.b32 m, u, 0x000F000F; mul.lo.u32 m, m, 0x1040; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $2, m, $5;
-and.b32 m, u, 0x00F000F0; mul.lo.u32 m, m, 0x104; and.b32 m, m, 0x81C081C0; mul.rn.bf16x2 $3, m, $5;
-}"""
+_WIDEN = f"""{{
+.reg .b32 r;
+and.b32 $0, $4, {MASK:#x};
+shf.l.wrap.b32 r, $4, $4, {ROTATIONS[1]}; and.b32 $1, r, {MASK:#x};
+shf.l.wrap.b32 r, $4, $4, {ROTATIONS[2]}; and.b32 $2, r, {MASK:#x};
+and.b32 r, $4, 0x001B001B; mul.lo.u32 r, r, {LAST_MUL:#x}; and.b32 $3, r, {MASK:#x};
+}}"""
+_FACTOR = f"{{.reg .b32 t; mad.lo.u32 t, $1, {1 << 23}, {FACTOR_BIAS << 23}; mov.b32 $0, t;}}"
+_PRESCALE = f"{{.reg .b32 c; mov.b32 c, {X_SCALE_BF16X2:#x}; mul.rn.bf16x2 $0, $1, c;}}"
 _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,$5,$6,$7}, {$8,$9}, "
         "{$10,$11,$12,$13};")
 
@@ -85,7 +124,8 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,
 @functools.cache
 def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bool, fuse_swiglu: bool,
              alpha: float, limit: float, gather: bool):
-    """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4])."""
+    """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4],
+    weights repacked)."""
     cutlass, cute, _, cuda = cute_modules()
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op
@@ -93,6 +133,7 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     Float32, Int32 = cutlass.Float32, cutlass.Int32
     groups = k // 32
     quads = (groups + 3) // 4
+    full_quads, tail = divmod(groups, 4)
     per_warp = -(-quads // warps)
     tiles_per_row = n_out // TILE
     expert_of = expert_finder(experts)
@@ -105,15 +146,18 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
         return [llvm.extractvalue(t, struct, [i], loc=loc, ip=ip) for i in range(n)]
 
     @dsl_user_op
-    def widen(word, mult, *, loc=None, ip=None):  # 8 codes -> 4 bf16x2 pairs (nibble i, i + 4) times mult
+    def widen(word, *, loc=None, ip=None):  # a repacked word -> its 4 bf16x2 pairs (value * 2**-126)
         i32 = T.i32()
-        out = asm(llvm.StructType.get_literal([i32] * 4), [Int32(word), Int32(mult)], _WIDEN,
-                  "=r,=r,=r,=r,r,r", loc, ip)
+        out = asm(llvm.StructType.get_literal([i32] * 4), [Int32(word)], _WIDEN, "=r,=r,=r,=r,r", loc, ip)
         return [Int32(v) for v in unpack(out, 4, i32, loc, ip)]
 
     @dsl_user_op
-    def permute(a, b, selector, *, loc=None, ip=None):
-        return Int32(asm(T.i32(), [Int32(a), Int32(b)], f"prmt.b32 $0, $1, $2, {selector};", "=r,r,r", loc, ip))
+    def prescale(pair, *, loc=None, ip=None):  # a bf16x2 of x times 2**64 (exact)
+        return Int32(asm(T.i32(), [Int32(pair)], _PRESCALE, "=r,r", loc, ip))
+
+    @dsl_user_op
+    def group_factor(s, *, loc=None, ip=None):  # float32 2**(s - 65) from an e8m0 byte: bits (s + 62) << 23
+        return Float32(asm(T.f32(), [Int32(s) & 0xFF], _FACTOR, "=f,r", loc, ip))
 
     @dsl_user_op
     def bulk_copy(dst, src, size, mbar, *, loc=None, ip=None):  # global -> shared, completing tx bytes on mbar
@@ -132,8 +176,8 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     @cute.jit
     def issue(mO: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, w_tiles: cute.Tensor, s_tiles: cute.Tensor,
               mbar: cute.Pointer, stage: Int32, tile: Int32, lane: Int32):
-        """(whole warp) Start the bulk copies of tile's 16 weight rows and their scales (each contiguous in the
-        checkpoint's layout) into `stage`; they complete on its mbarrier `mbar`."""
+        """(whole warp) Start the bulk copies of tile's 16 weight rows and their scales (each contiguous)
+        into `stage`; they complete on its mbarrier `mbar`."""
         found = cute.make_rmem_tensor((2,), Int32)
         expert_of(mO, tile // tiles_per_row, lane, found)
         first = found[0] * n_out + (tile % tiles_per_row) * TILE
@@ -168,6 +212,23 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                     total = total + red[w, tidx]
                 mY[row, pid_n * TILE + tidx] = (total + mB[expert * n_out + pid_n * TILE + tidx].to(Float32)).to(
                     cutlass.BFloat16)
+
+    @cute.jit
+    def quad_words(w_tiles: cute.Tensor, words: cute.Tensor, stage: Int32, rg: Int32, c: Int32, t: Int32):
+        """words[h, i] = word t of group 4c + i of tile rows rg + 8h (zero past the last group)."""
+        if cutlass.const_expr(tail == 0):
+            for h in cutlass.range_constexpr(2):
+                words[h, None].store(w_tiles[stage, rg + 8 * h, 4 * c + t, None].load())
+        else:
+            if c < full_quads:
+                for h in cutlass.range_constexpr(2):
+                    words[h, None].store(w_tiles[stage, rg + 8 * h, 4 * c + t, None].load())
+            else:  # the partial quad: word t of its `tail` groups at 16 * full_quads + tail * t + i
+                words.fill(0)
+                for h in cutlass.range_constexpr(2):
+                    for i in cutlass.range_constexpr(tail):
+                        at = tail * t + i
+                        words[h, i] = w_tiles[stage, rg + 8 * h, 4 * full_quads + at // 4, at % 4]
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
@@ -218,33 +279,29 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
             stage = i % stages
             cute.arch.mbarrier_wait(mbars + stage, (i // stages) % 2)
 
-            acc = cute.make_rmem_tensor((2, 4), Float32)
+            acc = cute.make_rmem_tensor((2,), Float32)  # tile rows rg, rg + 8
             acc.fill(0.0)
-            xw = cute.make_rmem_tensor((4, 4), Int32)
+            xw = cute.make_rmem_tensor((4,), Int32)
             words = cute.make_rmem_tensor((2, 4), Int32)
             for q in cutlass.range_constexpr(per_warp if math else 0):
-                j = 4 * (warp * per_warp + q) + t  # past the last group: clamped reads, multiplier 0
-                jl = cutlass.min(j, groups - 1)
-                for v in cutlass.range_constexpr(4):
-                    xw[v, None].store(mX[x_row, 4 * jl + v, None].load())
-                mults = []
-                for h in cutlass.range_constexpr(2):  # rows rg and rg + 8
-                    words[h, None].store(w_tiles[stage, rg + 8 * h, jl, None].load())
-                    m = (s_tiles[stage, rg + 8 * h, jl].to(Int32) & 0xFF) * 128 + 0x3F00  # bf16 2**(s - 1), twice
-                    mults.append((m | (m << 16)) & ~((groups - 1 - j) >> 31))
-                for v in cutlass.range_constexpr(4):
-                    b = [permute(xw[v, 0], xw[v, 2], "0x5410"), permute(xw[v, 0], xw[v, 2], "0x7632"),
-                         permute(xw[v, 1], xw[v, 3], "0x5410"), permute(xw[v, 1], xw[v, 3], "0x7632")]
-                    lo = widen(words[0, v], mults[0])
-                    hi = widen(words[1, v], mults[1])
-                    for c in cutlass.range_constexpr(2):  # pairs 0, 1 then 2, 3; two chains of MMAs
-                        d = mma([lo[2 * c], hi[2 * c], lo[2 * c + 1], hi[2 * c + 1]], b[2 * c:2 * c + 2],
-                                [acc[c, n] for n in range(4)])
-                        for n in cutlass.range_constexpr(4):
-                            acc[c, n] = d[n]
-            if t == 0:  # D's columns are equal; lane (g, 0) holds tile rows rg (d0) and rg + 8 (d2)
-                red[i % 2, warp, rg] = acc[0, 0] + acc[1, 0]
-                red[i % 2, warp, rg + 8] = acc[0, 2] + acc[1, 2]
+                c = warp * per_warp + q
+                if c < quads:
+                    quad_words(w_tiles, words, stage, rg, c, t)
+                    for gi in cutlass.range_constexpr(4):
+                        j = cutlass.min(4 * c + gi, groups - 1)  # past the last group: zero words
+                        xw.store(mX[x_row, 4 * j + t, None].load())
+                        b = [prescale(xw[p]) for p in range(4)]
+                        lo = widen(words[0, gi])
+                        hi = widen(words[1, gi])
+                        zero = Float32(0.0)
+                        d = mma([lo[0], hi[0], lo[1], hi[1]], b[0:2], [zero, zero, zero, zero])
+                        d = mma([lo[2], hi[2], lo[3], hi[3]], b[2:4], d)
+                        # D's columns are equal: d0 is row rg, d2 row rg + 8, each scaled by its row's group
+                        acc[0] = acc[0] + d[0] * group_factor(s_tiles[stage, rg, j].to(Int32))
+                        acc[1] = acc[1] + d[2] * group_factor(s_tiles[stage, rg + 8, j].to(Int32))
+            if t == 0:
+                red[i % 2, warp, rg] = acc[0]
+                red[i % 2, warp, rg + 8] = acc[1]
             cute.arch.sync_threads()  # the stage is read: free for the copy issued next iteration
 
             if warp == 0:  # (red is double-buffered: the next tile's writes go to the other half)

@@ -10,7 +10,15 @@ pytestmark = pytest.mark.gpu
 
 TOL = 1e-2
 HIDDEN = 2880
-KERNELS = [(True, 16), (False, 8), (False, 32)]  # (mma, rows_per_cta)
+KERNELS = [(True, 16), (False, 8), (False, 32)]  # (tensor cores, rows_per_cta)
+
+
+def gemv(mma: bool, x, blocks, *args, **kwargs):
+    """mxfp4_gemv on the checkpoint's blocks (FMA kernel), or with mma on their repacked copy (tensor cores)."""
+    from kernels.mxfp4_gemv import mxfp4_gemv
+    from kernels.mxfp4_mma import repack
+
+    return mxfp4_gemv(x, repack(blocks) if mma else blocks, *args, repacked=mma, **kwargs)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 7, 16])
@@ -27,14 +35,14 @@ def test_mxfp4_gemv(rows, experts, n_out, split, swiglu):
     # the tensor-core kernel, then the FMA one at its default and with lanes holding a row each
     for mma, rows_per_cta in KERNELS:
         out = poisoned(*ref.shape)
-        y = mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta, mma=mma)
+        y = gemv(mma, x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta)
         assert y.data_ptr() == out.data_ptr()
         assert rel_err(y, ref) <= TOL, (mma, rows_per_cta)
 
 
-def check_odd_shape(k: int, n_out: int, **kernel):
-    """Five experts, nine rows, both epilogues through mxfp4_gemv(..., **kernel) against the reference -> (x, offsets)."""
-    from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+def check_odd_shape(k: int, n_out: int, mma: bool, **kernel):
+    """Five experts, nine rows, both epilogues through gemv(mma, ..., **kernel) against the reference -> (x, offsets)."""
+    from kernels.mxfp4_gemv import mxfp4_gemv_reference
 
     blocks, scales, bias = random_mxfp4(5, n_out, k)
     offsets = expert_offsets(9, 5, "random")
@@ -42,27 +50,28 @@ def check_odd_shape(k: int, n_out: int, **kernel):
     for swiglu in (None, (1.702, 7.0)):
         ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
         out = poisoned(*ref.shape)
-        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, **kernel)
-        assert rel_err(out, ref) <= TOL, (swiglu, kernel)
+        gemv(mma, x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, **kernel)
+        assert rel_err(out, ref) <= TOL, (swiglu, mma, kernel)
     return x, offsets
 
 
 @pytest.mark.parametrize("k,n_out,rows_per_cta", [(96, 40, 32), (64, 48, 8), (1056, 200, 16), (128, 34, 2)])
 def test_mxfp4_gemv_odd_shapes(k, n_out, rows_per_cta):
     """K of a few groups (idle lanes, one warp) or past 32 groups (two warps); out not a multiple of the rows a CTA takes."""
-    check_odd_shape(k, n_out, rows_per_cta=rows_per_cta, mma=False)
+    check_odd_shape(k, n_out, False, rows_per_cta=rows_per_cta)
 
 
-@pytest.mark.parametrize("k,n_out", [(96, 48), (64, 16), (1056, 208), (2880, 5760 + 16)])
+@pytest.mark.parametrize("k,n_out", [(96, 48), (64, 16), (1056, 208), (2880, 5760 + 16), (224, 32), (160, 16)])
 def test_mxfp4_mma_odd_shapes(k, n_out):
-    """The tensor-core kernel at K of one partial quad or a few, a CTA looping over many tiles or one; out in
-    16-row tiles, which it must be (anything else is refused; the default FMA kernel takes it)."""
+    """The tensor-core kernel at K of one partial quad (1, 2, 3 groups past the whole quads) or a few, a CTA
+    looping over many tiles or one; out in 16-row tiles, which it must be (anything else is refused; the
+    FMA kernel takes it)."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
-    x, offsets = check_odd_shape(k, n_out, mma=True)
+    x, offsets = check_odd_shape(k, n_out, True)
     narrow = random_mxfp4(5, 8, k)
     with pytest.raises(ValueError, match="multiple of 16"):
-        mxfp4_gemv(x, *narrow, offsets, mma=True)
+        gemv(True, x, *narrow, offsets)
     assert rel_err(mxfp4_gemv(x, *narrow, offsets), mxfp4_gemv_reference(x, *narrow, offsets)) <= TOL
 
 
@@ -75,7 +84,7 @@ def test_mxfp4_gemv_leaves_unrouted_rows(mma):
     x = torch.randn(8, 96, device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor([2, 3, 3, 5, 6], dtype=torch.int32, device="cuda")
     out = poisoned(8, 64)
-    mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, mma=mma)
+    gemv(mma, x, blocks, scales, bias, offsets, out=out)
     assert out[:2].isnan().all() and out[6:].isnan().all()
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets)
     assert rel_err(out[2:6], ref[2:6]) <= TOL
@@ -85,16 +94,18 @@ def test_mxfp4_gemv_leaves_unrouted_rows(mma):
 def test_mxfp4_gemv_graph_replay(mma):
     """Captured once, replayed after the routing changed in place: the kernel reads the offsets on the device."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+    from kernels.mxfp4_mma import repack
 
     blocks, scales, bias = random_mxfp4(32, HIDDEN, HIDDEN)
     x = torch.randn(4, HIDDEN, device="cuda", dtype=torch.bfloat16)
     offsets = expert_offsets(4, 32, "random")
     out = poisoned(4, HIDDEN)
-    mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, mma=mma)
+    weights = repack(blocks) if mma else blocks
+    mxfp4_gemv(x, weights, scales, bias, offsets, out=out, repacked=mma)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        mxfp4_gemv(x, blocks, scales, bias, offsets, out=out, mma=mma)
+        mxfp4_gemv(x, weights, scales, bias, offsets, out=out, repacked=mma)
     for split in ("one", "sparse", "random"):
         offsets.copy_(expert_offsets(4, 32, split))
         out.fill_(float("nan"))
@@ -118,22 +129,24 @@ def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu, mma):
     routing = route(ids, experts)
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, routing.offsets, swiglu=swiglu, x_rows=routing.src)
     out = poisoned(*ref.shape)
-    mxfp4_gemv(x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src, mma=mma)
+    gemv(mma, x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src)
     assert rel_err(out, ref) <= TOL
 
 
 def test_mxfp4_mma_scale_range():
-    """The tensor-core kernel's bf16 multiplier 2**(s - 1) at the ends of its range: scale bytes 0..MMA_MAX_SCALE
-    (weights from 2**-128 to 12), every code; larger bytes are what mma_scales_ok turns away."""
-    from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+    """The tensor-core kernel's float32 group factor 2**(s - 65) at the ends of its range: scale bytes
+    0..MMA_MAX_SCALE (weights from 2**-128 to 6 * 2**65), every code, each weight row's output checked on its
+    own (one scale per row, no bias); larger bytes are what mma_scales_ok turns away."""
+    from kernels.mxfp4_gemv import mxfp4_gemv_reference
     from kernels.mxfp4_mma import MMA_MAX_SCALE, mma_scales_ok
 
     blocks, _, bias = random_mxfp4(4, 64, 256)
+    bias.zero_()
     edges = torch.tensor([0, 1, 2, 100, 127, MMA_MAX_SCALE - 1, MMA_MAX_SCALE], dtype=torch.uint8, device="cuda")
-    scales = edges[torch.randint(len(edges), (4, 64, 8), device="cuda")]
+    scales = edges[torch.randint(len(edges), (4, 64, 1), device="cuda")].expand(4, 64, 8).contiguous()
     offsets = expert_offsets(6, 4, "random")
     x = torch.randn(6, 256, device="cuda", dtype=torch.bfloat16)
-    ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets)
-    out = mxfp4_gemv(x, blocks, scales, bias, offsets, mma=True)
-    assert rel_err(out, ref) <= TOL
+    ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets).float()
+    out = gemv(True, x, blocks, scales, bias, offsets).float()
+    assert ((out - ref).norm(dim=0) / ref.norm(dim=0)).max() <= TOL  # per weight row (output column)
     assert mma_scales_ok(scales) and not mma_scales_ok(scales, scales + 1)

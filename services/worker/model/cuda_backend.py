@@ -64,7 +64,7 @@ class CudaGptOss(nn.Module):
         super().__init__()
         from kernels.attention import SinkAttention
         from kernels.decode_attention import DecodeAttention, xqa_decode
-        from services.worker.model.cuda_moe import GroupedExperts
+        from services.worker.model.cuda_moe import GroupedExperts, decode_copies
 
         c = model.config
         if model.dtype != torch.bfloat16 or model.device.type != "cuda":
@@ -77,6 +77,7 @@ class CudaGptOss(nn.Module):
         self.final_norm = model.model.norm.weight
         self.eps = c.rms_norm_eps
         self.layers = []
+        copies = decode_copies([layer.mlp for layer in model.model.layers], torch.cuda.mem_get_info(self._device)[0])
         for i, layer in enumerate(model.model.layers):
             a = layer.self_attn
             self.layers.append(dict(
@@ -86,7 +87,7 @@ class CudaGptOss(nn.Module):
                 qkv_b=torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
                 o_w=a.o_proj.weight, o_b=a.o_proj.bias, sinks=a.sinks.float(),
                 group=c.layer_groups[i], window=a.window,
-                moe=GroupedExperts(layer.mlp, c),
+                moe=GroupedExperts(layer.mlp, c, decode_copies=copies),
             ))
         self.attention_keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
         self.flash = c.head_dim in FLASHINFER_HEAD_DIMS

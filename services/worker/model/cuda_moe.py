@@ -14,7 +14,9 @@
 The grouped GEMMs take the per-expert row offsets on the device (no host sync), so
 the step stays capturable. MXFP4 experts (the checkpoint's format) stay packed and go
 through the Triton weight-only kernel (kernels/moe_mxfp4.py: fp4 dequantized in
-registers, half the bytes of fp8 and a quarter of bf16 per decode step); bf16 experts
+registers, half the bytes of fp8 and a quarter of bf16 per decode step), and decode's GEMVs
+through the tensor-core kernel on a bit-rearranged copy of the blocks where memory allows
+(kernels/mxfp4_mma.py; `decode_copies` says when) or the FMA kernel otherwise; bf16 experts
 [E, out, in] (rows = outputs) go through `torch._grouped_mm`, reading them transposed
 in place.
 """
@@ -31,27 +33,36 @@ from kernels.router import router_topk
 from kernels.swiglu import swiglu
 
 
+def decode_copies(mlps, free_bytes: int) -> bool:
+    """Whether the experts' decode GEMVs get their repacked copies (kernels/mxfp4_mma.py): ROSE_MXFP4_GEMV=mma
+    always, =fma never, else (auto) when the copies take at most a quarter of the device's free memory
+    (on an 80 GB GPU: gpt-oss-20b's blocks yes, 120b's no). The KV cache is sized after them."""
+    choice = os.environ.get("ROSE_MXFP4_GEMV", "auto")
+    if choice not in ("auto", "mma", "fma"):
+        raise ValueError(f"ROSE_MXFP4_GEMV must be auto, mma or fma, got {choice!r}")
+    packed = [m.experts for m in mlps if m.experts.packed]
+    if choice != "auto" or not packed:
+        return choice == "mma" and bool(packed)
+    nbytes = sum(e.gate_up_proj_blocks.nbytes + e.down_proj_blocks.nbytes for e in packed)
+    return nbytes <= free_bytes // 4
+
+
 class GroupedExperts:
     """One layer's router and experts as plain tensors (taken from the torch model's modules)."""
 
-    def __init__(self, mlp, config):
+    def __init__(self, mlp, config, decode_copies: bool = False):
         experts = mlp.experts
         self.num_experts = mlp.router.weight.shape[0]
         self.top_k = config.num_experts_per_tok
         self.router_w, self.router_b = mlp.router.weight, mlp.router.bias
         self.packed = experts.packed
         if self.packed:  # (blocks [E, out, in/32, 16], scales [E, out, in/32]) uint8 as stored
-            from kernels.mxfp4_mma import mma_fits
-
             self.gate_up = (experts.gate_up_proj_blocks, experts.gate_up_proj_scales)
             self.down = (experts.down_proj_blocks, experts.down_proj_scales)
-            # Decode's gate_up GEMV runs on the tensor cores from two tokens up, where the weights allow
-            # (checked once, here): at 20b shapes (`python -m bench.gemv`, H100) it measured 7-13% faster
-            # than the FMA kernel at 2-4 tokens, 4.5% slower at one (23.0 vs 22.0 us). down stays on the
-            # FMA kernel (faster at 1-2 tokens, within 4% at 3-4). Decode graphs keep a single sequence
-            # in the one-sequence bucket, so a graph runs the kernels eager runs. ROSE_MXFP4_GEMV=fma
-            # keeps everything on the FMA kernel (A/B timing).
-            self.gate_up_mma = os.environ.get("ROSE_MXFP4_GEMV") != "fma" and mma_fits(*self.gate_up)
+            # decode's GEMVs (up to GEMV_ROWS routed rows) read these copies on the tensor cores, where
+            # granted and the weights fit (None: the FMA kernel on the checkpoint's blocks)
+            self.gate_up_mma = _decode_copy(*self.gate_up) if decode_copies else None
+            self.down_mma = _decode_copy(*self.down) if decode_copies else None
         else:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
@@ -69,15 +80,14 @@ class GroupedExperts:
             routing = route(ids, self.num_experts)
         if self.packed:
             from kernels.moe_mxfp4 import GEMV_ROWS, grouped_mxfp4_linear
-            from kernels.mxfp4_gemv import mxfp4_gemv
 
             clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
             if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
-                hidden = mxfp4_gemv(x, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp,
-                                    x_rows=routing.src, mma=self.gate_up_mma and x.shape[0] > 1)
-            else:
-                hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
-                                              swiglu=clamp)
+                hidden = _gemv(x, self.gate_up, self.gate_up_mma, self.gate_up_b, routing.offsets, swiglu=clamp,
+                               x_rows=routing.src)
+                return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets), routing, weights
+            hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
+                                          swiglu=clamp)
             return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets), routing, weights
         xs = dispatch(x, routing)
         n = xs.shape[0]
@@ -89,6 +99,21 @@ class GroupedExperts:
         hidden = swiglu(gate_up, self.alpha, self.limit)
         ys = grouped_linear(hidden, self.down, ends) + self.down_b[expert_of_row]
         return ys, routing, weights
+
+
+def _decode_copy(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """The tensor-core GEMV's repacked copy of a projection's blocks, or None where the kernel can't take them."""
+    from kernels.mxfp4_mma import mma_fits, repack
+
+    return repack(blocks) if mma_fits(blocks, scales) else None
+
+
+def _gemv(x, weights, copy, bias, offsets, **kwargs) -> torch.Tensor:
+    """Decode's MXFP4 GEMV: the tensor-core kernel on the repacked copy if there is one, else the FMA kernel."""
+    from kernels.mxfp4_gemv import mxfp4_gemv
+
+    blocks, scales = weights
+    return mxfp4_gemv(x, blocks if copy is None else copy, scales, bias, offsets, repacked=copy is not None, **kwargs)
 
 
 def grouped_linear(x: torch.Tensor, weights: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

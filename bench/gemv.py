@@ -47,11 +47,11 @@ def mxfp4_paths():
     the Triton tile."""
     from kernels.moe_mxfp4 import TILE_CONFIGS
 
-    for quads, ctas, stages in ((3, 4, 2), (3, 3, 2), (3, 2, 2), (3, 2, 3), (6, 4, 2), (6, 3, 3)):
+    for quads, ctas, stages in ((3, 3, 2), (3, 2, 2), (3, 2, 3), (3, 1, 4), (6, 3, 2), (6, 2, 3)):
         label = f"cute mma {quads} quads/warp {ctas} CTAs/SM {stages} stages"
         yield label, Cute(True, 16, mma_settings(quads, ctas, stages))
     # not a result: what the stream alone allows
-    yield "cute mma memory floor (no math)", Cute(True, 16, mma_settings(3, 4, 2, math=False))
+    yield "cute mma memory floor (no math)", Cute(True, 16, mma_settings(3, 3, 2, math=False))
     for rows_per_cta in (4, 8):
         yield f"cute fma rows/CTA {rows_per_cta}", Cute(False, rows_per_cta)
     yield "triton decode tile", TILE_CONFIGS[0][1]

@@ -96,9 +96,9 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
             raise ValueError(f"x_rows is on {x_rows.device}, x on {x.device}")
         n = x_rows.shape[0]
     experts, n_out = blocks.shape[:2]
-    if repacked and not mma_layout_ok(blocks, scales):
+    if repacked and not (mma_layout_ok(blocks, scales) and bias.data_ptr() % 16 == 0):
         raise ValueError(f"the MMA kernel copies 16-row tiles: out ({n_out}) must be a multiple of {TILE} and "
-                         "blocks and scales 16-byte aligned")
+                         "blocks, scales and bias 16-byte aligned")
     if rows_per_cta is None:
         rows_per_cta = TILE if repacked else ROWS_PER_CTA
     if rows_per_cta not in ((TILE,) if repacked else (2, 4, 8, 16, 32)):
@@ -128,7 +128,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     launch(key, jit_fn, x_arg,
            rows(x_rows if gather else offsets, align=4),  # the kernel reads it only when gathering
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
-           fixed(scales.view(experts * n_out, groups), align=16 if repacked else 1), fixed(bias.view(-1), align=2),
+           fixed(scales.view(experts * n_out, groups), align=16 if repacked else 1), fixed(bias.view(-1), align=16 if repacked else 2),
            fixed(offsets, align=4), rows(y), *sizes)
     return y
 

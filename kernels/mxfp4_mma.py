@@ -43,8 +43,8 @@ from kernels.pdl import pdl_enabled
 MMA_MAX_SCALE = 192
 QUADS_PER_WARP = 3  # quads (4 scale groups, 128 values of K) each warp multiplies per tile: sets the warps
 TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
-STAGES = 2  # tiles a CTA holds in shared memory: the one multiplied, STAGES - 1 in flight
-CTAS_PER_SM = 4  # the grid: persistent CTAs, each looping over tiles
+STAGES = 2  # tiles a CTA holds in shared memory (>= 2): the one multiplied, STAGES - 1 in flight
+CTAS_PER_SM = 3  # the grid: persistent CTAs, each looping over tiles (~62 KB of shared memory each at K 2880)
 # False compiles the quad loop out (loads, barriers and stores only): bench.gemv's memory floor.
 MATH = True
 
@@ -137,6 +137,13 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     per_warp = -(-quads // warps)
     tiles_per_row = n_out // TILE
     expert_of = expert_finder(experts)
+    # byte offsets of a stage's parts (each a multiple of 16 bytes long, as bulk copies want)
+    scales_at = TILE * groups * 16
+    bias_at = scales_at + TILE * groups
+    x_at = bias_at + TILE * 2
+    meta_at = x_at + k * 2
+    stage_words = (meta_at + 16) // 4
+    stage_bytes = meta_at  # what the copies bring
 
     def asm(result_t, args, text, constraints, loc, ip):
         return llvm.inline_asm(result_t, [a.ir_value(loc=loc, ip=ip) for a in args], text, constraints,
@@ -173,23 +180,40 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                   _MMA, "=f,=f,=f,=f" + ",r" * 6 + ",f" * 4, loc, ip)
         return [Float32(v) for v in unpack(out, 4, f32, loc, ip)]
 
-    @cute.jit
-    def issue(mO: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, w_tiles: cute.Tensor, s_tiles: cute.Tensor,
-              mbar: cute.Pointer, stage: Int32, tile: Int32, lane: Int32):
-        """(whole warp) Start the bulk copies of tile's 16 weight rows and their scales (each contiguous)
-        into `stage`; they complete on its mbarrier `mbar`."""
-        found = cute.make_rmem_tensor((2,), Int32)
-        expert_of(mO, tile // tiles_per_row, lane, found)
-        first = found[0] * n_out + (tile % tiles_per_row) * TILE
-        if lane == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar, TILE * groups * 17)
-            bulk_copy(w_tiles.iterator + stage * (TILE * groups * 4), mW.iterator + first * (groups * 4),
-                      TILE * groups * 16, mbar)
-            bulk_copy(s_tiles.iterator + stage * (TILE * groups), mS.iterator + first * groups, TILE * groups, mbar)
+    def stage_views(st):
+        """(trace time) A stage's parts: weights [TILE, groups, 4] int32 (row-major, as the bulk copy writes them:
+        make_layout's default is column-major), scales [TILE, groups] u8, bias [TILE] bf16, x [K/8, 4] int32."""
+        base = st.iterator
+        w = cute.make_tensor(base, cute.make_layout((TILE, groups, 4), stride=(groups * 4, 4, 1)))
+        sc = cute.make_tensor(cute.recast_ptr(base + scales_at // 4, dtype=cutlass.Uint8),
+                              cute.make_layout((TILE, groups), stride=(groups, 1)))
+        b = cute.make_tensor(cute.recast_ptr(base + bias_at // 4, dtype=cutlass.BFloat16), cute.make_layout((TILE,)))
+        xs = cute.make_tensor(base + x_at // 4, cute.make_layout((k // 8, 4), stride=(4, 1)))
+        return w, sc, b, xs
 
     @cute.jit
-    def store_rows(red: cute.Tensor, mB: cute.Tensor, mY: cute.Tensor, expert: Int32, row: Int32, pid_n: Int32,
-                   tidx: Int32):
+    def issue(offsets: cute.Tensor, mR: cute.Tensor, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor,
+              mB: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer, tile: Int32, lane: Int32):
+        """(whole warp) Start the bulk copies of tile's 16 weight rows, their scales and bias, and its routed
+        row of x into stage `st` (completing on `mbar`), and note the row's expert there for the store."""
+        row = tile // tiles_per_row
+        found = cute.make_rmem_tensor((2,), Int32)
+        expert_of(offsets, row, lane, found)
+        first = found[0] * n_out + (tile % tiles_per_row) * TILE
+        if lane == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar, stage_bytes)
+            bulk_copy(st.iterator, mW.iterator + first * (groups * 4), TILE * groups * 16, mbar)
+            bulk_copy(st.iterator + scales_at // 4, mS.iterator + first * groups, TILE * groups, mbar)
+            bulk_copy(st.iterator + bias_at // 4, mB.iterator + first, TILE * 2, mbar)
+            x_row = row
+            if cutlass.const_expr(gather):
+                x_row = mR[row]
+            bulk_copy(st.iterator + x_at // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
+            st[meta_at // 4] = found[0]
+            st[meta_at // 4 + 1] = found[1]
+
+    @cute.jit
+    def store_rows(red: cute.Tensor, bias: cute.Tensor, mY: cute.Tensor, row: Int32, pid_n: Int32, tidx: Int32):
         """Threads 0..15 (0..7 with the SwiGLU): the warps' sums plus bias, rounded to bf16 as the unfused
         path stores gate_up, then the clamped SwiGLU of each (gate, up) pair, into y's row."""
         if cutlass.const_expr(fuse_swiglu):
@@ -199,8 +223,7 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                     total = red[0, 2 * tidx + p]
                     for w in cutlass.range_constexpr(1, warps):
                         total = total + red[w, 2 * tidx + p]
-                    bias = mB[expert * n_out + pid_n * TILE + 2 * tidx + p].to(Float32)
-                    pair[p] = (total + bias).to(cutlass.BFloat16).to(Float32)
+                    pair[p] = (total + bias[2 * tidx + p].to(Float32)).to(cutlass.BFloat16).to(Float32)
                 gate = cutlass.min(pair[0], Float32(limit))
                 up = cutlass.max(cutlass.min(pair[1], Float32(limit)), Float32(-limit))
                 h = gate / (Float32(1.0) + cute.math.exp(-Float32(alpha) * gate)) * (up + Float32(1.0))
@@ -210,30 +233,28 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                 total = red[0, tidx]
                 for w in cutlass.range_constexpr(1, warps):
                     total = total + red[w, tidx]
-                mY[row, pid_n * TILE + tidx] = (total + mB[expert * n_out + pid_n * TILE + tidx].to(Float32)).to(
-                    cutlass.BFloat16)
+                mY[row, pid_n * TILE + tidx] = (total + bias[tidx].to(Float32)).to(cutlass.BFloat16)
 
     @cute.jit
-    def quad_words(w_tiles: cute.Tensor, words: cute.Tensor, stage: Int32, rg: Int32, c: Int32, t: Int32):
+    def quad_words(w_tile: cute.Tensor, words: cute.Tensor, rg: Int32, c: Int32, t: Int32):
         """words[h, i] = word t of group 4c + i of tile rows rg + 8h (zero past the last group)."""
         if cutlass.const_expr(tail == 0):
             for h in cutlass.range_constexpr(2):
-                words[h, None].store(w_tiles[stage, rg + 8 * h, 4 * c + t, None].load())
+                words[h, None].store(w_tile[rg + 8 * h, 4 * c + t, None].load())
         else:
             if c < full_quads:
                 for h in cutlass.range_constexpr(2):
-                    words[h, None].store(w_tiles[stage, rg + 8 * h, 4 * c + t, None].load())
+                    words[h, None].store(w_tile[rg + 8 * h, 4 * c + t, None].load())
             else:  # the partial quad: word t of its `tail` groups at 16 * full_quads + tail * t + i
                 words.fill(0)
                 for h in cutlass.range_constexpr(2):
                     for i in cutlass.range_constexpr(tail):
                         at = tail * t + i
-                        words[h, i] = w_tiles[stage, rg + 8 * h, 4 * full_quads + at // 4, at % 4]
+                        words[h, i] = w_tile[rg + 8 * h, 4 * full_quads + at // 4, at % 4]
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
                mO: cute.Tensor, mY: cute.Tensor, n_tiles: Int32):
-        pdl_wait()  # the experts, hence every weight byte, depend on the route before
         tidx, _, _ = cute.arch.thread_idx()
         cta, _, _ = cute.arch.block_idx()
         grid, _, _ = cute.arch.grid_dim()
@@ -246,37 +267,36 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
         rg = (g & 4) | ((g & 1) << 1) | ((g >> 1) & 1)
 
         smem = cutlass.utils.SmemAllocator()
-        # row-major stages, as the bulk copies write them (make_layout's default is column-major)
-        w_tiles = smem.allocate_tensor(Int32, cute.make_layout((stages, TILE, groups, 4), stride=(
-            TILE * groups * 4, groups * 4, 4, 1)), byte_alignment=128)
-        s_tiles = smem.allocate_tensor(cutlass.Uint8, cute.make_layout((stages, TILE, groups), stride=(
-            TILE * groups, groups, 1)), byte_alignment=16)
+        # one stage (int32 words): weights, scales, bias, x (stage_views), then (expert, routed) of the tile's row
+        stages_mem = smem.allocate_tensor(Int32, cute.make_layout((stages, stage_words), stride=(stage_words, 1)),
+                                          byte_alignment=128)
         red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE), stride=(warps * TILE, TILE, 1)),
                                    byte_alignment=16)
+        offsets = smem.allocate_tensor(Int32, cute.make_layout((experts + 1,)), byte_alignment=16)
         mbars = smem.allocate_array(cutlass.Int64, stages, byte_alignment=8)
+        pdl_wait()  # the experts, hence every weight byte, depend on the route before
+        for e in cutlass.range(tidx, experts + 1, 32 * warps):
+            offsets[e] = mO[e]
         if tidx == 0:
-            for st in cutlass.range_constexpr(stages):
-                cute.arch.mbarrier_init(mbars + st, 1)
+            for s in cutlass.range_constexpr(stages):
+                cute.arch.mbarrier_init(mbars + s, 1)
             cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
 
         # this CTA's tiles: cta, cta + grid, ...; stages - 1 of them in flight ahead of the one multiplied
         count = (n_tiles - cta + grid - 1) // grid
         if warp == 0:
-            for st in cutlass.range_constexpr(stages - 1):
-                if st < count:
-                    issue(mO, mW, mS, w_tiles, s_tiles, mbars + st, Int32(st), cta + st * grid, lane)
+            for s in cutlass.range_constexpr(stages - 1):
+                if s < count:
+                    issue(offsets, mR, mX, mW, mS, mB, stages_mem[s, None], mbars + s, cta + s * grid, lane)
         for i in cutlass.range(count):
             ahead = i + stages - 1  # its stage was freed by the barrier that ended tile i - 1
             if warp == 0 and ahead < count:
-                issue(mO, mW, mS, w_tiles, s_tiles, mbars + ahead % stages, ahead % stages, cta + ahead * grid, lane)
+                issue(offsets, mR, mX, mW, mS, mB, stages_mem[ahead % stages, None], mbars + ahead % stages,
+                      cta + ahead * grid, lane)
             tile = cta + i * grid
-            row = tile // tiles_per_row
-            pid_n = tile % tiles_per_row
-            x_row = row
-            if cutlass.const_expr(gather):
-                x_row = mR[row]
             stage = i % stages
+            w_tile, s_tile, bias, xs = stage_views(stages_mem[stage, None])
             cute.arch.mbarrier_wait(mbars + stage, (i // stages) % 2)
 
             acc = cute.make_rmem_tensor((2,), Float32)  # tile rows rg, rg + 8
@@ -286,10 +306,10 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
             for q in cutlass.range_constexpr(per_warp if math else 0):
                 c = warp * per_warp + q
                 if c < quads:
-                    quad_words(w_tiles, words, stage, rg, c, t)
+                    quad_words(w_tile, words, rg, c, t)
                     for gi in cutlass.range_constexpr(4):
                         j = cutlass.min(4 * c + gi, groups - 1)  # past the last group: zero words
-                        xw.store(mX[x_row, 4 * j + t, None].load())
+                        xw.store(xs[4 * j + t, None].load())
                         b = [prescale(xw[p]) for p in range(4)]
                         lo = widen(words[0, gi])
                         hi = widen(words[1, gi])
@@ -297,18 +317,16 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                         d = mma([lo[0], hi[0], lo[1], hi[1]], b[0:2], [zero, zero, zero, zero])
                         d = mma([lo[2], hi[2], lo[3], hi[3]], b[2:4], d)
                         # D's columns are equal: d0 is row rg, d2 row rg + 8, each scaled by its row's group
-                        acc[0] = acc[0] + d[0] * group_factor(s_tiles[stage, rg, j].to(Int32))
-                        acc[1] = acc[1] + d[2] * group_factor(s_tiles[stage, rg + 8, j].to(Int32))
+                        acc[0] = acc[0] + d[0] * group_factor(s_tile[rg, j].to(Int32))
+                        acc[1] = acc[1] + d[2] * group_factor(s_tile[rg + 8, j].to(Int32))
             if t == 0:
                 red[i % 2, warp, rg] = acc[0]
                 red[i % 2, warp, rg + 8] = acc[1]
             cute.arch.sync_threads()  # the stage is read: free for the copy issued next iteration
 
             if warp == 0:  # (red is double-buffered: the next tile's writes go to the other half)
-                found = cute.make_rmem_tensor((2,), Int32)
-                expert_of(mO, row, lane, found)
-                if found[1] != 0:
-                    store_rows(red[i % 2, None, None], mB, mY, found[0], row, pid_n, tidx)
+                if stages_mem[stage, meta_at // 4 + 1] != 0:  # rows outside every expert are left unwritten
+                    store_rows(red[i % 2, None, None], bias, mY, tile // tiles_per_row, tile % tiles_per_row, tidx)
 
     @cute.jit
     def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,

@@ -25,7 +25,7 @@ import time
 import torch
 
 from bench.roofline import copy_bandwidth, decode_bound
-from kernels.decode_attention import xqa_decode
+from kernels.decode_attention import decode_kernel
 from kernels.pdl import pdl_enabled
 from services.worker.model import ForwardBatch, load_model, make_checkpoint
 from services.worker.model.batch import NO_BLOCK
@@ -108,7 +108,7 @@ def run(path: str, batches: list[int], context: int, iters: int) -> dict:
                          x_bound=graph_step / bound.step_s))
     return dict(bandwidth=bandwidth, layers=c.num_hidden_layers, context=context, rows=rows,
                 device=torch.cuda.get_device_name(), pdl=pdl_enabled(),
-                decode_attention="xqa" if xqa_decode() else "flashinfer")
+                decode_attention=decode_kernel())
 
 
 def main() -> None:

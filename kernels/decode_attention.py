@@ -36,18 +36,24 @@ from services.worker.model.batch import NO_BLOCK, ForwardBatch, HostStaging
 SCRATCH_BYTES = 16 * 1024 * 1024  # XQA's partial rows of split sequences (at most one per SM)
 
 
-def xqa_decode() -> bool:
-    """Whether the cuda backend's decode steps attend through XQA (the default), or, with
-    ROSE_DECODE_ATTENTION=flashinfer, through FlashInfer's sink wrapper as prefill does.
+def decode_kernel() -> str:
+    """ROSE_DECODE_ATTENTION: "xqa" (the default: DecodeAttention with XQA for every step), "split"
+    (DecodeAttention with kernels/split_decode.py for every step) or "flashinfer" (no DecodeAttention:
+    FlashInfer's sink wrapper, as prefill).
 
     `python -m bench.decode_step --batches 1,8,64` on an H100 (docs/BENCHMARKS.md): unsplit XQA's
     replay 2.320 / 6.403 / 9.277 ms at batch 1 / 8 / 64 against the wrapper's 2.356 / 6.476 / 9.349,
     and no per-step FlashInfer plan on the host.
     """
     choice = os.environ.get("ROSE_DECODE_ATTENTION", "xqa")
-    if choice not in ("flashinfer", "xqa"):
-        raise ValueError(f"ROSE_DECODE_ATTENTION must be flashinfer or xqa, got {choice!r}")
-    return choice == "xqa"
+    if choice not in ("flashinfer", "xqa", "split"):
+        raise ValueError(f"ROSE_DECODE_ATTENTION must be xqa, split or flashinfer, got {choice!r}")
+    return choice
+
+
+def xqa_decode() -> bool:
+    """Whether the cuda backend's decode steps go through DecodeAttention (XQA or the split kernel)."""
+    return decode_kernel() != "flashinfer"
 
 
 def page_table(batch: ForwardBatch, group: str, block_size: int, scratch_block: int,
@@ -103,6 +109,7 @@ class DecodeAttention(CacheThenAttend):
         self.block_size, self.dtype = block_size, dtype
         self.device = torch.device(device)
         self.graph_rows = graph_rows
+        self.split = decode_kernel() == "split"
         self.buffers = {} if buffers is None else buffers
         self.tables: dict[str, torch.Tensor] = {}  # group -> [rows, width] int32
         self.lengths: dict[str, torch.Tensor] = {}  # group -> [rows, 1] uint32 (int32 bits)
@@ -165,6 +172,8 @@ class DecodeAttention(CacheThenAttend):
         if t != table.shape[0]:
             raise ValueError(f"{t} query rows for a plan of {table.shape[0]}")
         out = torch.empty(t, 1, self.num_heads, self.head_dim, dtype=self.dtype, device=q.device)
+        if self.split:
+            return self._split(group, window, q, k_cache, v_cache, sinks, out.view(t, self.num_heads, self.head_dim))
         # one buffer per size class (256 rows covers every graph bucket); a graph keeps the pointer, so
         # a larger eager step gets a buffer of its own instead of replacing the one graphs read
         rows = max(256, 1 << (t - 1).bit_length())
@@ -181,6 +190,20 @@ class DecodeAttention(CacheThenAttend):
             lengths.view(torch.uint32), out, scratch, semaphores.view(torch.uint32), self.num_kv_heads,
             self.block_size, sinks=group_sinks, sliding_win_size=window or 0, kv_layout="NHD", sm_count=1)
         return out.view(t, self.num_heads, self.head_dim)
+
+
+    def _split(self, group, window, q, k_cache, v_cache, sinks, out):
+        """run() through kernels/split_decode.py: its partials in fixed buffers per row count (graphs keep them)."""
+        from kernels.mxfp4_gemv import sm_count
+        from kernels.split_decode import split_decode, splits_for
+
+        t = q.shape[0]
+        splits = splits_for(t, self.num_kv_heads, sm_count(q.device))
+        f32 = dict(dtype=torch.float32, device=q.device)
+        partial = self._buffer(("partial", t), lambda: torch.empty(t, self.num_heads, splits, self.head_dim, **f32))
+        stats = self._buffer(("stats", t), lambda: torch.empty(t, self.num_heads, splits, 2, **f32))
+        return split_decode(q.to(self.dtype), k_cache, v_cache, self.tables[group], self.lengths[group].view(-1),
+                            sinks.float(), window, splits, partial, stats, out)
 
 
 def _semaphores(num_kv_heads: int, rows: int) -> int:

@@ -79,9 +79,13 @@ def test_sink_attention_matches_torch(case, group):
 
 @pytest.mark.parametrize("group", ["full", "sliding"])
 @pytest.mark.parametrize("graph_rows", [None, 8])
-def test_xqa_decode_attention_matches_torch(group, graph_rows):
-    """kernels/decode_attention.py (FlashInfer's XQA) on the decode case, eager and as a padded graph plan."""
+@pytest.mark.parametrize("kernel", ["xqa", "split"])
+def test_xqa_decode_attention_matches_torch(group, graph_rows, kernel, monkeypatch):
+    """kernels/decode_attention.py (FlashInfer's XQA, or kernels/split_decode.py) on the decode case, eager and
+    as a padded graph plan."""
     from kernels.decode_attention import DecodeAttention
+
+    monkeypatch.setenv("ROSE_DECODE_ATTENTION", kernel)
 
     query_lens, context_lens = CASES["decode"]
     num_blocks = sum((c + BLOCK - 1) // BLOCK for c in context_lens) + 8
@@ -119,3 +123,23 @@ def test_xqa_decode_attention_matches_torch(group, graph_rows):
         ref2 = paged_attention(q, k, v, kc2.clone(), vc2.clone(), plan2, sinks, HEAD_DIM**-0.5).view(n, HEADS, HEAD_DIM)
         attn.plan(longer, [(group, window)])
         assert rel_err(attn(group, window, q, k, v, kc2, vc2, sinks), ref2) <= 1e-2
+
+
+@pytest.mark.parametrize("window", [None, WINDOW])
+@pytest.mark.parametrize("splits", [1, 2, 8, 32])
+def test_split_decode_matches_reference(window, splits):
+    """kernels/split_decode.py over every split count, contexts from one key to 5000 (past 32 splits of its
+    32-key steps), pages in random order, against its torch reference; outputs poisoned."""
+    from kernels.split_decode import split_decode, split_decode_reference
+
+    lengths = torch.tensor([1, 5, 31, 32, 33, 129, 1000, 5000], dtype=torch.int32, device="cuda")
+    pages = (int(lengths.max()) + BLOCK - 1) // BLOCK
+    t = len(lengths)
+    k_cache, v_cache, q, _, _, sinks = random_inputs(t * pages, t)
+    table = torch.randperm(t * pages, device="cuda").view(t, pages).to(torch.int32)
+    ref = split_decode_reference(q, k_cache, v_cache, table, lengths, sinks, window)
+    f32 = dict(dtype=torch.float32, device="cuda")
+    partial, stats = torch.empty(t, HEADS, splits, HEAD_DIM, **f32), torch.empty(t, HEADS, splits, 2, **f32)
+    out = torch.full_like(q, float("nan"))
+    split_decode(q, k_cache, v_cache, table, lengths, sinks, window, splits, partial, stats, out)
+    assert rel_err(out, ref) <= 1e-2

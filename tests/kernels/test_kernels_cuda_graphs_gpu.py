@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory):
                            num_hidden_layers=2, device="cuda")
 
 
-@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer"])
+@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer", "mxfp4-split"])
 def model(request, checkpoint):
     """The cuda backend as loaded (MXFP4 experts, XQA decode attention), over bf16 experts (the
     torch._grouped_mm path), and with decode attention through FlashInfer's sink wrapper
@@ -35,6 +35,12 @@ def model(request, checkpoint):
         loaded = load_model(checkpoint, backend="cuda")
         assert loaded.decode_attention is not None
         return loaded
+    if request.param == "mxfp4-split":  # decode attention through kernels/split_decode.py
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("ROSE_DECODE_ATTENTION", "split")
+            split = load_model(checkpoint, backend="cuda")
+        assert split.decode_attention is not None and split.decode_attention.split
+        return split
     if request.param == "mxfp4-flashinfer":
         with pytest.MonkeyPatch.context() as env:
             env.setenv("ROSE_DECODE_ATTENTION", "flashinfer")

@@ -1,0 +1,171 @@
+"""Split-KV decode attention with sinks (Triton): few sequences spread over every SM.
+
+XQA (kernels/decode_attention.py) runs one CTA per (sequence, kv head) here: at one sequence that
+is 8 CTAs streaming the whole context each, latency-bound (`python -m bench.profile_step --batch 1`
+with ROSE_PDL=0: 18.1 us a full layer at 1024 tokens, 12.1 us a sliding one). Its own split merges
+in-kernel through semaphores and disagreed with eager steps inside CUDA graphs (see there). This is
+flash-decoding in two kernels, nothing shared between steps:
+
+    partial[row, head, split] = softmax-weighted sum over the split's keys (unnormalised), with its
+                                running max m and row sum l (log2 units)
+    out[row, head] = sum_s exp2(m_s - M) partial_s / (sum_s exp2(m_s - M) l_s + exp2(sink - M)),
+                     M = max(m_s, sink): the sink (natural-log units, times log2 e) joins the row sum only
+
+Keys are the sequence's first `length` cache slots through its page table, or with `window` the
+newest `window` of them (gpt-oss: q_pos - k_pos < window). Each program takes one kv head's GROUP
+query heads (padded to 16 rows for tl.dot) over a contiguous share of the keys, so every split
+count gives the same sums up to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from kernels.pdl import pdl_enabled
+
+try:  # optional: importing this module must work where Triton is absent (CPU CI, macOS)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only without triton
+    triton = tl = None
+
+# Triton reads TRITON_INTERPRET when it decorates: then the kernels run on CPU tensors (tests)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BLOCK_N = 32  # keys per step of a program's loop (two 16-slot pages)
+MAX_SPLITS = 32
+LOG2E = 1.4426950408889634
+
+
+def splits_for(rows: int, kv_heads: int, sm_count: int) -> int:
+    """Programs per (row, kv head): about two waves of the SMs in all, a power of two <= MAX_SPLITS."""
+    want = math.ceil(2 * sm_count / (rows * kv_heads))
+    return min(MAX_SPLITS, 1 << max(0, want - 1).bit_length())
+
+
+def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                 lengths: torch.Tensor, sinks: torch.Tensor, window: int | None, splits: int,
+                 partial: torch.Tensor, stats: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [T, H, D] = attention of q [T, H, D] (bf16, rows of stride q.stride(0)) over the paged caches
+    [blocks, page, kv_heads, D] through table [T, width] int32 and lengths [T] int32, with sinks [H] float32.
+
+    partial [T, H, splits, D] and stats [T, H, splits, 2] float32 are scratch (fixed buffers keep the
+    launch capturable); splits a power of two.
+    """
+    t, heads, dim = q.shape
+    kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        raise ValueError("q's heads must be contiguous [H, D] rows")
+    if splits & (splits - 1) or not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"splits must be a power of two 1..{MAX_SPLITS}, got {splits}")
+    if page & (page - 1) or BLOCK_N % page:
+        raise ValueError(f"page size {page} must divide {BLOCK_N}")
+    scale = dim**-0.5 * LOG2E
+    pdl = pdl_enabled()
+    _split_kernel[(t, kv_heads, splits)](
+        q, k_cache, v_cache, table, lengths, partial, stats, q.stride(0), table.stride(0),
+        WINDOW=window or 0, SPLITS=splits, GROUP=group, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page,
+        BLOCK_N=BLOCK_N, SCALE=scale, INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
+    )
+    _merge_kernel[(t, heads)](
+        partial, stats, sinks, out, SPLITS=splits, HEAD_DIM=dim, PDL=pdl, num_warps=2, launch_pdl=pdl,
+    )
+    return out
+
+
+def split_decode_reference(q, k_cache, v_cache, table, lengths, sinks, window):
+    """Plain torch, one sequence at a time (host sync): softmax over [sink, keys] in float32, sink dropped."""
+    t, heads, dim = q.shape
+    kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    out = torch.empty(t, heads, dim, dtype=q.dtype, device=q.device)
+    for r, n in enumerate(lengths.view(-1).tolist()):
+        start = max(0, n - window) if window else 0
+        slots = torch.arange(start, n, device=q.device)
+        blocks = table[r, slots // page].long()
+        k = k_cache[blocks, slots % page].float().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, D]
+        v = v_cache[blocks, slots % page].float().repeat_interleave(heads // kv_heads, dim=1)
+        s = torch.einsum("hd,nhd->hn", q[r].float(), k) * dim**-0.5
+        p = torch.softmax(torch.cat([sinks.float()[:, None], s], dim=1), dim=1)[:, 1:]
+        out[r] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, part_ptr, stats_ptr, q_stride, table_stride,
+                      WINDOW: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
+                      KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SCALE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # q and the cache come from the kernels before (kernels/pdl.py)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        length = tl.load(lengths_ptr + row)
+        start = 0
+        if WINDOW > 0:
+            start = tl.maximum(length - WINDOW, 0)
+        share = tl.cdiv(tl.cdiv(length - start, SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + split * share
+        hi = tl.minimum(lo + share, length)
+
+        heads = tl.arange(0, 16)  # the kv head's GROUP query heads, padded to tl.dot's 16 rows
+        d = tl.arange(0, HEAD_DIM)
+        real = heads < GROUP
+        q = tl.load(q_ptr + row.to(tl.int64) * q_stride + (kvh * GROUP + heads)[:, None] * HEAD_DIM + d[None, :],
+                    mask=real[:, None], other=0.0)
+        if INTERPRETED:  # Triton 3.6's interpreter multiplies bf16's raw uint16 bits in tl.dot
+            q = q.to(tl.float32)
+        m = tl.full([16], float("-inf"), dtype=tl.float32)
+        l = tl.zeros([16], dtype=tl.float32)
+        acc = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
+        t0 = lo
+        while t0 < hi:  # (a while loop: Triton's CPU interpreter cannot range() over loaded bounds)
+            slot = t0 + tl.arange(0, BLOCK_N)
+            valid = slot < hi
+            block = tl.load(table_ptr + row.to(tl.int64) * table_stride + slot // PAGE, mask=valid, other=0)
+            at = ((block.to(tl.int64) * PAGE + slot % PAGE) * KV_HEADS + kvh) * HEAD_DIM
+            k = tl.load(k_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            if INTERPRETED:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k)) * SCALE  # [16, BLOCK_N] log2 units
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            p = tl.exp2(s - m_new[:, None])
+            alpha = tl.exp2(m - m_new)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+            t0 += BLOCK_N
+        out_row = (row * HEADS + kvh * GROUP + heads) * SPLITS + split  # [16] (padding rows masked)
+        tl.store(part_ptr + out_row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc, mask=real[:, None])
+        tl.store(stats_ptr + out_row.to(tl.int64) * 2, m, mask=real)
+        tl.store(stats_ptr + out_row.to(tl.int64) * 2 + 1, l, mask=real)
+
+    @triton.jit
+    def _merge_kernel(part_ptr, stats_ptr, sinks_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        heads = tl.num_programs(1)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, HEAD_DIM)
+        base = (row * heads + head).to(tl.int64) * SPLITS
+        m = tl.load(stats_ptr + (base + s) * 2)
+        l = tl.load(stats_ptr + (base + s) * 2 + 1)
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        top = tl.maximum(tl.max(m, 0), sink)
+        w = tl.exp2(m - top)  # 0 for empty splits (m = -inf)
+        part = tl.load(part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :])
+        total = tl.sum(l * w, 0) + tl.exp2(sink - top)
+        o = tl.sum(part * w[:, None], 0) / total
+        tl.store(out_ptr + (row * heads + head).to(tl.int64) * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))

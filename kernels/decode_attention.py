@@ -198,7 +198,7 @@ class DecodeAttention(CacheThenAttend):
         from kernels.split_decode import split_decode, splits_for
 
         t = q.shape[0]
-        splits = splits_for(t, self.num_kv_heads, sm_count(q.device))
+        splits = int(os.environ.get("ROSE_DECODE_SPLITS", "0")) or splits_for(t, self.num_kv_heads, sm_count(q.device))
         f32 = dict(dtype=torch.float32, device=q.device)
         partial = self._buffer(("partial", t), lambda: torch.empty(t, self.num_heads, splits, self.head_dim, **f32))
         stats = self._buffer(("stats", t), lambda: torch.empty(t, self.num_heads, splits, 2, **f32))

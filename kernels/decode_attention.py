@@ -92,12 +92,14 @@ class DecodeAttention(CacheThenAttend):
     Same calls as kernels/attention.py's SinkAttention (plan, and CacheThenAttend's attend_qkv and
     __call__ around its own run), for decode steps only. graph_rows / widths[group]: the fixed
     buffers of a CUDA-graph bucket (widths: the most pages a sequence may list). buffers, shared
-    between instances that never run at once: the semaphores and the split scratch.
+    between instances that never run at once: the semaphores, XQA's split scratch and the split
+    kernel's partials. split: kernels/split_decode.py instead of XQA (default: ROSE_DECODE_ATTENTION,
+    read once here; graph instances take the eager instance's choice).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str, graph_rows: int | None = None, widths: dict[str, int] | None = None,
-                 buffers: dict | None = None):
+                 buffers: dict | None = None, split: bool | None = None):
         from kernels.attention import missing_attention_packages
 
         missing = missing_attention_packages()
@@ -109,7 +111,7 @@ class DecodeAttention(CacheThenAttend):
         self.block_size, self.dtype = block_size, dtype
         self.device = torch.device(device)
         self.graph_rows = graph_rows
-        self.split = decode_kernel() == "split"
+        self.split = decode_kernel() == "split" if split is None else split  # the split kernel, not XQA
         self.buffers = {} if buffers is None else buffers
         self.tables: dict[str, torch.Tensor] = {}  # group -> [rows, width] int32
         self.lengths: dict[str, torch.Tensor] = {}  # group -> [rows, 1] uint32 (int32 bits)

@@ -40,11 +40,11 @@ def checkpoint_20b_2layer(tmp_path_factory):
     return make_checkpoint(path, seed=1, preset="20b", num_hidden_layers=2)
 
 
-@pytest.mark.parametrize("which", ["tiny", "20b-2layer", "20b-2layer-flashinfer"])
+@pytest.mark.parametrize("which", ["tiny", "20b-2layer", "20b-2layer-flashinfer", "20b-2layer-split"])
 def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     path = request.getfixturevalue("tiny_checkpoint" if which == "tiny" else "checkpoint_20b_2layer")
-    if which.endswith("flashinfer"):  # decode attention through the prefill's sink wrapper, not XQA
-        monkeypatch.setenv("ROSE_DECODE_ATTENTION", "flashinfer")
+    if which.endswith(("flashinfer", "split")):  # decode attention through the prefill's sink wrapper or
+        monkeypatch.setenv("ROSE_DECODE_ATTENTION", which.rsplit("-", 1)[1])  # kernels/split_decode.py, not XQA
     prompt_lens = [5, 200, 33]  # 200 crosses the sliding window of both checkpoints
     blocks_per_seq = (max(prompt_lens) + 1 + BLOCK - 1) // BLOCK
     num_blocks = blocks_per_seq * len(prompt_lens)

@@ -35,7 +35,8 @@ def model(request, checkpoint):
         loaded = load_model(checkpoint, backend="cuda")
         assert loaded.decode_attention is not None
         return loaded
-    if request.param == "mxfp4-split":  # decode attention through kernels/split_decode.py
+    if request.param == "mxfp4-split":  # decode attention through kernels/split_decode.py (graphs too: the
+        # choice is read once, at load)
         with pytest.MonkeyPatch.context() as env:
             env.setenv("ROSE_DECODE_ATTENTION", "split")
             split = load_model(checkpoint, backend="cuda")

@@ -113,7 +113,9 @@ class DecodeGraphs:
         shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, self.kv.block_size, m.dtype, dev)
         if m.decode_attention is not None:
             widths = {g: self.xqa_width for g in self.max_pages}
-            attention = DecodeAttention(*shape, graph_rows=b, widths=widths, buffers=self.workspaces)
+            # the eager instance's kernel (chosen when the model loaded), so graphs run what eager steps run
+            attention = DecodeAttention(*shape, graph_rows=b, widths=widths, buffers=self.workspaces,
+                                        split=m.decode_attention.split)
         else:
             attention = SinkAttention(*shape, graph_batch=b, max_pages=self.max_pages, workspaces=self.workspaces)
         # plan a step of padding rows only: capture needs valid metadata, not real sequences

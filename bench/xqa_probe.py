@@ -1,4 +1,8 @@
-"""(temporary) XQA at batch 1: us per call, unsplit (sm_count=1) vs split, full and sliding."""
+"""FlashInfer's XQA decode kernel alone at one sequence: us per call, unsplit (sm_count=1, as rose runs it)
+and with its multi-block split, full attention and a 128-key window, at 128 / 1024 / 4096 keys.
+
+    python bench/xqa_probe.py      (a GPU host with FlashInfer; keys stay in L2 over the 50 calls of a graph)
+"""
 import torch
 from flashinfer import xqa
 

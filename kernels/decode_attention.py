@@ -200,7 +200,11 @@ class DecodeAttention(CacheThenAttend):
         from kernels.split_decode import split_decode, splits_for
 
         t = q.shape[0]
-        splits = int(os.environ.get("ROSE_DECODE_SPLITS", "0")) or splits_for(t, self.num_kv_heads, sm_count(q.device))
+        # split by the rows of t's graph bucket (a power of two): an eager step then sums each row exactly as the
+        # bucket's graph does, so graph and eager agree to the bit (a last-bit difference can flip a top-k expert)
+        bucket = 1 << (t - 1).bit_length()
+        splits = int(os.environ.get("ROSE_DECODE_SPLITS", "0")) or splits_for(bucket, self.num_kv_heads,
+                                                                            sm_count(q.device))
         f32 = dict(dtype=torch.float32, device=q.device)
         partial = self._buffer(("partial", t), lambda: torch.empty(t, self.num_heads, splits, self.head_dim, **f32))
         stats = self._buffer(("stats", t), lambda: torch.empty(t, self.num_heads, splits, 2, **f32))

@@ -11,8 +11,8 @@ code pair p (K 2p, 2p + 1) comes out as one bf16x2 register, each half the e2m1 
 2**-126 (sign at bit 15, exponent bits 1..0 and the mantissa bit at bits 8..6):
     pair 0: u & M            pair 1: rotl(u, 10) & M        pair 2: rotl(u, 13) & M
     pair 3: ((u & 0x001B001B) * 0x1084) & M                  (M = 0x81C081C0)
-Three rotations of one 4-bit field cannot tile 16 bits with a fourth (checked by enumeration), so
-the last pair's bits sit where one multiply spreads them without carries. Within each quad of
+No four rotations of a code's bit field {6, 7, 8, 15} tile 16 bits (checked by enumeration), so the
+last pair's bits sit where one multiply spreads them without carries. Within each quad of
 scale groups the 16 words are stored transposed (16 bytes = word t of 4 groups), so a lane loads a
 quad's words with one 128-bit read.
 
@@ -25,9 +25,12 @@ fact: one float32 FMA per row by 2**(s - 65). x is multiplied by 2**64 on load (
 every product of the tiny widened weights is a normal float32.
 
 Memory: persistent CTAs loop over 16-row tiles (a routed row's expert, 16 output rows); one warp
-starts the bulk copies (cp.async.bulk + mbarrier) of the next tile's weights and scales, each
-contiguous, into shared memory while the CTA multiplies the current one. MATH = False compiles
-the multiply out (bench.gemv's "memory floor" row). `python -m bench.gemv` sweeps the settings.
+starts the bulk copies (cp.async.bulk + mbarrier) of the next tile's weights, scales, bias and
+routed row of x, each contiguous, into a stage of shared memory while the CTA multiplies the
+current one, and finds experts in a shared copy of the offsets: nothing between a tile's barriers
+waits on global memory (that chain, not the instruction count, had set the one-token time;
+docs/GPU.md). MATH = False compiles the multiply out (bench.gemv's "memory floor" row).
+`python -m bench.gemv` sweeps the settings.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations

@@ -193,7 +193,6 @@ class DecodeAttention(CacheThenAttend):
             self.block_size, sinks=group_sinks, sliding_win_size=window or 0, kv_layout="NHD", sm_count=1)
         return out.view(t, self.num_heads, self.head_dim)
 
-
     def _split(self, group, window, q, k_cache, v_cache, sinks, out):
         """run() through kernels/split_decode.py: its partials in fixed buffers per row count (graphs keep them)."""
         from kernels.mxfp4_gemv import sm_count
@@ -201,7 +200,7 @@ class DecodeAttention(CacheThenAttend):
 
         t = q.shape[0]
         # split by the rows of t's graph bucket (a power of two): an eager step then sums each row exactly as the
-        # bucket's graph does, so graph and eager agree to the bit (a last-bit difference can flip a top-k expert)
+        # bucket's graph does, so graph and eager steps agree to the bit
         bucket = 1 << (t - 1).bit_length()
         splits = int(os.environ.get("ROSE_DECODE_SPLITS", "0")) or splits_for(bucket, self.num_kv_heads,
                                                                             sm_count(q.device))

@@ -5,6 +5,8 @@
 #   ROSE_CHECKS=bench bash bench/gpu_checks.sh   # the benches only; ROSE_CHECKS=tests: the tests only
 #   ROSE_CHECKS=bench,ab bash bench/gpu_checks.sh  # and the decode step again without PDL and without XQA
 #   ROSE_CHECKS=gemv bash bench/gpu_checks.sh      # the MXFP4 decode GEMV sweep (CuTeDSL only: no FlashInfer)
+#   ROSE_CHECKS=split bash bench/gpu_checks.sh     # the split decode attention: its model-level tests, then the
+#                                                  # decode step with it (ROSE_DECODE_ATTENTION=split)
 #
 # On the device tool's machines, stage the cuda backend's packages first (a call before, on the
 # same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
@@ -52,8 +54,17 @@ if [[ $CHECKS == *gemv* ]]; then  # the MXFP4 decode GEMVs at 1 and 4 tokens (ke
   timeout 200 python3 -m bench.gemv --no-dense --tokens 1,4 --json "$OUT/gemv.json" > "$OUT/gemv.log" 2>&1
   echo "exit $?" >> "$OUT/gemv.log"
 fi
-for log in gpu-tests decode engine decode-nopdl decode-flashinfer gemv; do
+if [[ $CHECKS == *split* ]]; then  # kernels/split_decode.py against the float32 torch model and graph vs eager
+  timeout 300 python3 -m pytest -m gpu tests/kernels/test_kernels_cuda_backend_gpu.py \
+    tests/kernels/test_kernels_cuda_graphs_gpu.py tests/kernels/test_kernels_attention_gpu.py -q -s \
+    -o asyncio_mode=strict -p no:cacheprovider -W ignore::DeprecationWarning > "$OUT/split-tests.log" 2>&1
+  echo "pytest exit $?" >> "$OUT/split-tests.log"
+  ROSE_DECODE_ATTENTION=split timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
+    --json "$OUT/decode-split.json" > "$OUT/decode-split.log" 2>&1
+  echo "exit $?" >> "$OUT/decode-split.log"
+fi
+for log in gpu-tests decode engine decode-nopdl decode-flashinfer gemv split-tests decode-split; do
   [ -f "$OUT/$log.log" ] || continue
   echo "== $log"
-  grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]" "$OUT/$log.log" | tail -14
+  grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]|vs float32|worst graph" "$OUT/$log.log" | tail -20
 done

@@ -128,7 +128,8 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     launch(key, jit_fn, x_arg,
            rows(x_rows if gather else offsets, align=4),  # the kernel reads it only when gathering
            fixed(blocks.view(torch.int32).view(experts * n_out, groups, 4)),
-           fixed(scales.view(experts * n_out, groups), align=16 if repacked else 1), fixed(bias.view(-1), align=16 if repacked else 2),
+           fixed(scales.view(experts * n_out, groups), align=16 if repacked else 1),
+           fixed(bias.view(-1), align=16 if repacked else 2),
            fixed(offsets, align=4), rows(y), *sizes)
     return y
 

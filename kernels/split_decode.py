@@ -71,7 +71,7 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         BLOCK_N=BLOCK_N, SCALE=scale, INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     _merge_kernel[(t, heads)](
-        partial, stats, sinks, out, SPLITS=splits, HEAD_DIM=dim, PDL=pdl, num_warps=2, launch_pdl=pdl,
+        partial, stats, sinks, out, SPLITS=splits, HEAD_DIM=dim, LOG2E_=LOG2E, PDL=pdl, num_warps=2, launch_pdl=pdl,
     )
     return out
 
@@ -150,7 +150,7 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(part_ptr, stats_ptr, sinks_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      PDL: tl.constexpr):
+                      LOG2E_: tl.constexpr, PDL: tl.constexpr):
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -162,7 +162,7 @@ if triton is not None:
         base = (row * heads + head).to(tl.int64) * SPLITS
         m = tl.load(stats_ptr + (base + s) * 2)
         l = tl.load(stats_ptr + (base + s) * 2 + 1)
-        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E_
         top = tl.maximum(tl.max(m, 0), sink)
         w = tl.exp2(m - top)  # 0 for empty splits (m = -inf)
         part = tl.load(part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :])

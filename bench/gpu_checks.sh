@@ -7,12 +7,14 @@
 #   ROSE_CHECKS=gemv bash bench/gpu_checks.sh      # the MXFP4 decode GEMV sweep (CuTeDSL only: no FlashInfer)
 #   ROSE_CHECKS=split bash bench/gpu_checks.sh     # the split decode attention: its model-level tests, then the
 #                                                  # decode step with it (ROSE_DECODE_ATTENTION=split)
+#   ROSE_CHECKS=route bash bench/gpu_checks.sh     # the fused norm + router + routing: its tests, then the decode
+#                                                  # step without it (ROSE_FUSED_ROUTE=0)
 #
 # On the device tool's machines, stage the cuda backend's packages first (a call before, on the
 # same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
 # .device/wheels) and carry .device/stage.sh .device/flashinfer .device/ficache here; this script
 # picks up ~/rose-site and unpacks the FlashInfer JIT cache if it was carried (and returns a fresh
-# one in $OUT/ficache when it was not). Logs go to $OUT (default bench/out/gpu-checks); the summary
+# one in $OUT/ficache when it was not and FlashInfer built modules). Logs go to $OUT (default bench/out/gpu-checks); the summary
 # lines are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +33,6 @@ if [[ $CHECKS == *tests* ]]; then
   timeout 420 python3 -m pytest -m gpu tests/kernels -q -o asyncio_mode=strict -p no:cacheprovider \
     -W ignore::DeprecationWarning > "$OUT/gpu-tests.log" 2>&1
   echo "pytest exit $?" >> "$OUT/gpu-tests.log"
-  if ! ls .device/ficache/ficache.tar.xz.* >/dev/null 2>&1 && [ -d ~/.cache/flashinfer ]; then
-    mkdir -p "$OUT/ficache" && tar cf - -C ~/.cache flashinfer | xz -1 -T8 | split -b 15M - "$OUT/ficache/ficache.tar.xz."
-  fi
 fi
 if [[ $CHECKS == *bench* ]]; then
   timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 --json "$OUT/decode.json" > "$OUT/decode.log" 2>&1
@@ -63,7 +62,19 @@ if [[ $CHECKS == *split* ]]; then  # kernels/split_decode.py against the float32
     --json "$OUT/decode-split.json" > "$OUT/decode-split.log" 2>&1
   echo "exit $?" >> "$OUT/decode-split.log"
 fi
-for log in gpu-tests decode engine decode-nopdl decode-flashinfer gemv split-tests decode-split; do
+if [[ $CHECKS == *route* ]]; then  # kernels/norm_route.py: its tests, and the decode step without it (ROSE_FUSED_ROUTE=0)
+  timeout 200 python3 -m pytest -m gpu tests/kernels/test_kernels_norm_route_gpu.py -q -o asyncio_mode=strict \
+    -p no:cacheprovider -W ignore::DeprecationWarning > "$OUT/route-tests.log" 2>&1
+  echo "pytest exit $?" >> "$OUT/route-tests.log"
+  ROSE_FUSED_ROUTE=0 timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
+    --json "$OUT/decode-unfused-route.json" > "$OUT/decode-unfused-route.log" 2>&1
+  echo "exit $?" >> "$OUT/decode-unfused-route.log"
+fi
+if ! ls .device/ficache/ficache.tar.xz.* >/dev/null 2>&1 && [ -d ~/.cache/flashinfer ]; then
+  mkdir -p "$OUT/ficache" && tar cf - -C ~/.cache flashinfer | xz -1 -T8 | split -b 15M - "$OUT/ficache/ficache.tar.xz."
+fi
+for log in gpu-tests decode engine decode-nopdl decode-flashinfer gemv split-tests decode-split route-tests \
+    decode-unfused-route; do
   [ -f "$OUT/$log.log" ] || continue
   echo "== $log"
   grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]|vs float32|worst graph" "$OUT/$log.log" | tail -20

@@ -17,6 +17,7 @@ the torch rotary and paged attention, eagerly.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +65,7 @@ class CudaGptOss(nn.Module):
         super().__init__()
         from kernels.attention import SinkAttention
         from kernels.decode_attention import DecodeAttention, xqa_decode
+        from kernels.norm_route import NormRoute
         from services.worker.model.cuda_moe import GroupedExperts, decode_copies
 
         c = model.config
@@ -78,6 +80,9 @@ class CudaGptOss(nn.Module):
         self.eps = c.rms_norm_eps
         self.layers = []
         copies = decode_copies([layer.mlp for layer in model.model.layers], torch.cuda.mem_get_info(self._device)[0])
+        # decode's few tokens: the post-attention norm, router and routing in one kernel (kernels/norm_route.py);
+        # ROSE_FUSED_ROUTE=0 keeps the three kernels (for A/B timing)
+        self.fused_route = os.environ.get("ROSE_FUSED_ROUTE", "1") != "0" and bool(importlib.util.find_spec("triton"))
         for i, layer in enumerate(model.model.layers):
             a = layer.self_attn
             self.layers.append(dict(
@@ -88,6 +93,8 @@ class CudaGptOss(nn.Module):
                 o_w=a.o_proj.weight, o_b=a.o_proj.bias, sinks=a.sinks.float(),
                 group=c.layer_groups[i], window=a.window,
                 moe=GroupedExperts(layer.mlp, c, decode_copies=copies),
+                norm_route=NormRoute(layer.post_attention_layernorm.weight, layer.mlp.router.weight,
+                                     layer.mlp.router.bias, c.num_experts_per_tok, c.rms_norm_eps),
             ))
         self.attention_keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
         self.flash = c.head_dim in FLASHINFER_HEAD_DIMS
@@ -185,13 +192,18 @@ class CudaGptOss(nn.Module):
         from kernels.embedding import embedding
         from kernels.rmsnorm import combine_rmsnorm, rmsnorm
 
+        fused_route = self.fused_route and tokens.is_cuda
         cos, sin = self.rotary.cos_sin(positions)
         resid = embedding(self.embed, tokens)
         y, _ = rmsnorm(resid, self.layers[0]["norm1"], self.eps)
         for i, L in enumerate(self.layers):
             attn = self._attention(L, y, cos, sin, kv.k[i], kv.v[i], attention, plans)
-            y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
-            ys, routing, weights = L["moe"].expert_rows(y)
+            if fused_route and L["norm_route"].fits(tokens.shape[0]):
+                y, resid, routing, weights = L["norm_route"](attn, resid)
+                ys = L["moe"].routed_rows(y, routing)
+            else:
+                y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
+                ys, routing, weights = L["moe"].expert_rows(y)
             norm = self.layers[i + 1]["norm1"] if i + 1 < len(self.layers) else self.final_norm
             y, resid = combine_rmsnorm(ys, routing.pos.view(weights.shape), weights, resid, norm, self.eps)
         return y

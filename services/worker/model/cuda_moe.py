@@ -2,7 +2,10 @@
 
     logits = x W_r^T + b_r                       GEMV (decode) / cuBLAS [T, E]
     ids, weights = top-k + softmax                CuTeDSL router       [T, k] (with the route in one
-                                                  kernel up to ROUTE_TOPK_MAX_TOKENS tokens)
+                                                  kernel up to ROUTE_TOPK_MAX_TOKENS tokens; up to
+                                                  norm_route.MAX_TOKENS the cuda backend does the norm
+                                                  before, the router and the route in one Triton kernel,
+                                                  kernels/norm_route.py, and calls routed_rows)
     xs = x permuted into expert groups            CuTeDSL route/dispatch [T*k, H] (decode's MXFP4
                                                   GEMV reads x's rows in place instead)
     h = swiglu(xs W_gu[e]^T + b_gu[e])            grouped GEMM (MXFP4: SwiGLU fused in its store;
@@ -78,6 +81,10 @@ class GroupedExperts:
         else:
             ids, weights = router_topk(logits, self.top_k)
             routing = route(ids, self.num_experts)
+        return self.routed_rows(x, routing), routing, weights
+
+    def routed_rows(self, x: torch.Tensor, routing) -> torch.Tensor:
+        """The experts' outputs ys [T*k, H] in expert order for x [T, H] routed by `routing`."""
         if self.packed:
             from kernels.moe_mxfp4 import GEMV_ROWS, grouped_mxfp4_linear
 
@@ -85,10 +92,10 @@ class GroupedExperts:
             if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
                 hidden = _gemv(x, self.gate_up, self.gate_up_mma, self.gate_up_b, routing.offsets, swiglu=clamp,
                                x_rows=routing.src)
-                return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets), routing, weights
+                return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets)
             hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                           swiglu=clamp)
-            return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets), routing, weights
+            return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
         xs = dispatch(x, routing)
         n = xs.shape[0]
         expert_of_row = torch.repeat_interleave(
@@ -97,8 +104,7 @@ class GroupedExperts:
         ends = routing.offsets[1:]
         gate_up = grouped_linear(xs, self.gate_up, ends) + self.gate_up_b[expert_of_row]
         hidden = swiglu(gate_up, self.alpha, self.limit)
-        ys = grouped_linear(hidden, self.down, ends) + self.down_b[expert_of_row]
-        return ys, routing, weights
+        return grouped_linear(hidden, self.down, ends) + self.down_b[expert_of_row]
 
 
 def _decode_copy(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

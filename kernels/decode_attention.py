@@ -37,15 +37,16 @@ SCRATCH_BYTES = 16 * 1024 * 1024  # XQA's partial rows of split sequences (at mo
 
 
 def decode_kernel() -> str:
-    """ROSE_DECODE_ATTENTION: "xqa" (the default: DecodeAttention with XQA for every step), "split"
-    (DecodeAttention with kernels/split_decode.py for every step) or "flashinfer" (no DecodeAttention:
-    FlashInfer's sink wrapper, as prefill).
+    """ROSE_DECODE_ATTENTION: "split" (the default: DecodeAttention with kernels/split_decode.py for every
+    step), "xqa" (DecodeAttention with FlashInfer's XQA) or "flashinfer" (no DecodeAttention: FlashInfer's
+    sink wrapper, as prefill).
 
-    `python -m bench.decode_step --batches 1,8,64` on an H100 (docs/BENCHMARKS.md): unsplit XQA's
-    replay 2.320 / 6.403 / 9.277 ms at batch 1 / 8 / 64 against the wrapper's 2.356 / 6.476 / 9.349,
-    and no per-step FlashInfer plan on the host.
+    `python -m bench.decode_step --batches 1,8,64` on an H100 (docs/BENCHMARKS.md): the split kernel's
+    replay 2.067 ms at batch 1 against XQA's 2.289 (a sequence's keys spread over the SMs, where XQA
+    reads them with 8 CTAs), the same within run-to-run spread at 8 and 64; unsplit XQA against the
+    wrapper 2.320 / 6.403 / 9.277 ms to 2.356 / 6.476 / 9.349, and no per-step FlashInfer plan on the host.
     """
-    choice = os.environ.get("ROSE_DECODE_ATTENTION", "xqa")
+    choice = os.environ.get("ROSE_DECODE_ATTENTION", "split")
     if choice not in ("flashinfer", "xqa", "split"):
         raise ValueError(f"ROSE_DECODE_ATTENTION must be xqa, split or flashinfer, got {choice!r}")
     return choice
@@ -196,7 +197,7 @@ class DecodeAttention(CacheThenAttend):
     def _split(self, group, window, q, k_cache, v_cache, sinks, out):
         """run() through kernels/split_decode.py: its partials in fixed buffers per row count (graphs keep them)."""
         from kernels.mxfp4_gemv import sm_count
-        from kernels.split_decode import split_decode, splits_for
+        from kernels.split_decode import SplitScratch, split_decode, splits_for
 
         t = q.shape[0]
         # split by the rows of t's graph bucket (a power of two): an eager step then sums each row exactly as the
@@ -204,11 +205,10 @@ class DecodeAttention(CacheThenAttend):
         bucket = 1 << (t - 1).bit_length()
         splits = int(os.environ.get("ROSE_DECODE_SPLITS", "0")) or splits_for(bucket, self.num_kv_heads,
                                                                             sm_count(q.device))
-        f32 = dict(dtype=torch.float32, device=q.device)
-        partial = self._buffer(("partial", t), lambda: torch.empty(t, self.num_heads, splits, self.head_dim, **f32))
-        stats = self._buffer(("stats", t), lambda: torch.empty(t, self.num_heads, splits, 2, **f32))
+        scratch = self._buffer(("split", t), lambda: SplitScratch(t, self.num_heads, self.num_kv_heads,
+                                                                    self.head_dim, splits, q.device))
         return split_decode(q.to(self.dtype), k_cache, v_cache, self.tables[group], self.lengths[group].view(-1),
-                            sinks.float(), window, splits, partial, stats, out)
+                            sinks.float(), window, scratch, out)
 
 
 def _semaphores(num_kv_heads: int, rows: int) -> int:

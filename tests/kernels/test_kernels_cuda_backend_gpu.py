@@ -30,8 +30,10 @@ def _steps(prompt_lens, vocab, blocks_per_seq):
 
 
 def _logits(model, steps, num_blocks):
+    """The prefill's logits at every prompt token, then the decode step's (one row a sequence)."""
     kv = model.make_kv_cache({"full": num_blocks, "sliding": num_blocks}, BLOCK)
-    return [model(step, kv) for step in steps]
+    prefill, decode = steps
+    return [model(prefill, kv, all_logits=True), model(decode, kv)]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +53,7 @@ def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     path = request.getfixturevalue("tiny_checkpoint" if which == "tiny" else "checkpoint_20b_2layer")
     if which.endswith(("flashinfer", "xqa")):  # decode attention through the prefill's sink wrapper or XQA,
         monkeypatch.setenv("ROSE_DECODE_ATTENTION", which.rsplit("-", 1)[1])  # not kernels/split_decode.py
-    prompt_lens = [5, 200, 33]  # 200 crosses the sliding window of both checkpoints
+    prompt_lens = [5, 200, 33, 1, 17, 64, 129, 90]  # 200 crosses the sliding window of both checkpoints
     blocks_per_seq = (max(prompt_lens) + 1 + BLOCK - 1) // BLOCK
     num_blocks = blocks_per_seq * len(prompt_lens)
 

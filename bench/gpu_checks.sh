@@ -14,8 +14,8 @@
 # same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
 # .device/wheels) and carry .device/stage.sh .device/flashinfer .device/ficache here; this script
 # picks up ~/rose-site and unpacks the FlashInfer JIT cache if it was carried (and returns a fresh
-# one in $OUT/ficache when it was not and FlashInfer built modules). Logs go to $OUT (default bench/out/gpu-checks); the summary
-# lines are printed last.
+# one in $OUT/ficache when it was not and FlashInfer built modules). Logs go to $OUT (default
+# bench/out/gpu-checks); the summary lines are printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/out/gpu-checks}
@@ -62,7 +62,8 @@ if [[ $CHECKS == *split* ]]; then  # kernels/split_decode.py against the float32
     --json "$OUT/decode-split.json" > "$OUT/decode-split.log" 2>&1
   echo "exit $?" >> "$OUT/decode-split.log"
 fi
-if [[ $CHECKS == *route* ]]; then  # kernels/norm_route.py: its tests, and the decode step without it (ROSE_FUSED_ROUTE=0)
+if [[ $CHECKS == *route* ]]; then  # kernels/norm_route.py: its tests, then the decode step without it
+  # (ROSE_FUSED_ROUTE=0)
   timeout 200 python3 -m pytest -m gpu tests/kernels/test_kernels_norm_route_gpu.py -q -o asyncio_mode=strict \
     -p no:cacheprovider -W ignore::DeprecationWarning > "$OUT/route-tests.log" 2>&1
   echo "pytest exit $?" >> "$OUT/route-tests.log"

@@ -196,7 +196,7 @@ class DecodeAttention(CacheThenAttend):
 
     def _split(self, group, window, q, k_cache, v_cache, sinks, out):
         """run() through kernels/split_decode.py: its partials in fixed buffers per row count (graphs keep them)."""
-        from kernels.mxfp4_gemv import sm_count
+        from kernels.device import sm_count
         from kernels.split_decode import SplitScratch, split_decode, splits_for
 
         t = q.shape[0]

@@ -29,6 +29,7 @@ import torch
 
 from kernels import mxfp4_mma
 from kernels._cute import cute_modules, fixed, launch, pdl_wait, rows
+from kernels.device import sm_count
 from kernels.moe_dispatch import expert_finder
 from kernels.mxfp4_mma import TILE, mma_layout_ok, warps_for
 from kernels.pdl import pdl_enabled
@@ -132,11 +133,6 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
            fixed(bias.view(-1), align=16 if repacked else 2),
            fixed(offsets, align=4), rows(y), *sizes)
     return y
-
-
-@functools.cache
-def sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache

@@ -123,7 +123,8 @@ if triton is not None:
                       out_ptr, q_stride, table_stride, WINDOW: tl.constexpr, SPLITS: tl.constexpr,
                       GROUP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                       PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, LOG2E_: tl.constexpr,
-                      GP: tl.constexpr, CHUNK: tl.constexpr, FUSED_MERGE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr):
+                      GP: tl.constexpr, CHUNK: tl.constexpr, FUSED_MERGE: tl.constexpr, INTERPRETED: tl.constexpr,
+                      PDL: tl.constexpr):
         if PDL:  # q and the cache come from the kernels before (kernels/pdl.py)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()

@@ -7,9 +7,9 @@ from kernels.norm_route import norm_route_reference
 
 
 def check_norm_route(fused, attn: torch.Tensor, resid: torch.Tensor, exact: bool = True, outputs=None) -> None:
-    """fused(attn, resid) (or the `outputs` a graph replay of it left) against the references: h exactly (within one bf16 step with exact=False: Triton's
-    interpreter truncates float32 to bf16 where the GPU rounds to nearest), y and the router logits within bf16
-    rounding; then, from the logits the kernel computed (near-ties in bf16 may fall either way against the
+    """fused(attn, resid) (or the `outputs` a graph replay of it left) against the references: h exactly
+    (within one bf16 step with exact=False: Triton's interpreter truncates float32 to bf16 where the GPU rounds
+    to nearest), y and the router logits within bf16 rounding; then, from the logits the kernel computed (near-ties in bf16 may fall either way against the
     reference's), the top-k exactly (ties: lowest expert first), its softmax, and a routing that places every
     (token, choice) in its expert's group exactly once."""
     y, h, routing, weights = fused(attn, resid) if outputs is None else outputs

@@ -103,7 +103,8 @@ class CudaGptOss(nn.Module):
                           self._device)
             if self.flash else None
         )
-        # decode steps' attention: the split kernel or XQA (kernels/decode_attention.py), unless ROSE_DECODE_ATTENTION=flashinfer
+        # decode steps' attention: the split kernel or XQA (kernels/decode_attention.py), unless
+        # ROSE_DECODE_ATTENTION=flashinfer
         # sends them to the prefill's wrapper
         self.decode_attention = (
             DecodeAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,

@@ -119,6 +119,19 @@ class CacheThenAttend:
                            self.head_dim)
         return self.run(group, window, q, k_cache, v_cache, sinks)
 
+    def attend_x(
+        self, group: str, window: int | None, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+        cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sinks: torch.Tensor,
+    ) -> torch.Tensor:
+        """From the QKV projection's input, for a few rows: the projection, rotary and cache write in one GEMV
+        (kernels/qkv_rope.py), then attend. x [T, hidden] bf16, weight [(heads + 2 kv_heads) * D, hidden]
+        -> [T, heads, D]."""
+        from kernels.qkv_rope import qkv_rope_cache
+
+        q = qkv_rope_cache(x, weight, bias, cos, sin, self.slots[group], k_cache, v_cache, self.num_heads,
+                           self.num_kv_heads, self.head_dim)
+        return self.run(group, window, q, k_cache, v_cache, sinks)
+
 
 class SinkAttention(CacheThenAttend):
     """Plans once per step, then runs every layer of the step through FlashInfer.

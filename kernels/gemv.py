@@ -108,14 +108,14 @@ if triton is not None:
         return acc + w * xm.to(tl.float32)[None, :]
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                     PDL: tl.constexpr):
-        pid = tl.program_id(0)
-        cols = pid * BN + tl.arange(0, BN)
-        cols_in = cols % N  # loads wrap, the store is masked
+    def weight_row_products(x_ptr, w_tile, K: tl.constexpr, M: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                            EVEN_K: tl.constexpr, PDL: tl.constexpr):
+        """The main loop: per x row m < M, a [BN, BK] float32 tile of partial products whose row sums are
+        x[m] . W[row] (rows past M stay zero). w_tile: the BN weight rows' pointers at K offsets [0, BK).
+
+        Loads the first weight step, then (with PDL) waits for the kernels before: x is theirs, the weights
+        are not (kernels/pdl.py)."""
         k = tl.arange(0, BK)
-        w_tile = w_ptr + cols_in[:, None].to(tl.int64) * K + k[None, :]
         acc0 = tl.zeros((BN, BK), dtype=tl.float32)
         acc1 = tl.zeros((BN, BK), dtype=tl.float32)
         acc2 = tl.zeros((BN, BK), dtype=tl.float32)
@@ -124,11 +124,7 @@ if triton is not None:
             w_next = tl.load(w_tile)
         else:
             w_next = tl.load(w_tile, mask=(k < K)[None, :], other=0.0)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + cols_in).to(tl.float32)
-        else:
-            bias = tl.zeros((BN,), dtype=tl.float32)
-        if PDL:  # the first weight step and the bias are in flight before x is ready (kernels/pdl.py)
+        if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         for k0 in range(0, K, BK):
@@ -148,6 +144,21 @@ if triton is not None:
                 acc2 = _row_partial(acc2, w, x_ptr, 2, K, k_idx, k_in, EVEN_K)
             if M > 3:
                 acc3 = _row_partial(acc3, w, x_ptr, 3, K, k_idx, k_in, EVEN_K)
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N: tl.constexpr, K: tl.constexpr, M: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+                     PDL: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = pid * BN + tl.arange(0, BN)
+        cols_in = cols % N  # loads wrap, the store is masked
+        w_tile = w_ptr + cols_in[:, None].to(tl.int64) * K + tl.arange(0, BK)[None, :]
+        if HAS_BIAS:  # in flight with the first weight step, before the wait
+            bias = tl.load(b_ptr + cols_in).to(tl.float32)
+        else:
+            bias = tl.zeros((BN,), dtype=tl.float32)
+        acc0, acc1, acc2, acc3 = weight_row_products(x_ptr, w_tile, K, M, BN, BK, EVEN_K, PDL)
         keep = cols < N
         tl.store(y_ptr + cols, (tl.sum(acc0, axis=1) + bias).to(tl.bfloat16), mask=keep)
         if M > 1:

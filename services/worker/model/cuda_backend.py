@@ -66,6 +66,7 @@ class CudaGptOss(nn.Module):
         from kernels.attention import SinkAttention
         from kernels.decode_attention import DecodeAttention, xqa_decode
         from kernels.norm_route import NormRoute
+        from kernels.qkv_rope import qkv_rope_enabled
         from services.worker.model.cuda_moe import GroupedExperts, decode_copies
 
         c = model.config
@@ -83,6 +84,8 @@ class CudaGptOss(nn.Module):
         # decode's few tokens: the post-attention norm, router and routing in one kernel (kernels/norm_route.py);
         # ROSE_FUSED_ROUTE=0 keeps the three kernels (for A/B timing)
         self.fused_route = os.environ.get("ROSE_FUSED_ROUTE", "1") != "0" and bool(importlib.util.find_spec("triton"))
+        # ROSE_FUSED_QKV_ROPE=1: decode's QKV GEMV also rotates q and k and writes the cache (kernels/qkv_rope.py)
+        self.fused_qkv_rope = qkv_rope_enabled()
         for i, layer in enumerate(model.model.layers):
             a = layer.self_attn
             self.layers.append(dict(
@@ -210,12 +213,19 @@ class CudaGptOss(nn.Module):
         return y
 
     def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, attention, plans) -> torch.Tensor:
+        from kernels.qkv_rope import qkv_rope_fits
+
         c = self.config
         t = x.shape[0]
-        qkv = linear(x, L["qkv_w"], L["qkv_b"])
-        if attention is not None:  # FlashInfer, after rotary and the cache write fused in one kernel
+        if attention is not None and self.fused_qkv_rope and qkv_rope_fits(t, L["qkv_w"], c.head_dim):
+            # the projection, rotary and cache write in one GEMV
+            out = attention.attend_x(L["group"], L["window"], x, L["qkv_w"], L["qkv_b"], cos, sin, k_cache, v_cache,
+                                     L["sinks"])
+        elif attention is not None:  # FlashInfer or the split kernel, after rotary and the cache write in one kernel
+            qkv = linear(x, L["qkv_w"], L["qkv_b"])
             out = attention.attend_qkv(L["group"], L["window"], qkv, cos, sin, k_cache, v_cache, L["sinks"])
         else:
+            qkv = linear(x, L["qkv_w"], L["qkv_b"])
             q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = apply_rotary(q.view(t, c.num_attention_heads, c.head_dim), cos, sin)
             k = apply_rotary(k.view(t, c.num_key_value_heads, c.head_dim), cos, sin)

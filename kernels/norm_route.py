@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from kernels.pdl import pdl_enabled
 from kernels.moe_dispatch import empty_routing
+from kernels.pdl import pdl_enabled
 
 try:  # optional: importing this module must work where Triton is absent
     import triton

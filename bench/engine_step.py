@@ -26,7 +26,7 @@ import torch
 
 from bench.decode_step import random_checkpoint
 from bench.roofline import copy_bandwidth, decode_bound
-from kernels.decode_attention import xqa_decode
+from kernels.decode_attention import decode_kernel
 from kernels.pdl import pdl_enabled
 from services.worker.engine.engine import Engine
 from services.worker.model import load_model
@@ -100,7 +100,7 @@ def run(path: str, batches: list[int], prompt: int, output: int, loop_requests: 
         rows.append(row)
     return dict(bandwidth=bandwidth, layers=c.num_hidden_layers, prompt=prompt, output=output, rows=rows,
                 startup_s=startup_s, device=torch.cuda.get_device_name(), pdl=pdl_enabled(),
-                decode_attention="xqa" if xqa_decode() else "flashinfer")
+                decode_attention=decode_kernel())
 
 
 def main() -> None:

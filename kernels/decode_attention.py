@@ -52,7 +52,7 @@ def decode_kernel() -> str:
     return choice
 
 
-def xqa_decode() -> bool:
+def uses_decode_attention() -> bool:
     """Whether the cuda backend's decode steps go through DecodeAttention (XQA or the split kernel)."""
     return decode_kernel() != "flashinfer"
 

@@ -202,7 +202,7 @@ if triton is not None:
         total = tl.sum(l * tl.exp2(m - top[:, None]), 1) + tl.exp2(sink - top)  # empty splits: m = -inf, weight 0
         o = tl.zeros([GP, HEAD_DIM], dtype=tl.float32)
         for c in tl.static_range(0, SPLITS, CHUNK):
-            at_c = base[:, None] + (c + tl.arange(0, CHUNK))[None, :]  # [GP, CHUNK]
+            at_c = base[:, None] + (c + tl.arange(0, CHUNK))[None, :]  # [GP, CHUNK]; m re-read: no slicing in Triton
             w = tl.exp2(tl.load(stats_ptr + at_c * 2, mask=real[:, None], other=float("-inf"),
                                 cache_modifier=".cg") - top[:, None])
             part = tl.load(part_ptr + at_c[:, :, None] * HEAD_DIM + d[None, None, :], mask=real[:, None, None],

@@ -64,7 +64,7 @@ class CudaGptOss(nn.Module):
     def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
         super().__init__()
         from kernels.attention import SinkAttention
-        from kernels.decode_attention import DecodeAttention, xqa_decode
+        from kernels.decode_attention import DecodeAttention, uses_decode_attention
         from kernels.norm_route import NormRoute
         from kernels.qkv_rope import qkv_rope_enabled
         from services.worker.model.cuda_moe import GroupedExperts, decode_copies
@@ -112,7 +112,7 @@ class CudaGptOss(nn.Module):
         self.decode_attention = (
             DecodeAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
                             self._device)
-            if self.flash and xqa_decode() else None
+            if self.flash and uses_decode_attention() else None
         )
         self.cuda_graphs = cuda_graphs and self.flash  # the torch attention fallback is not capturable
         self.graphs = None  # DecodeGraphs over the KV cache of the last decode step

@@ -36,6 +36,12 @@ MAX_TOKENS = 4  # decode's GEMV path (kernels/moe_mxfp4.GEMV_ROWS routed rows at
 MAX_EXPERTS = 256
 
 
+def norm_route_enabled() -> bool:
+    """Whether the cuda backend fuses decode's norm and routing: Triton is there and ROSE_FUSED_ROUTE is not 0
+    (0 keeps the three kernels, for A/B timing)."""
+    return triton is not None and os.environ.get("ROSE_FUSED_ROUTE", "1") != "0"
+
+
 def norm_route_fits(tokens: int, hidden: int, num_experts: int, k: int) -> bool:
     """Whether `norm_route` takes this step (few tokens, a router that fits one program's registers)."""
     return 1 <= tokens <= MAX_TOKENS and num_experts <= MAX_EXPERTS and k <= num_experts and hidden <= 8192

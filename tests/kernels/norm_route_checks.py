@@ -3,7 +3,16 @@
 import torch
 
 from kernels.gemv import gemv_reference
-from kernels.norm_route import norm_route_reference
+from kernels.norm_route import NormRoute, norm_route_reference
+
+
+def random_norm_route(hidden: int, experts: int, k: int, device, ties: bool = False) -> NormRoute:
+    """A NormRoute over random bf16 weights; with ties, experts 2i and 2i+1 alike (every logit tied in pairs)."""
+    router_w, router_b = torch.randn(experts, hidden, device=device) / hidden**0.5, torch.randn(experts, device=device)
+    if ties:
+        router_w[1::2], router_b[1::2] = router_w[0::2], router_b[0::2]
+    return NormRoute(torch.randn(hidden, device=device).to(torch.bfloat16), router_w.to(torch.bfloat16),
+                     router_b.to(torch.bfloat16), k, 1e-5)
 
 
 def check_norm_route(fused, attn: torch.Tensor, resid: torch.Tensor, exact: bool = True, outputs=None) -> None:

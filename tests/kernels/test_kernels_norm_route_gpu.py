@@ -4,20 +4,11 @@ graph with its outputs poisoned before each replay (GPU only)."""
 import pytest
 import torch
 
-from norm_route_checks import check_norm_route
+from norm_route_checks import check_norm_route, random_norm_route
 
 pytestmark = pytest.mark.gpu
 
 SHAPES = [(2880, 32, 4), (2880, 128, 4), (64, 8, 4), (200, 20, 3)]  # (hidden, experts, k): 20b, 120b, tiny, odd
-
-
-def _fused(hidden, experts, k):
-    from kernels.norm_route import NormRoute
-
-    dev = "cuda"
-    return NormRoute(torch.randn(hidden, device=dev).to(torch.bfloat16),
-                     (torch.randn(experts, hidden, device=dev) / hidden**0.5).to(torch.bfloat16),
-                     torch.randn(experts, device=dev).to(torch.bfloat16), k, 1e-5)
 
 
 def _inputs(tokens, hidden):
@@ -28,7 +19,7 @@ def _inputs(tokens, hidden):
 @pytest.mark.parametrize("tokens", [1, 2, 3, 4])
 @pytest.mark.parametrize("hidden,experts,k", SHAPES)
 def test_norm_route(tokens, hidden, experts, k):
-    fused = _fused(hidden, experts, k)
+    fused = random_norm_route(hidden, experts, k, "cuda")
     for _ in range(3):  # fresh inputs each call; the ticket must come back to zero
         check_norm_route(fused, *_inputs(tokens, hidden))
         assert int(fused.ticket) == 0
@@ -36,7 +27,7 @@ def test_norm_route(tokens, hidden, experts, k):
 
 @pytest.mark.parametrize("tokens", [1, 4])
 def test_norm_route_graph_replay(tokens):
-    fused = _fused(2880, 32, 4)
+    fused = random_norm_route(2880, 32, 4, "cuda")
     attn, resid = _inputs(tokens, 2880)
     fused(attn, resid)  # compile outside the capture
     torch.cuda.synchronize()

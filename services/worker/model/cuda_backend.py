@@ -17,7 +17,6 @@ the torch rotary and paged attention, eagerly.
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +64,7 @@ class CudaGptOss(nn.Module):
         super().__init__()
         from kernels.attention import SinkAttention
         from kernels.decode_attention import DecodeAttention, uses_decode_attention
-        from kernels.norm_route import NormRoute
+        from kernels.norm_route import NormRoute, norm_route_enabled
         from kernels.qkv_rope import qkv_rope_enabled
         from services.worker.model.cuda_moe import GroupedExperts, decode_copies
 
@@ -81,9 +80,8 @@ class CudaGptOss(nn.Module):
         self.eps = c.rms_norm_eps
         self.layers = []
         copies = decode_copies([layer.mlp for layer in model.model.layers], torch.cuda.mem_get_info(self._device)[0])
-        # decode's few tokens: the post-attention norm, router and routing in one kernel (kernels/norm_route.py);
-        # ROSE_FUSED_ROUTE=0 keeps the three kernels (for A/B timing)
-        self.fused_route = os.environ.get("ROSE_FUSED_ROUTE", "1") != "0" and bool(importlib.util.find_spec("triton"))
+        # decode's few tokens: the post-attention norm, router and routing in one kernel (kernels/norm_route.py)
+        self.fused_route = norm_route_enabled()
         # ROSE_FUSED_QKV_ROPE=1: decode's QKV GEMV also rotates q and k and writes the cache (kernels/qkv_rope.py)
         self.fused_qkv_rope = qkv_rope_enabled()
         for i, layer in enumerate(model.model.layers):
@@ -107,8 +105,7 @@ class CudaGptOss(nn.Module):
             if self.flash else None
         )
         # decode steps' attention: the split kernel or XQA (kernels/decode_attention.py), unless
-        # ROSE_DECODE_ATTENTION=flashinfer
-        # sends them to the prefill's wrapper
+        # ROSE_DECODE_ATTENTION=flashinfer sends them to the prefill's wrapper
         self.decode_attention = (
             DecodeAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
                             self._device)
@@ -225,8 +222,7 @@ class CudaGptOss(nn.Module):
             qkv = linear(x, L["qkv_w"], L["qkv_b"])
             out = attention.attend_qkv(L["group"], L["window"], qkv, cos, sin, k_cache, v_cache, L["sinks"])
         else:
-            qkv = linear(x, L["qkv_w"], L["qkv_b"])
-            q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+            q, k, v = linear(x, L["qkv_w"], L["qkv_b"]).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
             q = apply_rotary(q.view(t, c.num_attention_heads, c.head_dim), cos, sin)
             k = apply_rotary(k.view(t, c.num_key_value_heads, c.head_dim), cos, sin)
             v = v.reshape(t, c.num_key_value_heads, c.head_dim)

@@ -9,8 +9,10 @@
 #                                                  # decode step with it (ROSE_DECODE_ATTENTION=split)
 #   ROSE_CHECKS=route bash bench/gpu_checks.sh     # the fused norm + router + routing: its tests, then the decode
 #                                                  # step without it (ROSE_FUSED_ROUTE=0)
-#   ROSE_CHECKS=qkvrope bash bench/gpu_checks.sh   # the QKV GEMV with rotary + cache write (opt-in): its tests, the
-#                                                  # graph tests, then the decode step with it (ROSE_FUSED_QKV_ROPE=1)
+#   ROSE_CHECKS=qkvrope bash bench/gpu_checks.sh   # the QKV GEMV with rotary + cache write: its tests, the graph
+#                                                  # tests, then the decode step without it (ROSE_FUSED_QKV_ROPE=0)
+#   ROSE_CHECKS=early bash bench/gpu_checks.sh     # the MXFP4 GEMV tests, then the decode step with down's weight
+#                                                  # copies after gate_up ends (ROSE_EARLY_DOWN=0)
 #
 # On the device tool's machines, stage the cuda backend's packages first (a call before, on the
 # same warm machine: `eval "$(bash .device/stage.sh)"` carrying .device/stage.sh .device/cutedsl
@@ -78,15 +80,24 @@ if [[ $CHECKS == *qkvrope* ]]; then  # kernels/qkv_rope.py: its tests and the gr
     tests/kernels/test_kernels_cuda_graphs_gpu.py -q -s -o asyncio_mode=strict -p no:cacheprovider \
     -W ignore::DeprecationWarning > "$OUT/qkvrope-tests.log" 2>&1
   echo "pytest exit $?" >> "$OUT/qkvrope-tests.log"
-  ROSE_FUSED_QKV_ROPE=1 timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
-    --json "$OUT/decode-qkvrope.json" > "$OUT/decode-qkvrope.log" 2>&1
-  echo "exit $?" >> "$OUT/decode-qkvrope.log"
+  ROSE_FUSED_QKV_ROPE=0 timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
+    --json "$OUT/decode-qkv-apart.json" > "$OUT/decode-qkv-apart.log" 2>&1
+  echo "exit $?" >> "$OUT/decode-qkv-apart.log"
+fi
+if [[ $CHECKS == *early* ]]; then  # down's weight copies before its PDL wait (kernels/mxfp4_mma.py): the GEMV tests,
+  # then the decode step with the copies after the wait (ROSE_EARLY_DOWN=0)
+  timeout 300 python3 -m pytest -m gpu tests/kernels/test_kernels_mxfp4_gemv_gpu.py -q -o asyncio_mode=strict \
+    -p no:cacheprovider -W ignore::DeprecationWarning > "$OUT/early-tests.log" 2>&1
+  echo "pytest exit $?" >> "$OUT/early-tests.log"
+  ROSE_EARLY_DOWN=0 timeout 150 python3 -m bench.decode_step --batches 1,8,64 --iters 20 \
+    --json "$OUT/decode-late-down.json" > "$OUT/decode-late-down.log" 2>&1
+  echo "exit $?" >> "$OUT/decode-late-down.log"
 fi
 if ! ls .device/ficache/ficache.tar.xz.* >/dev/null 2>&1 && [ -d ~/.cache/flashinfer ]; then
   mkdir -p "$OUT/ficache" && tar cf - -C ~/.cache flashinfer | xz -1 -T8 | split -b 15M - "$OUT/ficache/ficache.tar.xz."
 fi
 for log in gpu-tests decode engine decode-nopdl decode-flashinfer gemv split-tests decode-split route-tests \
-    decode-unfused-route qkvrope-tests decode-qkvrope; do
+    decode-unfused-route qkvrope-tests decode-qkv-apart early-tests decode-late-down; do
   [ -f "$OUT/$log.log" ] || continue
   echo "== $log"
   grep -E "^FAILED|^ERROR|passed|failed|skipped|^\| |exit [0-9]|vs float32|worst graph" "$OUT/$log.log" | tail -20

@@ -76,7 +76,8 @@ def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None, x_rows=N
 def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                offsets: torch.Tensor, out: torch.Tensor | None = None,
                swiglu: tuple[float, float] | None = None, rows_per_cta: int | None = None,
-               x_rows: torch.Tensor | None = None, repacked: bool = False) -> torch.Tensor:
+               x_rows: torch.Tensor | None = None, repacked: bool = False, route_settled: bool = False
+               ) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e] (see module doc).
 
     Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
@@ -85,6 +86,9 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     tensor-core kernel, which needs out in 16-row tiles and every scale byte <= MMA_MAX_SCALE (the
     caller checks both once: mma_fits); else blocks are the checkpoint's and this module's FMA
     kernel runs. rows_per_cta: 16 for the MMA kernel, 2..32 for the FMA one (default 8).
+    route_settled: offsets were written by a kernel two or more launches before this one (down after
+    gate_up), so the MMA kernel starts its first weight copies before its PDL wait, while the kernel
+    before finishes (kernels/pdl.py: that kernel passed its own wait, so its predecessor completed).
     """
     from kernels.moe_mxfp4 import _check
 
@@ -116,7 +120,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     groups = k // 32
     if repacked:
         key = ("mxfp4_mma", experts, n_out, k, warps_for(k), mxfp4_mma.STAGES, mxfp4_mma.MATH, swiglu is not None,
-               float(alpha), float(limit), gather)
+               float(alpha), float(limit), gather, route_settled)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
         n_tiles = n * (n_out // TILE)
         sizes = (cutlass.Int32(n_tiles), cutlass.Int32(min(n_tiles, mxfp4_mma.CTAS_PER_SM * sm_count(x.device))))

@@ -126,9 +126,10 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,
 
 @functools.cache
 def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bool, fuse_swiglu: bool,
-             alpha: float, limit: float, gather: bool):
+             alpha: float, limit: float, gather: bool, early: bool):
     """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4],
-    weights repacked)."""
+    weights repacked). early: the offsets were written two or more kernels before (mxfp4_gemv's
+    route_settled), so the first tiles' weight copies start before the PDL wait."""
     cutlass, cute, _, cuda = cute_modules()
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op
@@ -177,6 +178,11 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                         "r,l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 
     @dsl_user_op
+    def load_gpu(ptr, *, loc=None, ip=None):  # an int32 read coherently at the GPU's scope (skipping L1)
+        return Int32(asm(T.i32(), [ptr.toint(loc=loc, ip=ip)], "ld.relaxed.gpu.global.b32 $0, [$1];", "=r,l",
+                         loc, ip))
+
+    @dsl_user_op
     def mma(a, b, c, *, loc=None, ip=None):  # 4 A regs, 2 B regs, 4 C floats -> 4 D floats
         f32 = T.f32()
         out = asm(llvm.StructType.get_literal([f32] * 4), [Int32(v) for v in a + b] + [Float32(v) for v in c],
@@ -195,25 +201,29 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
         return w, sc, b, xs
 
     @cute.jit
-    def issue(offsets: cute.Tensor, mR: cute.Tensor, mX: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor,
-              mB: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer, tile: Int32, lane: Int32):
-        """(whole warp) Start the bulk copies of tile's 16 weight rows, their scales and bias, and its routed
-        row of x into stage `st` (completing on `mbar`), and note the row's expert there for the store."""
-        row = tile // tiles_per_row
+    def issue_weights(offsets: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor, st: cute.Tensor,
+                      mbar: cute.Pointer, tile: Int32, lane: Int32):
+        """(whole warp) Start the bulk copies of tile's 16 weight rows, their scales and bias into stage `st`
+        (completing on `mbar`, which then still waits for issue_x's copy), and note the row's expert there."""
         found = cute.make_rmem_tensor((2,), Int32)
-        expert_of(offsets, row, lane, found)
+        expert_of(offsets, tile // tiles_per_row, lane, found)
         first = found[0] * n_out + (tile % tiles_per_row) * TILE
         if lane == 0:
             cute.arch.mbarrier_arrive_and_expect_tx(mbar, stage_bytes)
             bulk_copy(st.iterator, mW.iterator + first * (groups * 4), TILE * groups * 16, mbar)
             bulk_copy(st.iterator + scales_at // 4, mS.iterator + first * groups, TILE * groups, mbar)
             bulk_copy(st.iterator + bias_at // 4, mB.iterator + first, TILE * 2, mbar)
-            x_row = row
-            if cutlass.const_expr(gather):
-                x_row = mR[row]
-            bulk_copy(st.iterator + x_at // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
             st[meta_at // 4] = found[0]
             st[meta_at // 4 + 1] = found[1]
+
+    @cute.jit
+    def issue_x(mR: cute.Tensor, mX: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer, tile: Int32, lane: Int32):
+        """(whole warp, after the PDL wait) Start the bulk copy of tile's routed row of x into stage `st`."""
+        if lane == 0:
+            x_row = tile // tiles_per_row
+            if cutlass.const_expr(gather):
+                x_row = mR[x_row]
+            bulk_copy(st.iterator + x_at // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
 
     @cute.jit
     def store_rows(red: cute.Tensor, bias: cute.Tensor, mY: cute.Tensor, row: Int32, pid_n: Int32, tidx: Int32):
@@ -277,9 +287,12 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                                    byte_alignment=16)
         offsets = smem.allocate_tensor(Int32, cute.make_layout((experts + 1,)), byte_alignment=16)
         mbars = smem.allocate_array(cutlass.Int64, stages, byte_alignment=8)
-        pdl_wait()  # the experts, hence every weight byte, depend on the route before
+        if cutlass.const_expr(not early):
+            pdl_wait()  # the experts, hence every weight byte, depend on the route before
         for e in cutlass.range(tidx, experts + 1, 32 * warps):
-            offsets[e] = mO[e]
+            # early: the kernel before this one passed its PDL wait, so the one before that, which wrote
+            # the offsets, has completed; read them at L2 (an SM's L1 may hold an earlier layer's)
+            offsets[e] = load_gpu(mO.iterator + e) if cutlass.const_expr(early) else mO[e]
         if tidx == 0:
             for s in cutlass.range_constexpr(stages):
                 cute.arch.mbarrier_init(mbars + s, 1)
@@ -291,12 +304,19 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
         if warp == 0:
             for s in cutlass.range_constexpr(stages - 1):
                 if s < count:
-                    issue(offsets, mR, mX, mW, mS, mB, stages_mem[s, None], mbars + s, cta + s * grid, lane)
+                    issue_weights(offsets, mW, mS, mB, stages_mem[s, None], mbars + s, cta + s * grid, lane)
+        if cutlass.const_expr(early):
+            pdl_wait()  # x is the kernel before's output
+        if warp == 0:
+            for s in cutlass.range_constexpr(stages - 1):
+                if s < count:
+                    issue_x(mR, mX, stages_mem[s, None], mbars + s, cta + s * grid, lane)
         for i in cutlass.range(count):
             ahead = i + stages - 1  # its stage was freed by the barrier that ended tile i - 1
             if warp == 0 and ahead < count:
-                issue(offsets, mR, mX, mW, mS, mB, stages_mem[ahead % stages, None], mbars + ahead % stages,
-                      cta + ahead * grid, lane)
+                st = stages_mem[ahead % stages, None]
+                issue_weights(offsets, mW, mS, mB, st, mbars + ahead % stages, cta + ahead * grid, lane)
+                issue_x(mR, mX, st, mbars + ahead % stages, cta + ahead * grid, lane)
             tile = cta + i * grid
             stage = i % stages
             w_tile, s_tile, bias, xs = stage_views(stages_mem[stage, None])

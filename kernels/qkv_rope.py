@@ -32,8 +32,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def qkv_rope_enabled() -> bool:
-    """ROSE_FUSED_QKV_ROPE=1 turns the fused projection on for decode steps (off until timed on a GPU)."""
-    return os.environ.get("ROSE_FUSED_QKV_ROPE", "0") == "1"
+    """Whether decode steps use the fused projection (ROSE_FUSED_QKV_ROPE=0: the GEMV, then rope_cache)."""
+    return os.environ.get("ROSE_FUSED_QKV_ROPE", "1") != "0"
 
 
 def qkv_rope_fits(rows: int, weight: torch.Tensor, head_dim: int) -> bool:

@@ -125,13 +125,10 @@ if triton is not None:
                       PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, LOG2E_: tl.constexpr,
                       GP: tl.constexpr, CHUNK: tl.constexpr, FUSED_MERGE: tl.constexpr, INTERPRETED: tl.constexpr,
                       PDL: tl.constexpr):
-        if PDL:  # q and the cache come from the kernels before (kernels/pdl.py)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        length = tl.load(lengths_ptr + row)
+        length = tl.load(lengths_ptr + row)  # lengths and tables are the step's inputs, copied before its kernels
         start = 0
         if WINDOW > 0:
             start = tl.maximum(length - WINDOW, 0)
@@ -142,6 +139,22 @@ if triton is not None:
         heads = tl.arange(0, 16)  # the kv head's GROUP query heads, padded to tl.dot's 16 rows
         d = tl.arange(0, HEAD_DIM)
         real = heads < GROUP
+        # The first tile's keys and values load before the PDL wait, all but the newest: earlier steps wrote
+        # them, and only the kernel just before (this step's rotary + cache write) may still run
+        # (kernels/pdl.py). At L2 (.cg): an SM's L1 may hold lines of a page read before it was reused.
+        slot = lo + tl.arange(0, BLOCK_N)
+        valid = slot < hi
+        newest = valid & (slot == length - 1)
+        block = tl.load(table_ptr + row.to(tl.int64) * table_stride + slot // PAGE, mask=valid, other=0)
+        at = ((block.to(tl.int64) * PAGE + slot % PAGE) * KV_HEADS + kvh) * HEAD_DIM
+        settled = (valid & ~newest)[:, None]
+        k = tl.load(k_ptr + at[:, None] + d[None, :], mask=settled, other=0.0, cache_modifier=".cg")
+        v = tl.load(v_ptr + at[:, None] + d[None, :], mask=settled, other=0.0, cache_modifier=".cg")
+        if PDL:  # q and the newest key and value come from the kernel before
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        k = tl.where(newest[:, None], tl.load(k_ptr + at[:, None] + d[None, :], mask=newest[:, None], other=0.0), k)
+        v = tl.where(newest[:, None], tl.load(v_ptr + at[:, None] + d[None, :], mask=newest[:, None], other=0.0), v)
         q = tl.load(q_ptr + row.to(tl.int64) * q_stride + (kvh * GROUP + heads)[:, None] * HEAD_DIM + d[None, :],
                     mask=real[:, None], other=0.0)
         if INTERPRETED:  # Triton 3.6's interpreter multiplies bf16's raw uint16 bits in tl.dot
@@ -149,7 +162,9 @@ if triton is not None:
         m = tl.full([16], float("-inf"), dtype=tl.float32)
         l = tl.zeros([16], dtype=tl.float32)
         acc = tl.zeros([16, HEAD_DIM], dtype=tl.float32)
-        t0 = lo
+        if lo < hi:  # (a split past the keys stays empty: m = -inf, l = 0)
+            m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, SCALE, INTERPRETED)
+        t0 = lo + BLOCK_N
         while t0 < hi:  # (a while loop: Triton's CPU interpreter cannot range() over loaded bounds)
             slot = t0 + tl.arange(0, BLOCK_N)
             valid = slot < hi
@@ -157,16 +172,7 @@ if triton is not None:
             at = ((block.to(tl.int64) * PAGE + slot % PAGE) * KV_HEADS + kvh) * HEAD_DIM
             k = tl.load(k_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if INTERPRETED:
-                k, v = k.to(tl.float32), v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * SCALE  # [16, BLOCK_N] log2 units
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            p = tl.exp2(s - m_new[:, None])
-            alpha = tl.exp2(m - m_new)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            l = l * alpha + tl.sum(p, 1)
-            m = m_new
+            m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, SCALE, INTERPRETED)
             t0 += BLOCK_N
         out_row = (row * HEADS + kvh * GROUP + heads) * SPLITS + split  # [16] (padding rows masked)
         tl.store(part_ptr + out_row.to(tl.int64)[:, None] * HEAD_DIM + d[None, :], acc, mask=real[:, None])
@@ -181,6 +187,20 @@ if triton is not None:
                 tl.store(ticket_at, 0)  # zero again for the next call (a graph replays this kernel as captured)
                 _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS, GROUP, GP, CHUNK, HEADS,
                              HEAD_DIM, LOG2E_)
+
+    @triton.jit
+    def _attend_tile(q, k, v, valid, m, l, acc, SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
+        """One BLOCK_N tile of keys into the running (max m, sum l, acc) of q's 16 rows (online softmax, log2)."""
+        if INTERPRETED:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * SCALE  # [16, BLOCK_N] log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        l = l * alpha + tl.sum(p, 1)
+        return m_new, l, acc
 
     @triton.jit
     def _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS: tl.constexpr, GROUP: tl.constexpr,

@@ -26,15 +26,17 @@ def checkpoint(tmp_path_factory):
                            num_hidden_layers=2, device="cuda")
 
 
-@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer", "mxfp4-xqa", "mxfp4-qkvrope"])
+@pytest.fixture(scope="module", params=["mxfp4", "bf16", "mxfp4-flashinfer", "mxfp4-xqa", "mxfp4-unfused"])
 def model(request, checkpoint):
     """The cuda backend as loaded (MXFP4 experts, the split decode attention), over bf16 experts (the
     torch._grouped_mm path), and with decode attention through FlashInfer's sink wrapper
     (ROSE_DECODE_ATTENTION=flashinfer: graph and eager decode steps both) or XQA, and with the QKV GEMV
-    doing the rotary and cache write (ROSE_FUSED_QKV_ROPE=1: one-sequence steps)."""
+    and the rotary + cache write apart and down's weight copies waiting for gate_up (ROSE_FUSED_QKV_ROPE=0,
+    ROSE_EARLY_DOWN=0)."""
     if request.param == "mxfp4":
         loaded = load_model(checkpoint, backend="cuda")
         assert loaded.decode_attention is not None and loaded.decode_attention.split
+        assert loaded.fused_qkv_rope and loaded.layers[0]["moe"].early_down
         return loaded
     if request.param == "mxfp4-xqa":  # decode attention through FlashInfer's XQA (graphs too: the choice is
         # read once, at load)
@@ -43,12 +45,13 @@ def model(request, checkpoint):
             xqa = load_model(checkpoint, backend="cuda")
         assert xqa.decode_attention is not None and not xqa.decode_attention.split
         return xqa
-    if request.param == "mxfp4-qkvrope":
+    if request.param == "mxfp4-unfused":
         with pytest.MonkeyPatch.context() as env:
-            env.setenv("ROSE_FUSED_QKV_ROPE", "1")
-            fused = load_model(checkpoint, backend="cuda")
-        assert fused.fused_qkv_rope
-        return fused
+            env.setenv("ROSE_FUSED_QKV_ROPE", "0")
+            env.setenv("ROSE_EARLY_DOWN", "0")
+            apart = load_model(checkpoint, backend="cuda")
+        assert not apart.fused_qkv_rope and not apart.layers[0]["moe"].early_down
+        return apart
     if request.param == "mxfp4-flashinfer":
         with pytest.MonkeyPatch.context() as env:
             env.setenv("ROSE_DECODE_ATTENTION", "flashinfer")

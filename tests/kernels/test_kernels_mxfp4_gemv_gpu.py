@@ -150,3 +150,40 @@ def test_mxfp4_mma_scale_range():
     out = gemv(True, x, blocks, scales, bias, offsets).double()
     assert ((out - ref).norm(dim=0) / ref.norm(dim=0)).max() <= TOL  # per weight row (output column)
     assert mma_scales_ok(scales) and not mma_scales_ok(scales, scales + 1)
+
+
+@pytest.mark.parametrize("mma", [True, False])
+def test_mxfp4_gemv_down_starts_during_gate_up(mma):
+    """Route, gate_up + SwiGLU, then down with route_settled (its weight copies start before its PDL wait,
+    while gate_up runs), captured once and replayed after the router's choice changed in place: down
+    must read this replay's offsets, not an earlier layer's or replay's."""
+    from kernels.moe_dispatch import route
+    from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+    from kernels.mxfp4_mma import repack
+
+    experts, top_k, clamp = 32, 4, (1.702, 7.0)
+    gate_up, down = random_mxfp4(experts, 2 * HIDDEN, HIDDEN), random_mxfp4(experts, HIDDEN, HIDDEN)
+    copies = [repack(w[0]) if mma else w[0] for w in (gate_up, down)]
+    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16) * 4
+    ids = torch.randperm(experts, device="cuda")[:top_k].to(torch.int32).view(1, top_k)
+
+    def step():
+        routing = route(ids, experts)
+        hidden = mxfp4_gemv(x, copies[0], *gate_up[1:], routing.offsets, swiglu=clamp, x_rows=routing.src,
+                            repacked=mma)
+        return routing, hidden, mxfp4_gemv(hidden, copies[1], *down[1:], routing.offsets, repacked=mma,
+                                           route_settled=True)
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        routing, hidden, y = step()
+    for _ in range(3):
+        ids.copy_(torch.randperm(experts, device="cuda")[:top_k].to(torch.int32).view(1, top_k))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        h_ref = mxfp4_gemv_reference(x, *gate_up, routing.offsets, swiglu=clamp, x_rows=routing.src)
+        assert rel_err(hidden, h_ref) <= TOL
+        assert rel_err(y, mxfp4_gemv_reference(hidden, *down, routing.offsets)) <= TOL

@@ -82,7 +82,7 @@ class CudaGptOss(nn.Module):
         copies = decode_copies([layer.mlp for layer in model.model.layers], torch.cuda.mem_get_info(self._device)[0])
         # decode's few tokens: the post-attention norm, router and routing in one kernel (kernels/norm_route.py)
         self.fused_route = norm_route_enabled()
-        # ROSE_FUSED_QKV_ROPE=1: decode's QKV GEMV also rotates q and k and writes the cache (kernels/qkv_rope.py)
+        # decode's QKV GEMV also rotates q and k and writes the cache (kernels/qkv_rope.py; ROSE_FUSED_QKV_ROPE=0: apart)
         self.fused_qkv_rope = qkv_rope_enabled()
         for i, layer in enumerate(model.model.layers):
             a = layer.self_attn

@@ -70,6 +70,7 @@ class GroupedExperts:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
         self.alpha, self.limit = experts.alpha, experts.limit
+        self.early_down = early_down()  # read once, at load: graphs captured later run what eager steps run
 
     def expert_rows(self, x: torch.Tensor):
         """x [T, H] bf16 -> everything but the combine: (ys [T*k, H] in expert order, routing, weights [T, k]
@@ -92,7 +93,9 @@ class GroupedExperts:
             if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
                 hidden = _gemv(x, self.gate_up, self.gate_up_mma, self.gate_up_b, routing.offsets, swiglu=clamp,
                                x_rows=routing.src)
-                return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets)
+                # the routing is two kernels back now: down's weight copies may start during gate_up
+                return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets,
+                             route_settled=self.early_down)
             hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                           swiglu=clamp)
             return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
@@ -105,6 +108,11 @@ class GroupedExperts:
         gate_up = grouped_linear(xs, self.gate_up, ends) + self.gate_up_b[expert_of_row]
         hidden = swiglu(gate_up, self.alpha, self.limit)
         return grouped_linear(hidden, self.down, ends) + self.down_b[expert_of_row]
+
+
+def early_down() -> bool:
+    """Whether decode's down GEMV starts its weight copies during gate_up (ROSE_EARLY_DOWN=0: after, for A/B timing)."""
+    return os.environ.get("ROSE_EARLY_DOWN", "1") != "0"
 
 
 def _decode_copy(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

@@ -10,7 +10,11 @@ inter-token latency the receiver sees (p50/p99; the source's is --step-ms), then
 the same with no pacing (the hop's capacity). The `mesh` hop is the scheduler,
 formatter and gateway together, with this process in the worker's place.
 
-    python -m bench.mesh_hops [--concurrency 1,16,64] [--rounds 200] [--step-ms 10]
+    python -m bench.mesh_hops [--concurrency 1,16,64] [--rounds 200] [--step-ms 10] [--prompt-tokens 2]
+
+The mesh hop also times admission: from a burst of N requests posted at once (prompts of
+--prompt-tokens distinct token ids) to each one's Submit reaching the worker peer, the first,
+p50 and last (what the gateway, formatter and scheduler cost a request, one after another).
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class HopRun:
     first_send: float = 0.0
     last_recv: float = 0.0
     arrivals: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # per stream: (time, tokens)
+    admission: list[float] = field(default_factory=list)  # mesh hop: burst start -> each Submit at the worker (s)
 
     def received(self, stream: str, index: int) -> None:
         now = time.perf_counter()
@@ -270,10 +275,10 @@ class FormatterHop(Hop):
 
 
 # ---------------------------------------------------------------- gateway
-async def sse_client(base_url: str, rounds: int, hop: Hop) -> None:
+async def sse_client(base_url: str, rounds: int, hop: Hop, prompt: list[int] | None = None) -> None:
     """One streamed completion; counts the tokens of each chunk (one character of text each,
     several in a chunk when the client lags) for hop."""
-    body = {"model": MODEL, "prompt": [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
+    body = {"model": MODEL, "prompt": prompt or [TOKEN, TOKEN + 1], "max_tokens": rounds + 1, "stream": True}
     async for chunk in post_sse(base_url, "/v1/completions", body):
         tokens = sum(len(c.get("text") or "") for c in chunk.get("choices", []))
         if tokens and hop.run is not None:
@@ -330,11 +335,13 @@ class MeshHop(Hop):
 
     TEXT_TOKEN = 87  # "x" in o200k: a token is one character of a chunk's text
 
-    def __init__(self, settings: Settings, base_url: str):
+    def __init__(self, settings: Settings, base_url: str, prompt_tokens: int = 2):
         super().__init__()
         self.base_url = base_url
+        self.prompt_tokens = prompt_tokens
         self.worker = dealer(settings.scheduler_backend)
         self.submits: dict[str, str] = {}  # gateway request id -> the Submit's (sub-request) id
+        self.submit_at: dict[str, float] = {}
         self.background(self._worker_rx())
         self.background(self._heartbeats())
 
@@ -349,15 +356,24 @@ class MeshHop(Hop):
             msg = protocol.decode(await self.worker.recv())
             if isinstance(msg, Submit):
                 self.submits[msg.request_id.rsplit("/", 1)[0]] = msg.request_id
+                self.submit_at[msg.request_id] = time.perf_counter()
 
     async def __call__(self, concurrency: int, rounds: int, step_s: float, tag: str) -> HopRun:
         await asyncio.sleep(1.0)  # the scheduler has the worker, the gateway a ready formatter
         self.submits.clear()
-        clients = [asyncio.create_task(sse_client(self.base_url, rounds, self)) for _ in range(concurrency)]
+        self.submit_at.clear()
+        burst = time.perf_counter()
+        first = 10_000 + 1000 * len(tag)  # distinct prompts: no prefix-cache hits
+        clients = [asyncio.create_task(sse_client(self.base_url, rounds, self,
+                                                  [first + (i * self.prompt_tokens + j) % 150_000
+                                                   for j in range(self.prompt_tokens)]))
+                   for i in range(concurrency)]
         await until(lambda: len(self.submits) >= concurrency, "the mesh submitted every request")
+        admission = [t - burst for t in self.submit_at.values()]
         streams = list(self.submits)
         step = [protocol.encode(TokenEvent(self.submits[s], token_ids=[self.TEXT_TOKEN], worker_id="bench")) for s in streams]
         run = await self.measure(streams, rounds, step_s, None, lambda k: self.worker.send_multipart(step, flags=zmq.DONTWAIT))
+        run.admission = admission
         done = [protocol.encode(TokenEvent(self.submits[s], finish_reason="length", prompt_tokens=2, worker_id="bench"))
                 for s in streams]
         self.worker.send_multipart(done, flags=zmq.DONTWAIT)
@@ -378,7 +394,8 @@ async def until(predicate, what: str, timeout: float = 30.0) -> None:
 
 
 # ---------------------------------------------------------------- main
-def run_hop(name: str, levels: list[int], rounds: int, step_s: float, home: str) -> list[tuple[int, HopRun, HopRun]]:
+def run_hop(name: str, levels: list[int], rounds: int, step_s: float, home: str,
+            prompt_tokens: int = 2) -> list[tuple[int, HopRun, HopRun]]:
     """Start the one service the hop needs, measure paced then unpaced at each concurrency."""
     base = dataclasses.replace(Settings.from_env(), home=home, log_level="warning", heartbeat_interval=0.5, heartbeat_timeout=30.0)
     mesh = Mesh(with_free_ports(base), log_dir=f"{home}/logs-{name}")
@@ -400,15 +417,16 @@ def run_hop(name: str, levels: list[int], rounds: int, step_s: float, home: str)
         time.sleep(4.0)  # imports
         if mesh.crashed():
             raise RuntimeError(mesh.describe_crash(mesh.crashed()[0]))
-        results = asyncio.run(_measure_levels(name, mesh, levels, rounds, step_s))
+        results = asyncio.run(_measure_levels(name, mesh, levels, rounds, step_s, prompt_tokens))
     finally:
         mesh.stop()
     return results
 
 
-async def _measure_levels(name: str, mesh: Mesh, levels: list[int], rounds: int, step_s: float):
+async def _measure_levels(name: str, mesh: Mesh, levels: list[int], rounds: int, step_s: float, prompt_tokens: int):
     hop = {"scheduler": lambda: SchedulerHop(mesh.settings), "formatter": lambda: FormatterHop(mesh.settings),
-           "gateway": lambda: GatewayHop(mesh.settings, mesh.url), "mesh": lambda: MeshHop(mesh.settings, mesh.url)}[name]()
+           "gateway": lambda: GatewayHop(mesh.settings, mesh.url),
+           "mesh": lambda: MeshHop(mesh.settings, mesh.url, prompt_tokens)}[name]()
     results = []
     try:
         for c in levels:
@@ -423,12 +441,19 @@ async def _measure_levels(name: str, mesh: Mesh, levels: list[int], rounds: int,
 
 def table(rows: list[tuple[str, int, HopRun, HopRun]]) -> str:
     head = ("hop", "streams", "offered tok/s", "delivered tok/s", "latency p50", "latency p99", "ITL p50", "ITL p99",
-            "capacity tok/s (unpaced)")
+            "capacity tok/s (unpaced)", "admission first / p50 / last")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, c, paced, unpaced in rows:
         lines.append(f"| {name} | {c} | {paced.offered:.0f} | {paced.delivered:.0f} | {paced.pct(50):.2f} ms | {paced.pct(99):.2f} ms | "
-                     f"{paced.itl(50):.2f} ms | {paced.itl(99):.2f} ms | {unpaced.delivered:.0f} |")
+                     f"{paced.itl(50):.2f} ms | {paced.itl(99):.2f} ms | {unpaced.delivered:.0f} | "
+                     f"{_admission(paced)} |")
     return "\n".join(lines)
+
+
+def _admission(run: HopRun) -> str:
+    if not run.admission:
+        return "-"
+    return f"{1000 * min(run.admission):.1f} / {_percentile(run.admission, 50):.1f} / {1000 * max(run.admission):.1f} ms"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-ms", type=float, default=10.0, help="time between rounds when paced")
     parser.add_argument("--hops", default="scheduler,formatter,gateway,mesh",
                         help="mesh: scheduler, formatter and gateway together, a worker peer in place of the engine")
+    parser.add_argument("--prompt-tokens", type=int, default=2, help="token ids in each request's prompt")
     parser.add_argument("--home", default=None)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",") if c]
@@ -447,9 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     setup(dataclasses.replace(Settings.from_env(), home=home))
     rows = []
     for name in args.hops.split(","):
-        for c, paced, unpaced in run_hop(name, levels, args.rounds, args.step_ms / 1000, home):
+        for c, paced, unpaced in run_hop(name, levels, args.rounds, args.step_ms / 1000, home, args.prompt_tokens):
             rows.append((name, c, paced, unpaced))
-    print(f"\n{args.rounds} tokens per stream, paced at one token per stream every {args.step_ms:g} ms")
+    print(f"\n{args.rounds} tokens per stream, paced at one token per stream every {args.step_ms:g} ms, "
+          f"prompts of {args.prompt_tokens} tokens")
     print(table(rows))
     return 0
 

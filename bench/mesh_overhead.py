@@ -1,7 +1,7 @@
 """What the mesh costs per streamed token: gateway -> formatter -> scheduler -> worker
 against the same engine called in process.
 
-    python -m bench.mesh_overhead [--concurrency 1,16,64] [--max-tokens 32]
+    python -m bench.mesh_overhead [--concurrency 1,16,64] [--max-tokens 32] [--prompt-tokens 16] [--rounds 1]
 
 For each concurrency it runs that many streams of `--max-tokens` tokens (distinct
 token-id prompts, ignore_eos) twice: through AsyncEngine in this process, then
@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from shared.config import Settings
@@ -66,34 +67,36 @@ def record(run: Run, arrivals: list[tuple[float, float]], started: float) -> Non
 
 
 # ---------------------------------------------------------------- in process
-async def in_process(engine, concurrency: int, max_tokens: int, tag: str) -> Run:
-    run = Run()
+async def in_process(engine, concurrency: int, max_tokens: int, tag: str, length: int = 16, run: Run | None = None) -> Run:
+    run = run or Run()
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
 
     async def stream(i: int) -> None:
         started = time.perf_counter()
         arrivals = []
-        async for out in engine.generate(f"{tag}-{i}", prompt(i), params):
+        first = zlib.crc32(tag.encode()) % 100_000  # distinct prompts per tag: no prefix-cache hits
+        async for out in engine.generate(f"{tag}-{i}", prompt(first + i, length), params):
             if out.token_ids:
                 arrivals.append((time.perf_counter(), len(out.token_ids)))
         record(run, arrivals, started)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(stream(i) for i in range(concurrency)))
-    run.wall_s = time.perf_counter() - t0
+    run.wall_s += time.perf_counter() - t0
     return run
 
 
 # ---------------------------------------------------------------- through the mesh
-async def through_mesh(base_url: str, concurrency: int, max_tokens: int, tag: int) -> Run:
+async def through_mesh(base_url: str, concurrency: int, max_tokens: int, tag: int, length: int = 16,
+                       run: Run | None = None) -> Run:
     """The same streams through the gateway, read by bench.streaming.post_sse (a lean client:
     it shares the cores with the mesh, so httpx's CPU per chunk would be charged to the mesh)."""
     from bench.streaming import post_sse
 
-    run = Run()
+    run = run or Run()
 
     async def stream(i: int) -> None:
-        body = {"model": "gpt-oss-tiny", "prompt": prompt(i + tag), "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+        body = {"model": "gpt-oss-tiny", "prompt": prompt(i + tag, length), "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
                 "stream_options": {"include_usage": True}}
         started = time.perf_counter()
         arrivals = []
@@ -113,7 +116,7 @@ async def through_mesh(base_url: str, concurrency: int, max_tokens: int, tag: in
 
     t0 = time.perf_counter()
     await asyncio.gather(*(stream(i) for i in range(concurrency)))
-    run.wall_s = time.perf_counter() - t0
+    run.wall_s += time.perf_counter() - t0
     return run
 
 
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated stream counts")
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens per stream")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="token ids in each stream's prompt")
+    parser.add_argument("--rounds", type=int, default=1, help="times each level runs (one after another, pooled)")
     parser.add_argument("--home", default=None, help="rose home (default: a temporary folder)")
     parser.add_argument("--floor", action="store_true", help="only time the unembedding and sampling of a 64-row step")
     args = parser.parse_args(argv)
@@ -193,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asyncio.run(in_process(engine, 2, 4, "warmup"))
         for c in levels:
-            local[c] = asyncio.run(in_process(engine, c, args.max_tokens, f"c{c}"))
+            for r in range(args.rounds):
+                local[c] = asyncio.run(in_process(engine, c, args.max_tokens, f"c{c}-r{r}", args.prompt_tokens,
+                                                  local.get(c)))
             print(f"  {c} streams: {local[c].tokens_per_s:.0f} tok/s", file=sys.stderr)
     finally:
         engine.shutdown()
@@ -206,12 +213,15 @@ def main(argv: list[str] | None = None) -> int:
         mesh.start(300)
         asyncio.run(through_mesh(mesh.url, 2, 4, 10_000))
         for c in levels:
-            run = asyncio.run(through_mesh(mesh.url, c, args.max_tokens, 20_000 + c))
+            run = None
+            for r in range(args.rounds):
+                run = asyncio.run(through_mesh(mesh.url, c, args.max_tokens, 20_000 + 1000 * r + c, args.prompt_tokens,
+                                               run))
             print(f"  {c} streams: {run.tokens_per_s:.0f} tok/s", file=sys.stderr)
             rows.append((c, local[c], run))
     finally:
         mesh.stop()
-    print(f"\nmax_tokens={args.max_tokens}, tiny checkpoint, backend={settings.backend}, device={settings.device}, "
+    print(f"\nmax_tokens={args.max_tokens}, prompt {args.prompt_tokens} tokens, {args.rounds} round(s), tiny checkpoint, backend={settings.backend}, device={settings.device}, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores")
     print(table(rows))
     for c, local_run, mesh_run in rows:

@@ -324,9 +324,9 @@ def _checker(hint):
             def check_int_list(value):
                 if not isinstance(value, list):
                     raise _Invalid("expected a list")
-                for i, v in enumerate(value):
-                    if type(v) is not int:
-                        raise _Invalid("expected an integer", f"[{i}]")
+                if not all(type(v) is int for v in value):  # then find where, for the message
+                    i = next(i for i, v in enumerate(value) if type(v) is not int)
+                    raise _Invalid("expected an integer", f"[{i}]")
                 return value
 
             return check_int_list

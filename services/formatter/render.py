@@ -179,7 +179,7 @@ def render_completion_prompts(encoding: HarmonyEncoding, body: dict, vocab_size:
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):  # one prompt of ids (checked below)
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt:
         prompts = prompt
@@ -190,10 +190,10 @@ def render_completion_prompts(encoding: HarmonyEncoding, body: dict, vocab_size:
         if isinstance(item, str):
             # Plain text: special-token spellings in user text are just text.
             ids = encoding.encode(item, disallowed_special=())
-        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
-            bad = [t for t in item if not 0 <= t < vocab_size]
-            if bad:
-                raise RenderError(f"prompt[{i}]: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+        elif isinstance(item, list) and all(type(t) is int for t in item):  # (not bool, an int subclass)
+            if item and not (0 <= min(item) and max(item) < vocab_size):
+                bad = next(t for t in item if not 0 <= t < vocab_size)
+                raise RenderError(f"prompt[{i}]: token id {bad} is outside the vocabulary [0, {vocab_size})")
             ids = list(item)
         else:
             raise RenderError(f"prompt[{i}]: expected a string or a list of token ids")

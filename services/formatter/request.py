@@ -12,6 +12,7 @@ rendered length (all prompts once, not per choice), the same on every Delta.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from openai_harmony import HarmonyEncoding
@@ -38,6 +39,16 @@ def split_sub_request_id(sub_id: str) -> tuple[str, int] | None:
     if not sep or not index.isdigit():
         return None
     return request_id, int(index)
+
+
+@functools.cache
+def _action_stops(encoding: HarmonyEncoding) -> tuple[int, ...]:
+    return tuple(encoding.stop_tokens_for_assistant_actions())
+
+
+def action_stops(encoding: HarmonyEncoding) -> list[int]:
+    """The Harmony tokens that end an assistant turn (<|return|>, <|call|>): asked of the encoding once (~70 us)."""
+    return list(_action_stops(encoding))
 
 
 def default_max_tokens(endpoint: str, prompt_len: int, max_model_len: int) -> int:
@@ -148,10 +159,10 @@ class InFlightRequest:
     def _start(cls, request: GenerateRequest, body: dict, n: int, encoding: HarmonyEncoding, trace, max_model_len: int):
         if request.endpoint == "chat":
             prompts = [render_chat(encoding, body)]
-            stops = encoding.stop_tokens_for_assistant_actions()
+            stops = action_stops(encoding)
         elif request.endpoint == "completion":
             prompts = render_completion_prompts(encoding, body)
-            stops = encoding.stop_tokens_for_assistant_actions() + [ENDOFTEXT]
+            stops = action_stops(encoding) + [ENDOFTEXT]
         else:
             raise RenderError(f"unknown endpoint {request.endpoint!r}")
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 MAX_CHOICES = 128
 MAX_STOP_STRINGS = 16
@@ -18,6 +18,8 @@ MAX_TOP_LOGPROBS = 20
 MAX_COUNT = 2**31 - 1
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+# A prompt's token ids: strict (no "12" or 1.0 taken as an id), so a union can try them first
+PromptTokenId = Annotated[int, Strict(), Field(ge=0, le=MAX_COUNT)]
 
 
 class _Request(BaseModel):
@@ -136,7 +138,10 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    # token ids first, left to right: a long token-id prompt validates in one pass (pydantic's smart
+    # union tried every member on it: 0.3 ms at 1024 ids, bench.mesh_hops --prompt-tokens)
+    prompt: Annotated[list[PromptTokenId] | list[list[PromptTokenId]] | str | list[str],
+                      Field(union_mode="left_to_right")]
     max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
@@ -150,7 +155,7 @@ class CompletionRequest(_Sampling):
             return value
         if not value:
             raise ValueError("prompt must not be empty")
-        if any(isinstance(v, list) and not v for v in value):
+        if isinstance(value[0], list) and not all(value):  # (a validated list holds one kind)
             raise ValueError("a token-id prompt must not be empty")
         return value
 

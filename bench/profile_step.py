@@ -3,6 +3,7 @@
     python -m bench.profile_step                    # 24-layer gpt-oss-20b shapes, batch 1
     python -m bench.profile_step --batch 64 --layers 2
     python -m bench.profile_step --batch 256 --host  # and where the host time of a graph step goes
+    python -m bench.profile_step --prefill 1024 --host  # one sequence's prefill instead (eager, as served)
 
 Runs the step eagerly under torch.profiler (the kernels are the ones a CUDA graph
 replays; only the gaps between them differ) and prints GPU time per kernel name, then
@@ -17,6 +18,15 @@ import torch
 
 from bench.decode_step import BLOCK, decode_batch, random_checkpoint, time_replay, time_steps
 from services.worker.model import load_model
+from services.worker.model.batch import ForwardBatch
+
+
+def prefill_batch(tokens: int, vocab: int) -> tuple[ForwardBatch, dict[str, int]]:
+    """One sequence's whole prompt of `tokens` tokens in one step (a request's first step), and its blocks."""
+    pages = list(range((tokens + BLOCK - 1) // BLOCK))
+    batch = ForwardBatch(token_ids=torch.randint(0, vocab, (tokens,)), positions=torch.arange(tokens),
+                         query_lens=[tokens], context_lens=[tokens], block_tables={"full": [pages], "sliding": [pages]})
+    return batch, {"full": len(pages), "sliding": len(pages)}
 
 
 def main() -> None:
@@ -26,9 +36,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")
     parser.add_argument("--host", action="store_true", help="also profile the host side of graph steps (cProfile)")
+    parser.add_argument("--prefill", type=int, default=0, help="profile one sequence's prefill of this many tokens")
     args = parser.parse_args()
     path = random_checkpoint("20b", args.layers)
     model = load_model(path, backend="cuda")
+    if args.prefill:
+        return profile_prefill(model, args)
     batch, blocks = decode_batch(args.batch, args.context, model.config.sliding_window, model.config.vocab_size)
     kv = model.make_kv_cache(blocks, BLOCK)
     time_steps(model, batch, kv, 3)
@@ -47,17 +60,44 @@ def main() -> None:
     time_steps(model, batch, kv, 2)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         time_steps(model, batch, kv, 1)
+    print(f"batch {args.batch}, {model.config.num_hidden_layers} layers: " + kernel_table(prof, args.rows,
+          f"; graph replay {replay * 1e3:.3f} ms"))
+
+
+def profile_prefill(model, args) -> None:
+    """Wall time of an eager prefill step against its kernel time (host-bound when the first is larger)."""
+    batch, blocks = prefill_batch(args.prefill, model.config.vocab_size)
+    kv = model.make_kv_cache(blocks, BLOCK)
+    time_steps(model, batch, kv, 3)  # JIT builds, autotuning
+    wall = sorted(time_steps(model, batch, kv, 10))[5]
+    if args.host:
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        time_steps(model, batch, kv, 5)
+        profiler.disable()
+        print(f"host side of 5 prefill steps of {args.prefill} tokens (cProfile, by own time):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        time_steps(model, batch, kv, 1)
+    print(f"prefill of {args.prefill} tokens, {model.config.num_hidden_layers} layers, step wall {wall * 1e3:.2f} ms "
+          "(median of 10): " + kernel_table(prof, args.rows))
+
+
+def kernel_table(prof, rows: int, note: str = "") -> str:
+    """'N kernels, T ms of kernel time' and a markdown table of the `rows` costliest kernels."""
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in events)
     count = sum(e.count for e in events)
-    print(f"batch {args.batch}, {model.config.num_hidden_layers} layers: {count} kernels, "
-          f"{total / 1e3:.3f} ms of kernel time; graph replay {replay * 1e3:.3f} ms")
-    print("| kernel | calls | total us | us/call | share |")
-    print("| --- | --- | --- | --- | --- |")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[: args.rows]:
+    lines = [f"{count} kernels, {total / 1e3:.3f} ms of kernel time{note}",
+             "| kernel | calls | total us | us/call | share |", "| --- | --- | --- | --- | --- |"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
         name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
-        print(f"| {name} | {e.count} | {e.self_device_time_total:.0f} | {e.self_device_time_total / e.count:.1f} | "
-              f"{100 * e.self_device_time_total / total:.1f}% |")
+        lines.append(f"| {name} | {e.count} | {e.self_device_time_total:.0f} | {e.self_device_time_total / e.count:.1f} | "
+                     f"{100 * e.self_device_time_total / total:.1f}% |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

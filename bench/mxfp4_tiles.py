@@ -1,6 +1,6 @@
 """Tile sweep of the MXFP4 grouped GEMM (kernels/moe_mxfp4.py) at prefill sizes, gpt-oss-20b shapes.
 
-    python -m bench.mxfp4_tiles [--tokens 1024,4096] [--iters 10]
+    python -m bench.mxfp4_tiles [--tokens 1024,4096]
 
 For each token count (routed rows = 4x: top-4 of 32 experts, drawn at random) it times gate_up
 (2880 -> 5760, SwiGLU fused) and down (2880 -> 2880) with each candidate tile and prints
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 
 import torch
 
+from bench.kernels import measure, random_routing
 from kernels.moe_mxfp4 import TileConfig, grouped_mxfp4_linear, tile_config
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2880, 2880, 32, 4
@@ -41,31 +41,9 @@ def random_experts(n_out: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torc
     return blocks, scales, bias
 
 
-def random_offsets(tokens: int) -> torch.Tensor:
-    """Expert row offsets [E+1] int32 of `tokens` tokens each routed to TOP_K distinct experts."""
-    ids = torch.rand(tokens, EXPERTS, device="cuda").argsort(1)[:, :TOP_K]
-    counts = torch.bincount(ids.flatten(), minlength=EXPERTS)
-    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
-
-
-def time_us(fn, iters: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1024,4096")
-    parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     gate_up, down = random_experts(2 * INTER, HIDDEN), random_experts(HIDDEN, INTER)
     print(f"{torch.cuda.get_device_name()}: MXFP4 grouped GEMM, {EXPERTS} experts, top-{TOP_K}, K {HIDDEN}")
@@ -73,16 +51,16 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for tokens in (int(t) for t in args.tokens.split(",")):
         n = tokens * TOP_K
-        offsets = random_offsets(tokens)
+        offsets = random_routing(tokens)[1].cuda()
         x = torch.randn(n, HIDDEN, device="cuda").to(torch.bfloat16)
         h = torch.randn(n, INTER, device="cuda").to(torch.bfloat16)
         flops = 2 * n * HIDDEN * (2 * INTER + HIDDEN)
         picked = tile_config(n)
         for cfg in CANDIDATES:
             try:
-                up = time_us(lambda: grouped_mxfp4_linear(x, *gate_up, offsets, config=cfg, swiglu=(1.702, 7.0)),
-                             args.iters)
-                dn = time_us(lambda: grouped_mxfp4_linear(h, *down, offsets, config=cfg), args.iters)
+                up = 1e6 * measure([lambda: grouped_mxfp4_linear(x, *gate_up, offsets, config=cfg,
+                                                                 swiglu=(1.702, 7.0))])[0]
+                dn = 1e6 * measure([lambda: grouped_mxfp4_linear(h, *down, offsets, config=cfg)])[0]
             except Exception as exc:  # a tile past the SM's shared memory fails to launch: say so, go on
                 print(f"| {tokens} | {dataclasses.astuple(cfg)[:5]} | failed: {type(exc).__name__} | | | |")
                 continue

@@ -47,15 +47,7 @@ def main() -> None:
     time_steps(model, batch, kv, 3)
     replay = time_replay(model, 20)
     if args.host:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        time_steps(model, batch, kv, 20)
-        profiler.disable()
-        print(f"host side of 20 graph steps at batch {args.batch} (cProfile, by own time):")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
+        host_profile(model, batch, kv, 20, f"graph steps at batch {args.batch}", args.rows)
     model.cuda_graphs = False
     time_steps(model, batch, kv, 2)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -71,19 +63,24 @@ def profile_prefill(model, args) -> None:
     time_steps(model, batch, kv, 3)  # JIT builds, autotuning
     wall = sorted(time_steps(model, batch, kv, 10))[5]
     if args.host:
-        import cProfile
-        import pstats
-
-        profiler = cProfile.Profile()
-        profiler.enable()
-        time_steps(model, batch, kv, 5)
-        profiler.disable()
-        print(f"host side of 5 prefill steps of {args.prefill} tokens (cProfile, by own time):")
-        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.rows)
+        host_profile(model, batch, kv, 5, f"prefill steps of {args.prefill} tokens", args.rows)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         time_steps(model, batch, kv, 1)
     print(f"prefill of {args.prefill} tokens, {model.config.num_hidden_layers} layers, step wall {wall * 1e3:.2f} ms "
           "(median of 10): " + kernel_table(prof, args.rows))
+
+
+def host_profile(model, batch, kv, steps: int, what: str, rows: int) -> None:
+    """Print cProfile's costliest functions (by own time) over `steps` steps."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    time_steps(model, batch, kv, steps)
+    profiler.disable()
+    print(f"host side of {steps} {what} (cProfile, by own time):")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(rows)
 
 
 def kernel_table(prof, rows: int, note: str = "") -> str:

@@ -363,9 +363,9 @@ class MeshHop(Hop):
         self.submits.clear()
         self.submit_at.clear()
         burst = time.perf_counter()
-        first = 10_000 + 1000 * len(tag)  # distinct prompts: no prefix-cache hits
+        # distinct prompts within a burst; the worker peer reports no cached blocks, so none ever hits
         clients = [asyncio.create_task(sse_client(self.base_url, rounds, self,
-                                                  [first + (i * self.prompt_tokens + j) % 150_000
+                                                  [TOKEN + (i * self.prompt_tokens + j) % 150_000
                                                    for j in range(self.prompt_tokens)]))
                    for i in range(concurrency)]
         await until(lambda: len(self.submits) >= concurrency, "the mesh submitted every request")

@@ -142,11 +142,8 @@ if triton is not None:
         # The first tile's keys and values load before the PDL wait, all but the newest: earlier steps wrote
         # them, and only the kernel just before (this step's rotary + cache write) may still run
         # (kernels/pdl.py). At L2 (.cg): an SM's L1 may hold lines of a page read before it was reused.
-        slot = lo + tl.arange(0, BLOCK_N)
-        valid = slot < hi
+        slot, valid, at = _tile_rows(table_ptr, row, table_stride, kvh, lo, hi, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N)
         newest = valid & (slot == length - 1)
-        block = tl.load(table_ptr + row.to(tl.int64) * table_stride + slot // PAGE, mask=valid, other=0)
-        at = ((block.to(tl.int64) * PAGE + slot % PAGE) * KV_HEADS + kvh) * HEAD_DIM
         settled = (valid & ~newest)[:, None]
         k = tl.load(k_ptr + at[:, None] + d[None, :], mask=settled, other=0.0, cache_modifier=".cg")
         v = tl.load(v_ptr + at[:, None] + d[None, :], mask=settled, other=0.0, cache_modifier=".cg")
@@ -166,10 +163,8 @@ if triton is not None:
             m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, SCALE, INTERPRETED)
         t0 = lo + BLOCK_N
         while t0 < hi:  # (a while loop: Triton's CPU interpreter cannot range() over loaded bounds)
-            slot = t0 + tl.arange(0, BLOCK_N)
-            valid = slot < hi
-            block = tl.load(table_ptr + row.to(tl.int64) * table_stride + slot // PAGE, mask=valid, other=0)
-            at = ((block.to(tl.int64) * PAGE + slot % PAGE) * KV_HEADS + kvh) * HEAD_DIM
+            slot, valid, at = _tile_rows(table_ptr, row, table_stride, kvh, t0, hi, KV_HEADS, HEAD_DIM, PAGE,
+                                         BLOCK_N)
             k = tl.load(k_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             v = tl.load(v_ptr + at[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             m, l, acc = _attend_tile(q, k, v, valid, m, l, acc, SCALE, INTERPRETED)
@@ -187,6 +182,15 @@ if triton is not None:
                 tl.store(ticket_at, 0)  # zero again for the next call (a graph replays this kernel as captured)
                 _merge_group(part_ptr, stats_ptr, sinks_ptr, out_ptr, row, kvh, SPLITS, GROUP, GP, CHUNK, HEADS,
                              HEAD_DIM, LOG2E_)
+
+    @triton.jit
+    def _tile_rows(table_ptr, row, table_stride, kvh, t0, hi, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Cache slots t0..t0+BLOCK_N of `row`: (slot, valid (< hi), element offset of each slot's kv head row)."""
+        slot = t0 + tl.arange(0, BLOCK_N)
+        valid = slot < hi
+        block = tl.load(table_ptr + row.to(tl.int64) * table_stride + slot // PAGE, mask=valid, other=0)
+        return slot, valid, ((block.to(tl.int64) * PAGE + slot % PAGE) * KV_HEADS + kvh) * HEAD_DIM
 
     @triton.jit
     def _attend_tile(q, k, v, valid, m, l, acc, SCALE: tl.constexpr, INTERPRETED: tl.constexpr):

@@ -171,6 +171,8 @@ def summarize(records: list[RequestRecord], duration: float, slo_ms: dict[str, f
             "ms_per_output_token": 1000 * duration / out_tokens if out_tokens else None,
             "useful_decode_fraction": out_tokens / decoded_tokens if decoded_tokens else None,
         },
+        "ttft_stages_ms": {name: _stats([r.ttft_stages[name] for r in ok if name in r.ttft_stages], 1.0)
+                           for name in dict.fromkeys(k for r in ok for k in r.ttft_stages)},
         "finish_reasons": {k: sum(1 for r in records if str(r.finish_reason) == k)
                            for k in sorted({str(r.finish_reason) for r in records})},
     }
@@ -185,7 +187,8 @@ def _metric_ms(record: RequestRecord, name: str) -> float:
 def record_dict(r: RequestRecord) -> dict:
     return {"prompt_tokens": r.prompt_tokens, "requested_tokens": r.requested_tokens, "output_tokens": r.output_tokens,
             "streamed_tokens": r.streamed_tokens, "chunks": len(r.chunk_times), "ttft_ms": 1000 * r.ttft if r.chunk_times else None,
-            "latency_ms": 1000 * r.latency, "finish_reason": r.finish_reason, "error": r.error}
+            "latency_ms": 1000 * r.latency, "finish_reason": r.finish_reason, "error": r.error,
+            "request_id": r.request_id, "ttft_stages_ms": r.ttft_stages or None}
 
 
 # ---------------------------------------------------------------- targets
@@ -199,6 +202,8 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
         from services.launcher import Mesh, with_free_ports
 
         log_dir = os.path.join(args.out, "mesh-logs")
+        if args.trace:  # every service prints its spans into its log (bench.mesh_trace reads them)
+            settings = dataclasses.replace(settings, otel_exporter="console")
         mesh = Mesh(with_free_ports(settings), formatters=args.formatters, workers=args.workers, log_dir=log_dir)
         print(f"mesh: starting {args.workers} worker(s), {args.formatters} formatter(s), backend {settings.backend} "
               f"on {settings.device} (logs in {log_dir})", file=sys.stderr)
@@ -229,9 +234,25 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
     finally:
         if mesh is not None:
             crashed = [mesh.describe_crash(c) for c in mesh.crashed()]
-            mesh.stop()
+            mesh.stop()  # the services flush their spans as they stop
             if crashed:
                 print("mesh children crashed:\n" + "\n".join(crashed), file=sys.stderr)
+            if args.trace:
+                add_mesh_stages(plan, log_dir)
+
+
+def add_mesh_stages(plan: list[dict], log_dir: str) -> None:
+    """Each mesh request's TTFT stages from the services' spans, and the client's own share."""
+    from bench.mesh_trace import ttft_stages
+
+    stages = ttft_stages(log_dir)
+    for entry in plan:
+        for target, (records, _, _) in entry["runs"].items():
+            for r in records:
+                found = stages.get(r.request_id) if target.startswith("mesh") and r.ok else None
+                if found:
+                    r.ttft_stages = {k: v for k, v in found.items() if k != "gateway ttft"}
+                    r.ttft_stages["client and HTTP"] = 1000 * r.ttft - found["gateway ttft"]
 
 
 def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[int]) -> None:
@@ -453,6 +474,15 @@ def print_tables(report: dict) -> None:
                        _fmt(s["efficiency"]["generated_fraction"], 3), _fmt(s["efficiency"]["useful_decode_fraction"], 3),
                        _fmt(s["efficiency"]["per_request_tokens_per_s"]))
                 print("| " + " | ".join(row) + " |")
+        staged = [(level["label"], target, s["ttft_stages_ms"]) for level in wl["levels"]
+                  for target, s in level["runs"].items() if s.get("ttft_stages_ms")]
+        if staged:
+            names = list(dict.fromkeys(n for _, _, st in staged for n in st))
+            print("\nTTFT by stage, p50 / mean ms (bench.mesh_trace; the stages' p50s need not add up to TTFT's)")
+            print("| target | level | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2))
+            for label, target, st in staged:
+                cells = [f"{_fmt(st[n]['p50'], 2)} / {_fmt(st[n]['mean'], 2)}" if n in st else "-" for n in names]
+                print(f"| {target} | {label} | " + " | ".join(cells) + " |")
         if any(level["ratios"] for level in wl["levels"]):
             print("ratios are ours/reference: above 1 is better for throughputs, worse for latencies")
         for level in wl["levels"]:
@@ -527,6 +557,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream-logprobs", action="store_true",
                         help="ask for logprobs=0 so the tokens of every streamed chunk are counted")
     parser.add_argument("--base-url", default=None, help="benchmark a running gateway instead of starting a mesh")
+    parser.add_argument("--trace", action="store_true",
+                        help="the started mesh exports its spans to its logs; report where TTFT goes (bench.mesh_trace)")
     parser.add_argument("--deadline-s", type=float, default=0.0,
                         help="start no run after this many seconds (0: no limit); skipped runs are listed in the report")
     parser.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,9 @@ class RequestRecord:
     latency: float = 0.0  # until the stream ended
     finish_reason: str | None = None
     error: str | None = None
+    request_id: str | None = None  # the server's id for it (the chunks' "id")
+    # where its time to first token went, ms (bench.mesh_trace for the mesh, the engine's own times in process)
+    ttft_stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -86,6 +89,8 @@ async def stream_completion(http, model: str, prompt: list[int], max_tokens: int
                     continue
                 now = time.perf_counter() - start
                 chunk = json.loads(line[6:])
+                if record.request_id is None:
+                    record.request_id = chunk.get("id")
                 if "error" in chunk:
                     record.error = f"stream error: {chunk['error']}"
                     continue
@@ -112,6 +117,8 @@ async def stream_engine(engine, request_id: str, prompt: list[int], params) -> R
     try:
         async for out in engine.generate(request_id, prompt, params):
             if out.token_ids:
+                if not record.chunk_times:
+                    first = time.monotonic()
                 record.chunk_times.append(time.perf_counter() - start)
                 record.chunk_tokens.append(len(out.token_ids))
                 record.output_tokens += len(out.token_ids)
@@ -119,8 +126,14 @@ async def stream_engine(engine, request_id: str, prompt: list[int], params) -> R
                 record.error = out.error
             if out.finish_reason:
                 record.finish_reason = out.finish_reason
+            if out.times is not None and out.times.first_token is not None:
+                t = out.times
+                record.ttft_stages = {"engine queue": 1000 * (t.scheduled - t.arrived),
+                                      "engine prefill": 1000 * (t.first_token - t.scheduled),
+                                      "to the client": 1000 * (first - t.first_token)}
     except Exception as exc:  # noqa: BLE001
         record.error = f"{type(exc).__name__}: {exc}"
+    record.request_id = request_id
     record.latency = time.perf_counter() - start
     return record
 

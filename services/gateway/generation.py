@@ -133,6 +133,7 @@ class Generation:
             raise
         gen._first = first
         gen.metrics.ttft.labels(endpoint).observe(time.monotonic() - gen.started)
+        span.add_event("first_delta")
         return gen
 
     @property

@@ -260,6 +260,7 @@ class Scheduler:
         worker.add(pending.request_id, worker.request_load(len(pending.submit.token_ids)))
         pending.span.set_attribute("rose.worker_id", worker.worker_id)
         pending.span.set_attribute("rose.prefix_hit_blocks", hit_blocks)
+        pending.span.add_event("dispatched")  # after the queue and the index lookup
         with trace.use_span(pending.span, end_on_exit=False):
             carrier = inject({})
         submit = pending.submit

@@ -170,6 +170,8 @@ class WorkerService:
         completion_tokens = 0
         try:
             async for out in self.async_engine.generate(request_id, submit.token_ids, submit.params):
+                if out.token_ids and not completion_tokens:
+                    span.add_event("first_token")  # here, on the loop thread: after the engine thread's hand-over
                 completion_tokens += len(out.token_ids)
                 self._send(TokenEvent(
                     request_id=request_id,
@@ -186,6 +188,9 @@ class WorkerService:
                 if out.finish_reason is not None:
                     span.set_attribute("rose.finish_reason", out.finish_reason)
                     span.set_attribute("rose.cached_tokens", out.cached_tokens)
+                    if out.times is not None:
+                        for name, ms in out.times.latencies_ms().items():
+                            span.set_attribute(f"rose.engine.{name}_ms", round(ms, 3))
                     if out.error:
                         span.set_status(Status(StatusCode.ERROR, out.error))
         except EngineInputError as exc:

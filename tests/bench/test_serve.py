@@ -24,6 +24,7 @@ def report(rose_home, vocab_dir, tiny_checkpoint, tmp_path_factory):
         "--references", "engine",
         "--mesh-repeats", "2",
         "--stream-logprobs",
+        "--trace",
         "--goodput", "ttft:60000", "tpot:60000",
         "--home", rose_home, "--model", tiny_checkpoint, "--tiktoken-encodings-base", vocab_dir,
         "--out", str(out),
@@ -92,3 +93,21 @@ def test_roofline_and_ratios(report):
     assert ratio["output_throughput"] == pytest.approx(mesh["output_throughput"] / engine["output_throughput"])
     again = three["ratios"]["mesh#2/mesh"]
     assert again["tpot_ms_p50"] == pytest.approx(three["runs"]["mesh#2"]["tpot_ms"]["p50"] / mesh["tpot_ms"]["p50"])
+
+
+MESH_STAGES = {"to the scheduler", "scheduler wait", "to the worker", "engine queue", "engine prefill",
+               "worker hand-over", "back to the gateway", "client and HTTP"}
+ENGINE_STAGES = {"engine queue", "engine prefill", "to the client"}
+
+
+def test_ttft_stages_come_from_each_request_and_add_up_to_its_ttft(report):
+    """--trace: each mesh request found its own trace (the stages sum to that request's TTFT)."""
+    for level, target, run in _runs(report):
+        stages = ENGINE_STAGES if target == "engine" else MESH_STAGES
+        assert set(run["ttft_stages_ms"]) == stages, (target, level["label"])
+        for r in run["requests"]:
+            found = r["ttft_stages_ms"]
+            assert found is not None and set(found) == stages, (target, r["request_id"])
+            assert found["engine prefill"] > 0 and found["engine queue"] >= 0
+            # the engine's durations and the spans' wall clock differ by rounding only
+            assert sum(found.values()) == pytest.approx(r["ttft_ms"], abs=1.0), (target, r["request_id"], found)

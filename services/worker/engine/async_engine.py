@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._cond = threading.Condition()
-        # ("add", id, tokens, params) / ("abort", id), applied in the order they came
+        # ("add", id, tokens, params, arrived) / ("abort", id), applied in the order they came
         self._commands: list[tuple] = []
         self._streams: dict[str, _Stream] = {}
         self._stopping = False
@@ -64,7 +65,8 @@ class AsyncEngine:
             self.engine.check_request(request_id, token_ids, params)
             stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
             self._streams[request_id] = stream
-            self._commands.append(("add", request_id, list(token_ids), params))
+            # arrival is now: the wait for the engine thread's current step counts as queueing
+            self._commands.append(("add", request_id, list(token_ids), params, time.monotonic()))
             self._cond.notify()
         finished = False
         try:

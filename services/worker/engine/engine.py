@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -200,8 +201,12 @@ class Engine:
                     f"the request needs up to {need} KV blocks ({group} layers) but the cache holds "
                     f"{pool.num_total}; lower max_tokens or shorten the prompt")
 
-    def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; EngineInputError (and nothing queued) if it is bad."""
+    def add_request(self, request_id: str, token_ids: list[int], params: SamplingParams,
+                    arrived: float | None = None) -> None:
+        """Queue a request; EngineInputError (and nothing queued) if it is bad.
+
+        arrived: when the caller took it (time.monotonic()); now if None.
+        """
         self.check_request(request_id, token_ids, params)
         seq = Sequence(
             request_id=request_id,
@@ -210,6 +215,8 @@ class Engine:
             num_prompt_tokens=len(token_ids),
             generator=make_generator(params.seed, self.device) if params.seed is not None else None,
         )
+        if arrived is not None:
+            seq.times.arrived = arrived
         self.requests[request_id] = seq
         self.scheduler.add(seq)
 
@@ -262,6 +269,10 @@ class Engine:
         if not chunks:
             return None
         self._steps += 1
+        now = time.monotonic()
+        for chunk in chunks:
+            if chunk.seq.times.scheduled is None:
+                chunk.seq.times.scheduled = now
         try:
             logits = self.model(self._forward_batch(chunks, pending), self.kv)
         except Exception as exc:  # a backend error must not take the engine down
@@ -327,6 +338,7 @@ class Engine:
         if launched.ready is not None:
             launched.ready.synchronize()
         tokens, finite = launched.host.tolist() if launched.host is not None else ([], [])
+        now = time.monotonic()
         for chunk in launched.chunks:
             seq = chunk.seq
             if seq.status is Status.RUNNING:  # every token before chunk.end is real now
@@ -344,6 +356,8 @@ class Engine:
             else:
                 seq.token_ids[at] = token
             seq.pending_tokens.append(token)
+            if seq.times.first_token is None:
+                seq.times.first_token = now
             self._generated += 1
             if launched.sampled is not None and launched.sampled.logprobs[j] is not None:
                 seq.pending_logprobs.append(launched.sampled.logprobs[j])
@@ -396,6 +410,7 @@ class Engine:
         self.scheduler.remove(seq, keep_cached=reason != "error")
         seq.finish_reason = reason
         seq.error = error
+        seq.times.finished = time.monotonic()
         self._done.append(seq)
 
     def _collect(self, seqs: list[Sequence]) -> list[RequestOutput]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,26 @@ class Status(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
     RUNNING = "running"  # holds blocks and is scheduled every step
     FINISHED = "finished"
+
+
+@dataclass
+class RequestTimes:
+    """When the engine took a request, first scheduled it, read its first token and ended it.
+
+    time.monotonic() seconds (one clock for every process on a host); None until it happens.
+    """
+
+    arrived: float = field(default_factory=time.monotonic)
+    scheduled: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    def latencies_ms(self) -> dict[str, float]:
+        """queue (arrival to first step), prefill (first step to first token read), ttft, decode, e2e."""
+        spans = {"queue": (self.arrived, self.scheduled), "prefill": (self.scheduled, self.first_token),
+                 "ttft": (self.arrived, self.first_token), "decode": (self.first_token, self.finished),
+                 "e2e": (self.arrived, self.finished)}
+        return {name: 1000 * (end - start) for name, (start, end) in spans.items() if start is not None and end is not None}
 
 
 @dataclass
@@ -34,6 +55,7 @@ class RequestOutput:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str | None = None
+    times: RequestTimes | None = None  # on the finishing output only
 
     @property
     def finished(self) -> bool:
@@ -56,6 +78,7 @@ class Sequence:
     blocks: BlockTables = field(default_factory=BlockTables)
     finish_reason: str | None = None
     error: str | None = None
+    times: RequestTimes = field(default_factory=RequestTimes)
     # produced but not yet handed out by Engine.step
     pending_tokens: list[int] = field(default_factory=list)
     pending_logprobs: list[float] = field(default_factory=list)
@@ -80,6 +103,7 @@ class Sequence:
             prompt_tokens=self.num_prompt_tokens,
             cached_tokens=self.cached_tokens,
             error=self.error,
+            times=self.times if self.finish_reason is not None else None,
         )
         self.pending_tokens, self.pending_logprobs, self.pending_top = [], [], []
         return out

@@ -211,6 +211,24 @@ def test_limits_max_num_seqs_and_token_budget(make_engine):
     assert engine.stats().requests_finished == 4
 
 
+def test_request_times_come_with_the_finishing_output(make_engine):
+    """With room for one sequence the second request waits until the first ends; its times say so."""
+    engine = make_engine(max_num_seqs=1, max_num_batched_tokens=16)
+    engine.add_request("first", prompt(30, seed=1), greedy(3))
+    engine.add_request("second", prompt(30, seed=2), greedy(3), arrived=engine.requests["first"].times.arrived - 1.0)
+    results = run_all(engine)
+    for result in results.values():
+        assert all(out.times is None for out in result.outputs[:-1])
+        t = result.last.times
+        assert t.arrived <= t.scheduled <= t.first_token <= t.finished
+        ms = t.latencies_ms()
+        assert ms["ttft"] == pytest.approx(ms["queue"] + ms["prefill"])
+        assert ms["e2e"] == pytest.approx(ms["ttft"] + ms["decode"])
+    first, second = results["first"].last.times, results["second"].last.times
+    assert second.scheduled >= first.finished  # one sequence at a time: it waited for the first to end
+    assert second.latencies_ms()["queue"] >= 1000.0  # and its queue time counts from the arrival it was given
+
+
 def test_sliding_group_holds_only_the_window(make_engine):
     engine = make_engine(max_num_batched_tokens=8)
     engine.add_request("long", prompt(60, seed=60), greedy(40, ignore_eos=True))

@@ -4,10 +4,15 @@
     python -m bench.profile_step --batch 64 --layers 2
     python -m bench.profile_step --batch 256 --host  # and where the host time of a graph step goes
     python -m bench.profile_step --prefill 1024 --host  # one sequence's prefill instead (eager, as served)
+    python -m bench.profile_step --engine --batch 1   # the Engine's decode loop: the graph and what runs around it
 
 Runs the step eagerly under torch.profiler (the kernels are the ones a CUDA graph
 replays; only the gaps between them differ) and prints GPU time per kernel name, then
-the replayed graph's time for comparison.
+the replayed graph's time for comparison. --engine instead profiles the in-process
+Engine decoding --batch requests (overlapped, temperature 1, as served): per step,
+its wall time against the GPU's kernel time, and the kernels by name (the graph's
+and those around it: sampling, the finite check, copies), so what a served token
+costs beyond the replay shows up.
 """
 
 from __future__ import annotations
@@ -37,11 +42,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25, help="kernels to list")
     parser.add_argument("--host", action="store_true", help="also profile the host side of graph steps (cProfile)")
     parser.add_argument("--prefill", type=int, default=0, help="profile one sequence's prefill of this many tokens")
+    parser.add_argument("--engine", action="store_true", help="profile the Engine's decode loop at --batch")
     args = parser.parse_args()
     path = random_checkpoint("20b", args.layers)
     model = load_model(path, backend="cuda")
     if args.prefill:
         return profile_prefill(model, args)
+    if args.engine:
+        return profile_engine(model, args)
     batch, blocks = decode_batch(args.batch, args.context, model.config.sliding_window, model.config.vocab_size)
     kv = model.make_kv_cache(blocks, BLOCK)
     time_steps(model, batch, kv, 3)
@@ -68,6 +76,39 @@ def profile_prefill(model, args) -> None:
         time_steps(model, batch, kv, 1)
     print(f"prefill of {args.prefill} tokens, {model.config.num_hidden_layers} layers, step wall {wall * 1e3:.2f} ms "
           "(median of 10): " + kernel_table(prof, args.rows))
+
+
+def profile_engine(model, args, steps: int = 40) -> None:
+    """The Engine decoding args.batch requests of args.context prompt tokens: wall per step against kernel time."""
+    import time
+
+    from services.worker.engine.engine import Engine
+    from shared.protocol import SamplingParams
+
+    vocab = model.config.vocab_size
+    total = args.context + 3 * steps
+    engine = Engine(model, num_blocks=args.batch * (total // BLOCK + 2), block_size=BLOCK, max_num_seqs=args.batch,
+                    max_num_batched_tokens=max(2048, args.context), max_model_len=total + 1, seed=0)
+    params = SamplingParams(max_tokens=3 * steps, temperature=1.0, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(f"p{i}", torch.randint(0, vocab, (args.context,)).tolist(), params)
+    for _ in range(steps // 2):  # the prefills, then decode steps: every kernel built, the graph captured
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    kernel_s = sum(e.self_device_time_total for e in prof.key_averages()
+                   if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6 / steps
+    print(f"engine decode loop, batch {args.batch}, {model.config.num_hidden_layers} layers, {steps} steps: wall "
+          f"{wall * 1e3:.3f} ms/step, kernel time {kernel_s * 1e3:.3f} ms/step, GPU idle {(wall - kernel_s) * 1e3:.3f} "
+          f"ms/step; per {steps} steps: " + kernel_table(prof, args.rows))
 
 
 def host_profile(model, batch, kv, steps: int, what: str, rows: int) -> None:

@@ -474,6 +474,15 @@ def print_tables(report: dict) -> None:
                        _fmt(s["efficiency"]["generated_fraction"], 3), _fmt(s["efficiency"]["useful_decode_fraction"], 3),
                        _fmt(s["efficiency"]["per_request_tokens_per_s"]))
                 print("| " + " | ".join(row) + " |")
+        for level in wl["levels"]:
+            if level["concurrency"] != 1:
+                continue
+            for target, s in level["runs"].items():
+                tpot = s["tpot_ms"]["p50"]
+                if tpot:  # the roofline bounds decode; a request's output rate also carries its prefill
+                    print(f"batch-1 decode, {target}: {1000 / tpot:.1f} tok/s from TPOT p50 = "
+                          f"{100000 / tpot / b1['tokens_per_s']:.1f}% of the roofline; output {s['output_throughput']:.1f} "
+                          f"tok/s with prefill = {100 * s['output_throughput'] / b1['tokens_per_s']:.1f}%")
         staged = [(level["label"], target, s["ttft_stages_ms"]) for level in wl["levels"]
                   for target, s in level["runs"].items() if s.get("ttft_stages_ms")]
         if staged:

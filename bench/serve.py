@@ -210,25 +210,22 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
         mesh.start(args.ready_timeout)
         base_url = mesh.url
     try:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        timeout = httpx.Timeout(settings.request_timeout + 60, connect=30)  # the gateway's deadline ends it first
-
         async def sweep():
-            async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as http:
+            async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
                 model = (await http.get("/v1/models")).json()["data"][0]["id"]
 
-                async def send(i, prompt, max_tokens):
-                    return await stream_completion(http, model, prompt, max_tokens, stream_logprobs=args.stream_logprobs)
+            async def send(i, prompt, max_tokens):
+                return await stream_completion(base_url, model, prompt, max_tokens, stream_logprobs=args.stream_logprobs)
 
-                await warm_up(send, plan)
-                for repeat in range(args.mesh_repeats):  # a second pass shows how far the figures move
-                    target = "mesh" if repeat == 0 else f"mesh#{repeat + 1}"
-                    for entry in plan:
-                        if out_of_time(args, target, entry):
-                            continue
-                        records, duration = await drive(send, entry["items"], entry["level"], args.seed)
-                        entry["runs"][target] = (records, duration, None)
-                        _progress(target, entry, records, duration)
+            await warm_up(send, plan)
+            for repeat in range(args.mesh_repeats):  # a second pass shows how far the figures move
+                target = "mesh" if repeat == 0 else f"mesh#{repeat + 1}"
+                for entry in plan:
+                    if out_of_time(args, target, entry):
+                        continue
+                    records, duration = await drive(send, entry["items"], entry["level"], args.seed)
+                    entry["runs"][target] = (records, duration, None)
+                    _progress(target, entry, records, duration)
 
         asyncio.run(sweep())
     finally:

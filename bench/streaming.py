@@ -64,13 +64,15 @@ class RequestRecord:
         return sum(self.chunk_tokens)
 
 
-async def stream_completion(http, model: str, prompt: list[int], max_tokens: int, *,
+async def stream_completion(base_url: str, model: str, prompt: list[int], max_tokens: int, *,
                             ignore_eos: bool = True, stream_logprobs: bool = False,
                             extra: dict | None = None) -> RequestRecord:
-    """POST /v1/completions with stream=true on an httpx.AsyncClient; errors end up in the record.
+    """POST /v1/completions with stream=true, read by post_sse; errors end up in the record.
 
     stream_logprobs asks for logprobs=0 so every chunk lists its tokens: the tokens
-    streamed can then be counted (chunk_tokens), not only read from usage.
+    streamed can then be counted (chunk_tokens), not only read from usage. The lean
+    client keeps the measurement off the client's CPU: at 64 streams (~2,700 chunks/s)
+    httpx's per-chunk work delayed what the client saw by tens of ms (docs/BENCHMARKS.md).
     """
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "ignore_eos": ignore_eos, "stream_options": {"include_usage": True}, **(extra or {})}
@@ -79,31 +81,23 @@ async def stream_completion(http, model: str, prompt: list[int], max_tokens: int
     record = RequestRecord(prompt_tokens=len(prompt), requested_tokens=max_tokens)
     record.sent_at = start = time.perf_counter()
     try:
-        async with http.stream("POST", "/v1/completions", json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                record.error = f"HTTP {response.status_code}: {text[:300]}"
-                return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                now = time.perf_counter() - start
-                chunk = json.loads(line[6:])
-                if record.request_id is None:
-                    record.request_id = chunk.get("id")
-                if "error" in chunk:
-                    record.error = f"stream error: {chunk['error']}"
-                    continue
-                if chunk.get("usage"):
-                    record.output_tokens = int(chunk["usage"]["completion_tokens"])
-                for choice in chunk.get("choices", []):
-                    logprobs = choice.get("logprobs")
-                    tokens = len(logprobs["tokens"]) if stream_logprobs and logprobs else None
-                    if choice.get("text") or tokens:
-                        record.chunk_times.append(now)
-                        record.chunk_tokens.append(tokens)
-                    if choice.get("finish_reason"):
-                        record.finish_reason = choice["finish_reason"]
+        async for chunk in post_sse(base_url, "/v1/completions", body):
+            now = time.perf_counter() - start
+            if record.request_id is None:
+                record.request_id = chunk.get("id")
+            if "error" in chunk:
+                record.error = f"stream error: {chunk['error']}"
+                continue
+            if chunk.get("usage"):
+                record.output_tokens = int(chunk["usage"]["completion_tokens"])
+            for choice in chunk.get("choices", []):
+                logprobs = choice.get("logprobs")
+                tokens = len(logprobs["tokens"]) if stream_logprobs and logprobs else None
+                if choice.get("text") or tokens:
+                    record.chunk_times.append(now)
+                    record.chunk_tokens.append(tokens)
+                if choice.get("finish_reason"):
+                    record.finish_reason = choice["finish_reason"]
     except Exception as exc:  # noqa: BLE001 - a failed request is data, not a crash of the benchmark
         record.error = f"{type(exc).__name__}: {exc}"
     record.latency = time.perf_counter() - start

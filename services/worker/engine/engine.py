@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.sample import fused_sampling
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.errors import EngineInputError
 from services.worker.engine.kv_sizing import kv_blocks_per_group
-from services.worker.engine.sampler import SampledTokens, SamplingRow, check_params, choose, make_generator, needs_host, sample
+from services.worker.engine.sampler import (FusedDraw, SampledTokens, SamplingRow, check_params, choose, make_generator,
+                                            needs_host, sample)
 from services.worker.engine.scheduler import Chunk, Scheduler
 from services.worker.engine.sequence import RequestOutput, Sequence, Status
 from services.worker.model.batch import GROUPS, ForwardBatch, to_device
@@ -134,6 +136,11 @@ class Engine:
             self.generator.manual_seed(seed)
         else:
             self.generator.seed()
+        # On a GPU, greedy and shared-stream batches draw in two Triton kernels (kernels/sample.py)
+        self._fused_draw = FusedDraw(self.generator.initial_seed()) if self.device.type == "cuda" and fused_sampling() else None
+        if self._fused_draw is not None:  # its kernels compile now, not in a request's first step
+            self._fused_draw(torch.zeros(1, self.vocab_size, device=self.device),
+                             [SamplingRow(SamplingParams(max_tokens=1), [], 0)])
         self.requests: dict[str, Sequence] = {}
         self._done: list[Sequence] = []  # finished outside step (abort): reported by the next step
         self._prefill_tokens = 0
@@ -300,21 +307,21 @@ class Engine:
     def _sample(self, launched: _Launched, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Start drawing one token per sequence; each gets a placeholder where its token will go."""
         sampling = [SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.generator) for s in seqs]
-        finite = torch.isfinite(logits).all(dim=-1)
         try:
             if any(needs_host(s.params) for s in seqs):  # logprobs or penalties: sampled now, on the host
                 launched.sampled = sample(logits, sampling, self.generator)
-                tokens = to_device(launched.sampled.token_ids, logits.device)
+                drawn = _with_finite(logits, to_device(launched.sampled.token_ids, logits.device))
             else:
-                tokens = choose(logits, sampling, self.generator)
+                drawn = self._fused_draw(logits, sampling) if self._fused_draw is not None else None
+                if drawn is None:
+                    drawn = _with_finite(logits, choose(logits, sampling, self.generator))
         except Exception as exc:
             log.exception("sampling failed for %d sequences", len(seqs))
             for seq in seqs:
                 self._finish(seq, "error", f"sampling failed: {exc}")
             return
-        # a non-finite row's draw may be any index; the next step must read a real token id
-        launched.tokens = torch.where(finite, tokens, 0)
-        launched.host = _to_host(torch.stack([launched.tokens, finite.long()]))
+        launched.tokens = drawn[0]
+        launched.host = _to_host(drawn)
         if launched.tokens.is_cuda:
             launched.ready = torch.cuda.Event()
             launched.ready.record()
@@ -452,6 +459,13 @@ class Engine:
     def drain_kv_events(self) -> tuple[list[int], list[int]]:
         """(stored, removed) prefix-block hashes since the last call, for the scheduler's index."""
         return self.blocks.drain_kv_events()
+
+
+def _with_finite(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[2, rows] int64: the tokens, 0 where a row's logits are not all finite (the next step must read a
+    real token id; the engine fails that request), and the finite flags."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    return torch.stack([torch.where(finite, tokens, 0), finite.long()])
 
 
 def _to_host(values: torch.Tensor) -> torch.Tensor:

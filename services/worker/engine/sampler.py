@@ -7,7 +7,8 @@ exponential race (argmax of probs / Exp(1) noise, one draw per vocabulary column
 from its own generator: the same seed gives the same tokens whatever else is in the
 batch. Requests without a seed draw from the engine's stream: on a GPU by the same race
 (a few kernels), on the CPU by inverse CDF, one uniform per row (the same distribution
-without 201k exponential draws per token).
+without 201k exponential draws per token). On a GPU a batch whose rows all are greedy or
+draw from the engine's stream at a temperature skips both: FusedDraw (kernels/sample.py).
 
 Logprobs are the raw model's: log_softmax of the logits before penalties,
 temperature and truncation (vLLM's default), so they do not depend on the sampling
@@ -17,6 +18,7 @@ params.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -162,6 +164,36 @@ def choose(logits: torch.Tensor, rows: list[SamplingRow], generator: torch.Gener
             weights = torch.softmax(_scaled(logits, shared, rows), dim=-1)
         _put(chosen, shared, draw_shared(weights, generator))
     return chosen
+
+
+class FusedDraw:
+    """Draws on a GPU with kernels/sample.py when every row is greedy or takes the shared stream at a temperature.
+
+    Those rows need no softmax: one Gumbel-max pass over the logits draws and checks
+    them finite (two kernels, where the torch ops are nine). Rows with a seed, penalties
+    or truncation go the torch way (`choose`). The per-row scale and noise are copied to
+    the device once per batch composition.
+    """
+
+    def __init__(self, seed: int):
+        self.seeds = random.Random(seed)  # the kernels' Philox seed per step: a seeded engine replays
+        self._key: tuple | None = None
+        self._params: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+        """[2, rows] int64 on the device: the draws (0 where a row is not finite) and the finite flags; None
+        when some row needs the torch path."""
+        from kernels.sample import gumbel_sample
+
+        if any(r.generator is not None or _penalized(r.params) or _truncates(r.params) for r in rows):
+            return None
+        key = tuple(r.params.temperature for r in rows)
+        if key != self._key:
+            scale = [1.0 if t < GREEDY_TEMPERATURE else 1.0 / t for t in key]
+            noise = [0.0 if t < GREEDY_TEMPERATURE else 1.0 for t in key]
+            self._params = to_device(torch.tensor([scale, noise], dtype=torch.float32), logits.device)
+            self._key = key
+        return gumbel_sample(logits.float().contiguous(), self._params[0], self._params[1], self.seeds.getrandbits(62))
 
 
 def draw_shared(weights: torch.Tensor, generator: torch.Generator | None, race: bool | None = None) -> torch.Tensor:

@@ -72,8 +72,6 @@ class Settings:
     max_num_seqs: int = _setting(64, "most sequences in one batch", ("worker",))
     max_num_batched_tokens: int = _setting(2048, "token budget per engine step (chunked prefill)", ("worker",))
     max_model_len: int = _setting(0, "context length; 0 takes the checkpoint's", ("worker",))
-    prompt_wait_ms: float = _setting(5.0, "while others decode, how long a new prompt waits for prompts arriving with it "
-                                          "to share its prefill step (0: admit at once)", ("worker",))
     engine_overlap: str = _setting("auto", "launch each engine step before reading the last one's tokens: auto "
                                            "(on a CUDA device), on or off", ("worker",))
 

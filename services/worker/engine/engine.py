@@ -90,8 +90,7 @@ class Engine:
     `make_kv_cache(num_blocks, block_size) -> PagedKVCache` and
     `model(batch: ForwardBatch, kv: PagedKVCache) -> [num_seqs, vocab] float32`.
     num_blocks: KV blocks per attention group (an int gives every group the same).
-    max_model_len 0 takes the model's max_position_embeddings. prompt_wait_s: how long a new
-    prompt waits, while others run, for prompts arriving with it (scheduler.py). seed: the stream of
+    max_model_len 0 takes the model's max_position_embeddings. seed: the stream of
     requests without their own seed (None: nondeterministic). overlap: launch each
     step before the host reads the last one's tokens (None: on a CUDA device).
     """
@@ -105,7 +104,6 @@ class Engine:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 2048,
         max_model_len: int = 0,
-        prompt_wait_s: float = 0.0,
         eos_token_ids: list[int] | None = None,
         seed: int | None = None,
         overlap: bool | None = None,
@@ -129,9 +127,7 @@ class Engine:
         warm_up = getattr(model, "warm_up", None)  # the cuda backend: compiles and graph captures before any request
         if warm_up is not None:
             warm_up(self.kv, max_num_seqs, max_num_batched_tokens)
-        if not 0 <= prompt_wait_s < float("inf"):
-            raise ValueError(f"prompt_wait_s must be a finite number >= 0, got {prompt_wait_s!r}")
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens, prompt_wait_s)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
         self.eos_token_ids = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.device = model.device
         # The stream of requests without a seed; seeded engines replay runs exactly.
@@ -180,7 +176,6 @@ class Engine:
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
             max_model_len=max_model_len,
-            prompt_wait_s=settings.prompt_wait_ms / 1000,
             eos_token_ids=_eos_token_ids(settings.model_path, config),
             overlap=overlaps[settings.engine_overlap],
         )

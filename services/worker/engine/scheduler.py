@@ -3,11 +3,7 @@
 Iteration-level continuous batching: every step, running sequences that decode get
 their one token first, then running sequences part way through a chunked prefill,
 then waiting requests are admitted (first come, first served) while the token
-budget, max_num_seqs and free KV blocks allow. While other sequences run, a new
-prompt is admitted only once the queue's head has waited prompt_wait_s (or the queue
-fills the budget): prompts that arrive together over the network land a few ms
-apart, and admitting the first at once starts a long prefill step the next one must
-wait out whole (vLLM's scheduler_delay_factor, as a fixed time). A prompt longer than the budget is
+budget, max_num_seqs and free KV blocks allow. A prompt longer than the budget is
 prefilled in chunks over several steps. When a running sequence finds no free
 block, the most recently admitted running sequence is preempted: its blocks are
 freed and it goes back to the head of the queue to be recomputed later (its prompt
@@ -16,7 +12,6 @@ blocks usually come back from the prefix cache).
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -40,11 +35,10 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, prompt_wait_s: float = 0.0):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.prompt_wait_s = prompt_wait_s
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest admitted first
         self.num_preemptions = 0
@@ -82,21 +76,14 @@ class Scheduler:
                 scheduled.add(id(seq))
                 budget -= chunk.end - chunk.start
         # After a preemption the blocks are short: admitting now would only thrash.
-        admit = self.num_preemptions == preemptions and bool(self.waiting) and (not chunks or self._head_waited(budget))
-        while admit and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and self.num_preemptions == preemptions):
             chunk = self._admit(self.waiting[0], budget)
             if chunk is None:
                 break
             chunks.append(chunk)
             budget -= chunk.end - chunk.start
         return chunks
-
-    def _head_waited(self, budget: int) -> bool:
-        """Whether the queue may start taking prompts in a step where other sequences run."""
-        head = self.waiting[0]
-        if head.admitted or time.monotonic() - head.times.arrived >= self.prompt_wait_s:
-            return True  # a preempted sequence goes back at once; a new prompt has waited its time
-        return sum(s.num_uncomputed for s in self.waiting) >= budget  # the queue fills the step already
 
     def _grow_running(self, seq: Sequence, budget: int, scheduled: set[int]) -> Chunk | None:
         """Blocks for seq's next chunk, preempting later sequences while none are free."""

@@ -229,35 +229,6 @@ def test_request_times_come_with_the_finishing_output(make_engine):
     assert second.latencies_ms()["queue"] >= 1000.0  # and its queue time counts from the arrival it was given
 
 
-def test_a_new_prompt_waits_for_others_only_while_sequences_run(make_engine):
-    """prompt_wait_s: idle, prompts start at once (both of a pair); while one decodes, a new prompt waits
-    its time, unless the queue already fills the step's budget."""
-    engine = make_engine(max_num_batched_tokens=64, prompt_wait_s=60.0)
-    engine.add_request("a", prompt(20, seed=1), greedy(40))
-    engine.add_request("b", prompt(20, seed=2), greedy(40))
-    engine.step()
-    assert engine.stats().num_running == 2 and engine.stats().num_waiting == 0
-    engine.add_request("c", prompt(20, seed=3), greedy(4))
-    for _ in range(3):
-        engine.step()
-    assert engine.stats().num_waiting == 1, "c started before its wait was over"
-    engine.requests["c"].times.arrived -= 60.0
-    engine.step()
-    assert engine.stats().num_waiting == 0
-    engine.add_request("d", prompt(70, seed=4), greedy(4))  # more than the step's budget: no reason to wait
-    engine.step()
-    assert engine.stats().num_waiting == 0
-    results = run_all(engine)
-    assert all(r.last.finish_reason == "length" for r in results.values())
-    assert_all_blocks_free(engine)
-
-
-def test_prompt_wait_must_be_a_finite_non_negative_time(make_engine):
-    for bad in (-1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="prompt_wait_s"):
-            make_engine(prompt_wait_s=bad)
-
-
 def test_sliding_group_holds_only_the_window(make_engine):
     engine = make_engine(max_num_batched_tokens=8)
     engine.add_request("long", prompt(60, seed=60), greedy(40, ignore_eos=True))

@@ -30,7 +30,19 @@ CANDIDATES = [
     TileConfig(64, 128, 64, 4, 4),
     TileConfig(128, 128, 128, 4, 3),
     TileConfig(256, 128, 64, 8, 3),
+    # the weight as the MMA's left operand (swap_ab): its widened tile can stay in registers
+    TileConfig(64, 128, 64, 4, 4, swap_ab=True),
+    TileConfig(128, 128, 64, 4, 4, swap_ab=True),
+    TileConfig(64, 128, 128, 4, 3, swap_ab=True),
+    TileConfig(128, 128, 128, 8, 3, swap_ab=True),
+    TileConfig(64, 256, 64, 8, 3, swap_ab=True),
+    TileConfig(128, 256, 64, 8, 3, swap_ab=True),
+    TileConfig(32, 128, 128, 4, 4, swap_ab=True),
 ]
+
+
+def _label(cfg: TileConfig) -> str:
+    return str(dataclasses.astuple(cfg)[:5]) + (" swap" if cfg.swap_ab else "")
 
 
 def random_experts(n_out: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     gate_up, down = random_experts(2 * INTER, HIDDEN), random_experts(HIDDEN, INTER)
     print(f"{torch.cuda.get_device_name()}: MXFP4 grouped GEMM, {EXPERTS} experts, top-{TOP_K}, K {HIDDEN}")
-    print("| tokens | tile (BM, BN, BK, warps, stages) | gate_up+SwiGLU us | down us | sum us | TFLOP/s |")
+    print("| tokens | tile (BM, BN, BK, warps, stages) [swap_ab] | gate_up+SwiGLU us | down us | sum us | TFLOP/s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for tokens in (int(t) for t in args.tokens.split(",")):
         n = tokens * TOP_K
@@ -62,10 +74,10 @@ def main() -> None:
                                                                  swiglu=(1.702, 7.0))])[0]
                 dn = 1e6 * measure([lambda: grouped_mxfp4_linear(h, *down, offsets, config=cfg)])[0]
             except Exception as exc:  # a tile past the SM's shared memory fails to launch: say so, go on
-                print(f"| {tokens} | {dataclasses.astuple(cfg)[:5]} | failed: {type(exc).__name__} | | | |")
+                print(f"| {tokens} | {_label(cfg)} | failed: {type(exc).__name__} | | | |")
                 continue
             mark = " *" if cfg == picked else ""
-            print(f"| {tokens} | {dataclasses.astuple(cfg)[:5]}{mark} | {up:.1f} | {dn:.1f} | {up + dn:.1f} | "
+            print(f"| {tokens} | {_label(cfg)}{mark} | {up:.1f} | {dn:.1f} | {up + dn:.1f} | "
                   f"{flops / (up + dn) / 1e6:.1f} |")
 
 

@@ -19,7 +19,8 @@ def check_greedy_and_finite(device: str, vocab: int, rows: int) -> None:
     assert out.dtype == torch.int64 and out.shape == (2, rows)
     assert out[1].tolist() == finite.long().tolist()
     assert torch.equal(out[0], torch.where(finite, x.argmax(dim=-1), 0))
-    assert torch.equal(out, gumbel_sample_reference(x, torch.ones(rows), torch.zeros(rows)).to(device))
+    ones, zeros = torch.ones(rows, device=device), torch.zeros(rows, device=device)
+    assert torch.equal(out, gumbel_sample_reference(x, ones, zeros))
 
 
 def check_distribution(device: str, vocab: int, draws: int, temperature: float, top: int = 12, limit: float = 45.0) -> float:

@@ -121,10 +121,9 @@ async def stream_engine(engine, request_id: str, prompt: list[int], params) -> R
             if out.finish_reason:
                 record.finish_reason = out.finish_reason
             if out.times is not None and out.times.first_token is not None:
-                t = out.times
-                record.ttft_stages = {"engine queue": 1000 * (t.scheduled - t.arrived),
-                                      "engine prefill": 1000 * (t.first_token - t.scheduled),
-                                      "to the client": 1000 * (first - t.first_token)}
+                ms = out.times.latencies_ms()
+                record.ttft_stages = {"engine queue": ms["queue"], "engine prefill": ms["prefill"],
+                                      "to the client": 1000 * (first - out.times.first_token)}
     except Exception as exc:  # noqa: BLE001
         record.error = f"{type(exc).__name__}: {exc}"
     record.request_id = request_id

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.sample import gumbel_sample
 from services.worker.engine.errors import EngineInputError
 from services.worker.model.batch import to_device
 from shared.protocol import SamplingParams
@@ -183,8 +184,6 @@ class FusedDraw:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
         """[2, rows] int64 on the device: the draws (0 where a row is not finite) and the finite flags; None
         when some row needs the torch path."""
-        from kernels.sample import gumbel_sample
-
         if any(r.generator is not None or _penalized(r.params) or _truncates(r.params) for r in rows):
             return None
         key = tuple(r.params.temperature for r in rows)

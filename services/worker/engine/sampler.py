@@ -192,7 +192,8 @@ class FusedDraw:
             noise = [0.0 if t < GREEDY_TEMPERATURE else 1.0 for t in key]
             self._params = to_device(torch.tensor([scale, noise], dtype=torch.float32), logits.device)
             self._key = key
-        return gumbel_sample(logits.float().contiguous(), self._params[0], self._params[1], self.seeds.getrandbits(62))
+        # 31 bits: the seed is always an int32 to Triton, so the kernel compiled at start is the one that runs
+        return gumbel_sample(logits.float().contiguous(), self._params[0], self._params[1], self.seeds.getrandbits(31))
 
 
 def draw_shared(weights: torch.Tensor, generator: torch.Generator | None, race: bool | None = None) -> torch.Tensor:

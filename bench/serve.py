@@ -202,9 +202,12 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
         from services.launcher import Mesh, with_free_ports
 
         log_dir = os.path.join(args.out, "mesh-logs")
-        if args.trace:  # every service prints its spans into its log (bench.mesh_trace reads them)
+        env = {}
+        if args.trace:  # every service prints its spans into its log (bench.mesh_trace), the worker its steps
             settings = dataclasses.replace(settings, otel_exporter="console")
-        mesh = Mesh(with_free_ports(settings), formatters=args.formatters, workers=args.workers, log_dir=log_dir)
+            env["ROSE_STEP_LOG"] = _fresh(os.path.join(log_dir, "steps-worker.jsonl"))
+        mesh = Mesh(with_free_ports(settings), formatters=args.formatters, workers=args.workers, log_dir=log_dir,
+                    env=env)
         print(f"mesh: starting {args.workers} worker(s), {args.formatters} formatter(s), backend {settings.backend} "
               f"on {settings.device} (logs in {log_dir})", file=sys.stderr)
         mesh.start(args.ready_timeout)
@@ -223,8 +226,10 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                 for entry in plan:
                     if out_of_time(args, target, entry):
                         continue
+                    start = time.monotonic()
                     records, duration = await drive(send, entry["items"], entry["level"], args.seed)
                     entry["runs"][target] = (records, duration, None)
+                    entry.setdefault("windows", {})[target] = (start, time.monotonic())
                     _progress(target, entry, records, duration)
 
         asyncio.run(sweep())
@@ -236,6 +241,26 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                 print("mesh children crashed:\n" + "\n".join(crashed), file=sys.stderr)
             if args.trace:
                 add_mesh_stages(plan, log_dir)
+                add_step_summaries(plan, "mesh", os.path.join(log_dir, "steps-worker.jsonl"))
+
+
+def _fresh(path: str) -> str:
+    """path, with no file left there by an earlier run."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if os.path.exists(path):
+        os.remove(path)
+    return path
+
+
+def add_step_summaries(plan: list[dict], prefix: str, path: str) -> None:
+    """What the engine's steps held during each run of the targets starting with `prefix` (bench.step_log)."""
+    from bench.step_log import read, summary
+
+    steps = read(path)
+    for entry in plan:
+        for target, window in entry.get("windows", {}).items():
+            if target.startswith(prefix):
+                entry.setdefault("steps", {})[target] = summary(steps, *window)
 
 
 def add_mesh_stages(plan: list[dict], log_dir: str) -> None:
@@ -257,7 +282,13 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
     from services.worker.engine import AsyncEngine, Engine
     from shared.protocol import SamplingParams
 
-    engine = AsyncEngine(Engine.from_settings(settings))
+    step_log = _fresh(os.path.join(args.out, "steps-engine.jsonl")) if args.trace else None
+    if step_log:
+        os.environ["ROSE_STEP_LOG"] = step_log
+    try:
+        engine = AsyncEngine(Engine.from_settings(settings))
+    finally:
+        os.environ.pop("ROSE_STEP_LOG", None)
     counter = iter(range(10**9))
 
     async def send(i, prompt, max_tokens):
@@ -269,16 +300,19 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
         for entry in plan:
             if out_of_time(args, "engine", entry):
                 continue
-            before = engine.stats()
+            before, start = engine.stats(), time.monotonic()
             records, duration = await drive(send, entry["items"], entry["level"], args.seed)
             after = engine.stats()
             entry["runs"]["engine"] = (records, duration, after.generated_tokens - before.generated_tokens)
+            entry.setdefault("windows", {})["engine"] = (start, time.monotonic())
             _progress("engine", entry, records, duration)
 
     try:
         asyncio.run(sweep())
     finally:
         engine.shutdown()
+        if step_log:
+            add_step_summaries(plan, "engine", step_log)
         del engine
         _free_device_memory()
 
@@ -393,6 +427,7 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
             "roofline": bound.as_dict(),
             "runs": runs,
             "skipped": entry.get("skipped", []),
+            "steps": entry.get("steps", {}),  # bench.step_log summaries (--trace)
             "ratios": {},
         }
         for ours in ("mesh", "engine"):
@@ -489,6 +524,15 @@ def print_tables(report: dict) -> None:
             for label, target, st in staged:
                 cells = [f"{_fmt(st[n]['p50'], 2)} / {_fmt(st[n]['mean'], 2)}" if n in st else "-" for n in names]
                 print(f"| {target} | {label} | " + " | ".join(cells) + " |")
+        stepped = [(level["label"], target, st) for level in wl["levels"] for target, st in level.get("steps", {}).items() if st]
+        if stepped:
+            print("\nEngine steps while each run went (bench.step_log; means per step)")
+            print("| target | level | steps | period ms | decode rows | prompt tokens | steps starting prompts | "
+                  "prompts a start | waiting |\n|" + "---|" * 9)
+            for label, target, st in stepped:
+                print(f"| {target} | {label} | {st['steps']} | {st['period_ms']:.2f} | {st['decode_rows']:.1f} | "
+                      f"{st['prompt_tokens']:.0f} | {100 * st['starting_share']:.0f}% | {st['prompts_per_start']:.2f} | "
+                      f"{st['waiting']:.1f} |")
         if any(level["ratios"] for level in wl["levels"]):
             print("ratios are ours/reference: above 1 is better for throughputs, worse for latencies")
         for level in wl["levels"]:

@@ -111,3 +111,12 @@ def test_ttft_stages_come_from_each_request_and_add_up_to_its_ttft(report):
             assert found["engine prefill"] > 0 and found["engine queue"] >= 0
             # the engine's durations and the spans' wall clock differ by rounding only
             assert sum(found.values()) == pytest.approx(r["ttft_ms"], abs=1.0), (target, r["request_id"], found)
+
+
+def test_step_summaries_cover_every_run(report):
+    """--trace: the worker's and the in-process engine's step logs summarised for every run."""
+    for level, target, run in _runs(report):
+        steps = level["steps"][target]
+        assert steps is not None and steps["steps"] > 0, (target, level["label"])
+        assert 0 < steps["decode_rows"] <= level["concurrency"]
+        assert 0 < steps["starting_share"] <= 1 and steps["prompts_per_start"] >= 1

@@ -141,6 +141,9 @@ class Engine:
         if self._fused_draw is not None:  # its kernels compile now, not in a request's first step
             self._fused_draw(torch.zeros(1, self.vocab_size, device=self.device),
                              [SamplingRow(SamplingParams(max_tokens=1), [], 0)])
+        # ROSE_STEP_LOG=path: one JSON line per step launched (what it ran, what waited), for benches
+        log_path = os.environ.get("ROSE_STEP_LOG")
+        self._step_log = open(log_path, "a", buffering=1, encoding="utf-8") if log_path else None
         self.requests: dict[str, Sequence] = {}
         self._done: list[Sequence] = []  # finished outside step (abort): reported by the next step
         self._prefill_tokens = 0
@@ -277,9 +280,13 @@ class Engine:
             return None
         self._steps += 1
         now = time.monotonic()
+        new = 0
         for chunk in chunks:
             if chunk.seq.times.scheduled is None:
                 chunk.seq.times.scheduled = now
+                new += 1
+        if self._step_log is not None:
+            self._log_step(now, chunks, new)
         try:
             logits = self.model(self._forward_batch(chunks, pending), self.kv)
         except Exception as exc:  # a backend error must not take the engine down
@@ -303,6 +310,14 @@ class Engine:
             self._sample(launched, [chunks[i].seq for i in rows], logits if len(rows) == logits.shape[0] else logits[rows])
         self._in_flight = launched
         return launched
+
+    def _log_step(self, now: float, chunks: list[Chunk], new: int) -> None:
+        """The step's line: monotonic time, decode rows, prompt tokens, prompts started, waiting and running."""
+        decode = sum(1 for c in chunks if c.start >= c.seq.num_prompt_tokens)
+        prompt = sum(max(0, min(c.end, c.seq.num_prompt_tokens) - c.start) for c in chunks)
+        self._step_log.write(json.dumps({"t": round(now, 6), "decode": decode, "prompt_tokens": prompt, "new": new,
+                                         "waiting": len(self.scheduler.waiting),
+                                         "running": len(self.scheduler.running)}) + "\n")
 
     def _sample(self, launched: _Launched, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Start drawing one token per sequence; each gets a placeholder where its token will go."""

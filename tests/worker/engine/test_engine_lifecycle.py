@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -227,6 +228,25 @@ def test_request_times_come_with_the_finishing_output(make_engine):
     first, second = results["first"].last.times, results["second"].last.times
     assert second.scheduled >= first.finished  # one sequence at a time: it waited for the first to end
     assert second.latencies_ms()["queue"] >= 1000.0  # and its queue time counts from the arrival it was given
+
+
+def test_step_log_counts_what_each_step_ran(make_engine, tmp_path, monkeypatch):
+    """ROSE_STEP_LOG: one line a step; its prompt tokens, decode rows and starts add up to the engine's counters."""
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("ROSE_STEP_LOG", str(path))
+    engine = make_engine(max_num_batched_tokens=16)
+    for i in range(3):
+        engine.add_request(f"r{i}", prompt(20, seed=i), greedy(5))
+    run_all(engine)
+    engine._step_log.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    stats = engine.stats()
+    assert len(lines) == stats.steps
+    assert sum(s["prompt_tokens"] for s in lines) == stats.prefill_tokens_computed
+    assert sum(s["decode"] for s in lines) == stats.decode_tokens_computed
+    assert sum(s["new"] for s in lines) == 3
+    assert [s["t"] for s in lines] == sorted(s["t"] for s in lines)
+    assert max(s["waiting"] for s in lines) >= 1  # 60 prompt tokens through a 16-token budget
 
 
 def test_sliding_group_holds_only_the_window(make_engine):

@@ -297,7 +297,7 @@ class Engine:
         for chunk in chunks:
             seq = chunk.seq
             seq.num_computed = chunk.end
-            prompt_part = max(0, min(chunk.end, seq.num_prompt_tokens) - chunk.start)
+            prompt_part = chunk.prompt_tokens
             self._prefill_tokens += prompt_part
             self._decode_tokens += chunk.end - chunk.start - prompt_part
             # blocks full of known tokens go into the prefix cache now, before the next step's
@@ -313,8 +313,8 @@ class Engine:
 
     def _log_step(self, now: float, chunks: list[Chunk], new: int) -> None:
         """The step's line: monotonic time, decode rows, prompt tokens, prompts started, waiting and running."""
-        decode = sum(1 for c in chunks if c.start >= c.seq.num_prompt_tokens)
-        prompt = sum(max(0, min(c.end, c.seq.num_prompt_tokens) - c.start) for c in chunks)
+        prompt_parts = [c.prompt_tokens for c in chunks]
+        decode, prompt = prompt_parts.count(0), sum(prompt_parts)
         self._step_log.write(json.dumps({"t": round(now, 6), "decode": decode, "prompt_tokens": prompt, "new": new,
                                          "waiting": len(self.scheduler.waiting),
                                          "running": len(self.scheduler.running)}) + "\n")

@@ -29,6 +29,11 @@ class Chunk:
     end: int
 
     @property
+    def prompt_tokens(self) -> int:
+        """How many of the chunk's positions are prompt (the rest are generated tokens)."""
+        return max(0, min(self.end, self.seq.num_prompt_tokens) - self.start)
+
+    @property
     def completes(self) -> bool:
         """True when this chunk reaches the sequence's last token, so a token is sampled."""
         return self.end == self.seq.num_tokens

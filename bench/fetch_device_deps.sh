@@ -5,6 +5,10 @@
 #                         an image may lack (unpacked there into /tmp, never onto /)
 #   .device/serve-wheels/*.whl  cp312 manylinux wheels of the Python packages the GPU image lacks
 #                         (its list: /work/.library/device/KINDS.md), no dependencies pulled in
+#   .device/triton-kernels/triton_kernels  OpenAI's triton-kernels, bench/triton_kernels_moe.py's
+#                         reference: PyPI's triton-kernels is a placeholder, so this takes the copy
+#                         vLLM's wheel vendors (vllm/third_party/triton_kernels; put the folder on
+#                         PYTHONPATH there)
 # .device/ is git-ignored; name it in the device run's `carry` list (about 20 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,4 +34,21 @@ for n in 2_28 2_27 2_17 2014 1; do
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${PLATFORMS[@]}" -d .device/serve-wheels "${WHEELS[@]}"
-du -sh .device/redis .device/serve-wheels
+# The vLLM wheel is ~340 MB; only its vendored triton_kernels (~0.4 MB, MIT) is kept.
+VLLM=vllm==0.33.0
+tmp=$(mktemp -d)
+"$PY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "$VLLM"
+rm -rf .device/triton-kernels
+"$PY" - "$tmp"/vllm-*.whl .device/triton-kernels <<'EOF'
+import os, sys, zipfile
+prefix = "vllm/third_party/"
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    for name in wheel.namelist():
+        if name.startswith(prefix + "triton_kernels/") and not name.endswith("/"):
+            target = os.path.join(sys.argv[2], name[len(prefix):])
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(wheel.read(name))
+EOF
+rm -rf "$tmp"
+du -sh .device/redis .device/serve-wheels .device/triton-kernels

@@ -409,6 +409,8 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true", help="also time FlashInfer decode attention")
     parser.add_argument("--experts", action="store_true", help="also time the MoE expert GEMM paths")
     parser.add_argument("--expert-tokens", default=EXPERT_TOKENS, help="token counts of the --experts rows")
+    parser.add_argument("--triton-kernels", action="store_true",
+                        help="also time the MoE experts against triton-kernels' matmul_ogs (bench/triton_kernels_moe.py)")
     parser.add_argument("--model", action="store_true", help="also time a 2-layer 20b-shaped model step")
     parser.add_argument("--no-kernels", action="store_true", help="skip the CuTeDSL kernels")
     args = parser.parse_args()
@@ -421,6 +423,10 @@ def main() -> None:
     print(table(rows))
     if args.experts:
         print(expert_table([r for r in rows if "tflops" in r]))
+    if args.triton_kernels:  # after the tables above, so a missing triton_kernels costs nothing printed
+        from bench import triton_kernels_moe
+
+        print(triton_kernels_moe.table(triton_kernels_moe.run([int(t) for t in args.expert_tokens.split(",")])))
 
 
 if __name__ == "__main__":

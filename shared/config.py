@@ -70,8 +70,7 @@ class Settings:
     block_size: int = _setting(16, "tokens per KV-cache block", ("worker",))
     num_kv_blocks: int = _setting(0, "KV blocks per attention group; 0 sizes from max_model_len x max_num_seqs", ("worker",))
     max_num_seqs: int = _setting(64, "most sequences in one batch", ("worker",))
-    max_num_batched_tokens: int = _setting(0, "token budget per engine step (chunked prefill); 0: 8192 on a GPU of "
-                                              "70 GiB or more (vLLM's server default there), else 2048", ("worker",))
+    max_num_batched_tokens: int = _setting(2048, "token budget per engine step (chunked prefill)", ("worker",))
     max_model_len: int = _setting(0, "context length; 0 takes the checkpoint's", ("worker",))
     engine_overlap: str = _setting("auto", "launch each engine step before reading the last one's tokens: auto "
                                            "(on a CUDA device), on or off", ("worker",))

@@ -19,7 +19,6 @@ computes. A request that stops on a sampled token costs the one step launched af
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ import torch
 from kernels.sample import fused_sampling
 from services.worker.engine.block_manager import BlockManager
 from services.worker.engine.errors import EngineInputError
-from services.worker.engine.kv_sizing import kv_blocks_per_group, step_token_budget
+from services.worker.engine.kv_sizing import kv_blocks_per_group
 from services.worker.engine.sampler import (FusedDraw, SampledTokens, SamplingRow, check_params, choose, make_generator,
                                             needs_host, sample)
 from services.worker.engine.scheduler import Chunk, Scheduler
@@ -172,9 +171,6 @@ class Engine:
         if max_model_len > config.max_position_embeddings:
             raise ValueError(f"max_model_len {max_model_len} exceeds the model's "
                              f"max_position_embeddings {config.max_position_embeddings}")
-        # the KV sizing reads the step budget too: resolve "auto" once for both
-        settings = dataclasses.replace(
-            settings, max_num_batched_tokens=settings.max_num_batched_tokens or step_token_budget(model.device))
         num_blocks = kv_blocks_per_group(model, settings, max_model_len)
         return cls(
             model,

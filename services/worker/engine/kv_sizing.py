@@ -1,5 +1,4 @@
-"""How many KV blocks each attention group gets when num_kv_blocks is 0 (auto), and the step's
-token budget when max_num_batched_tokens is 0.
+"""How many KV blocks each attention group gets when num_kv_blocks is 0 (auto).
 
 Wanted: room for max_num_seqs sequences of max_model_len in the full group, and in
 the sliding group room for every sequence's window plus one prefill chunk. That is
@@ -20,20 +19,6 @@ log = logging.getLogger(__name__)
 # torch.zeros touches every page, so the CPU cache is resident from the start: keep it modest.
 CPU_KV_CAP_BYTES = 256 << 20
 CUDA_FREE_FRACTION = 0.85  # the rest stays for activations and the allocator's slack
-
-
-# vLLM's server defaults: 8192 tokens a step on H100/H200-class GPUs (70 GiB or more), 2048 elsewhere.
-# Wide steps pay off where prefill is bound by the tensor cores (the MXFP4 GEMM's tiles reuse each
-# widened weight tile over more rows); on a CPU a step's length is what a running stream waits.
-LARGE_GPU_BYTES = 70 << 30
-LARGE_GPU_STEP_TOKENS, STEP_TOKENS = 8192, 2048
-
-
-def step_token_budget(device: torch.device) -> int:
-    """Tokens one engine step may carry when the setting says auto (0)."""
-    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= LARGE_GPU_BYTES:
-        return LARGE_GPU_STEP_TOKENS
-    return STEP_TOKENS
 
 
 def block_bytes(model, group: str, block_size: int) -> int:

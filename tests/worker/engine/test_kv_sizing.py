@@ -7,7 +7,7 @@ import math
 import pytest
 
 from services.worker.engine import kv_sizing
-from services.worker.engine.kv_sizing import block_bytes, kv_blocks_per_group, step_token_budget
+from services.worker.engine.kv_sizing import block_bytes, kv_blocks_per_group
 from shared.config import Settings
 
 
@@ -25,7 +25,7 @@ def test_small_context_gets_every_sequence_its_room(small_model):
 
 
 def test_long_context_is_bounded_by_memory(small_model):
-    settings = Settings(max_num_seqs=64, block_size=16, max_num_batched_tokens=2048)
+    settings = Settings(max_num_seqs=64, block_size=16)
     blocks = kv_blocks_per_group(small_model, settings, max_model_len=131072)
     used = sum(n * block_bytes(small_model, g, 16) for g, n in blocks.items())
     assert used <= kv_sizing.memory_budget(small_model.device)
@@ -39,13 +39,3 @@ def test_impossible_context_is_a_clear_error(small_model, monkeypatch):
     monkeypatch.setattr(kv_sizing, "CPU_KV_CAP_BYTES", 1 << 20)
     with pytest.raises(ValueError, match="lower --max-model-len"):
         kv_blocks_per_group(small_model, Settings(block_size=16), max_model_len=131072)
-
-
-def test_step_budget_is_vllms_server_default_for_the_device(monkeypatch):
-    import torch
-
-    assert step_token_budget(torch.device("cpu")) == 2048
-    for gib, want in ((80, 8192), (141, 8192), (40, 2048)):
-        props = type("Props", (), {"total_memory": gib << 30})()
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, p=props: p)
-        assert step_token_budget(torch.device("cuda", 0)) == want

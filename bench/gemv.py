@@ -10,8 +10,9 @@ attention's QKV (2880 -> 5120) and o_proj (4096 -> 2880) and the router (2880 ->
 config at one row and the best three at 2 and 4 rows. Each figure is the median of CUDA-graph
 replays over inputs that overflow L2, with its bytes (weights read once, activations in and
 out) as a share of the copy bandwidth measured in the same run; the MMA kernel's "memory floor"
-row (its math compiled out) shows what the stream alone takes. The best config of each case
-is printed last.
+row (its math compiled out) shows what the stream alone takes. Past 16 routed rows (`--tokens 8,64`)
+the MMA kernel runs with several routed rows of an expert a tile (`cols`, per stages) against the
+Triton tile the grouped GEMM picks there. The best config of each case is printed last.
 """
 
 from __future__ import annotations
@@ -36,17 +37,23 @@ class Cute(NamedTuple):
     mma: bool
     rows_per_cta: int
     settings: dict | None = None
+    cols: int = 1  # the MMA kernel's routed rows a tile
 
 
 def mma_settings(quads: int, ctas: int, stages: int, math: bool = True) -> dict:
     return {"QUADS_PER_WARP": quads, "CTAS_PER_SM": ctas, "STAGES": stages, "MATH": math}
 
 
-def mxfp4_paths():
-    """(label, config) of the MXFP4 launches compared: the tensor-core GEMV, the FMA GEMV per rows per CTA,
-    the Triton tile."""
-    from kernels.moe_mxfp4 import TILE_CONFIGS
+def mxfp4_paths(n: int):
+    """(label, config) of the MXFP4 launches compared at n routed rows: the tensor-core GEMV (past GEMV_ROWS
+    also with several routed rows a tile, per cols and stages), the FMA GEMV per rows per CTA, the Triton tile."""
+    from kernels.moe_mxfp4 import GEMV_ROWS, TILE_CONFIGS, tile_config
 
+    if n > GEMV_ROWS:
+        for cols, stages in ((8, 2), (8, 3), (4, 2), (4, 3)):
+            yield f"cute mma {cols} cols {stages} stages", Cute(True, 16, {"COLS_STAGES": stages}, cols)
+        yield "triton tile", tile_config(n)
+        return
     for quads, ctas, stages in ((3, 3, 2), (3, 2, 2), (3, 2, 3), (3, 1, 4), (6, 3, 2), (6, 2, 3)):
         label = f"cute mma {quads} quads/warp {ctas} CTAs/SM {stages} stages"
         yield label, Cute(True, 16, mma_settings(quads, ctas, stages))
@@ -84,12 +91,13 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
             active = sum(a for a, _ in routings) / len(routings)
             nbytes = active * n_out * (k // 2 + k // 32 + 2) + n * (k + (n_out // 2 if swiglu else n_out)) * 2
             label = name + ("+swiglu" if swiglu else "")
-            for path, config in mxfp4_paths():
+            for path, config in mxfp4_paths(n):
                 settings = config.settings if isinstance(config, Cute) else None  # read at each launch
                 if isinstance(config, Cute):
                     weights = repacked if config.mma else blocks
                     fns = [lambda o=o: mxfp4_gemv(x, weights, scales, bias, o, swiglu=swiglu, repacked=config.mma,
-                                                  rows_per_cta=config.rows_per_cta) for _, o in routings]
+                                                  rows_per_cta=config.rows_per_cta, cols=config.cols)
+                           for _, o in routings]
                 else:
                     fns = [lambda o=o: grouped_mxfp4_linear(x, blocks, scales, bias, o, config=config, swiglu=swiglu)
                            for _, o in routings]
@@ -100,7 +108,7 @@ def sweep_mxfp4(tokens_list: list[int], copy_bw: float) -> list[dict]:
                 for key, value in saved.items():
                     setattr(mxfp4_mma, key, value)
                 row = {"case": f"mxfp4 {label}", "rows": n, "config": path, "us": t * 1e6,
-                       "bw_pct": 100 * nbytes / t / copy_bw, "floor": bool(settings) and not settings["MATH"]}
+                       "bw_pct": 100 * nbytes / t / copy_bw, "floor": bool(settings) and not settings.get("MATH", True)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows

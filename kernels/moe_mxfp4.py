@@ -83,6 +83,10 @@ TILE_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
 # --no-dense` at 5b99aa9). It reads an expert's weights once per row; past 16 rows, rows start to
 # share experts and the MMA tiles reuse each widened weight tile.
 GEMV_ROWS = 16
+# Up to here, where the decode copies exist (services/worker/model/cuda_moe.py), the tensor-core GEMV
+# with COLS routed rows a tile (kernels/mxfp4_mma.py) instead of this module's tiles: 256 rows are 64
+# tokens, the largest decode batch the default max_num_seqs captures.
+MMA_COLS_ROWS = 256
 
 
 def tile_config(n_rows: int) -> TileConfig:

@@ -76,8 +76,8 @@ def mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=None, x_rows=N
 def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor,
                offsets: torch.Tensor, out: torch.Tensor | None = None,
                swiglu: tuple[float, float] | None = None, rows_per_cta: int | None = None,
-               x_rows: torch.Tensor | None = None, repacked: bool = False, route_settled: bool = False
-               ) -> torch.Tensor:
+               x_rows: torch.Tensor | None = None, repacked: bool = False, route_settled: bool = False,
+               cols: int = 1) -> torch.Tensor:
     """Rows offsets[e]:offsets[e+1] of x times expert e's MXFP4 weight, transposed, plus bias[e] (see module doc).
 
     Rows outside offsets[0]:offsets[E] are left unwritten. x_rows (int32 [N], on the device): routed
@@ -89,6 +89,8 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     route_settled: offsets were written by a kernel two or more launches before this one (down after
     gate_up), so the MMA kernel starts its first weight copies before its PDL wait, while the kernel
     before finishes (kernels/pdl.py: that kernel passed its own wait, so its predecessor completed).
+    cols (MMA kernel only): routed rows of one expert a tile multiplies together, 1 (one a tile: a token
+    or a few) up to 8 (kernels/mxfp4_mma.COLS, for many rows: each weight tile is widened once for them).
     """
     from kernels.moe_mxfp4 import _check
 
@@ -108,6 +110,8 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
         rows_per_cta = TILE if repacked else ROWS_PER_CTA
     if rows_per_cta not in ((TILE,) if repacked else (2, 4, 8, 16, 32)):
         raise ValueError(f"rows_per_cta must be {'16' if repacked else 'a power of two 2..32'}, got {rows_per_cta}")
+    if cols not in ((1, 2, 4, 8) if repacked else (1,)):
+        raise ValueError(f"cols must be {'1, 2, 4 or 8' if repacked else '1 (the FMA kernel)'}, got {cols}")
     width = n_out // 2 if swiglu is not None else n_out
     if out is not None and (tuple(out.shape) != (n, width) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"out must be contiguous {x.dtype} [{n}, {width}]")
@@ -119,11 +123,13 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
     gather = x_rows is not None
     groups = k // 32
     if repacked:
-        key = ("mxfp4_mma", experts, n_out, k, warps_for(k), mxfp4_mma.STAGES, mxfp4_mma.MATH, swiglu is not None,
-               float(alpha), float(limit), gather, route_settled)
+        warps, stages = warps_for(k), mxfp4_mma.STAGES if cols == 1 else mxfp4_mma.COLS_STAGES
+        key = ("mxfp4_mma", experts, n_out, k, warps, stages, mxfp4_mma.MATH, swiglu is not None,
+               float(alpha), float(limit), gather, route_settled, cols)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
-        n_tiles = n * (n_out // TILE)
-        sizes = (cutlass.Int32(n_tiles), cutlass.Int32(min(n_tiles, mxfp4_mma.CTAS_PER_SM * sm_count(x.device))))
+        n_tiles = mxfp4_mma.chunk_count(n, experts, cols) * (n_out // TILE)
+        per_sm = mxfp4_mma.ctas_per_sm(k, cols, stages, warps, experts)
+        sizes = (cutlass.Int32(n_tiles), cutlass.Int32(min(n_tiles, per_sm * sm_count(x.device))))
         jit_fn = mxfp4_mma.launcher(*key[1:])
     else:
         key = ("mxfp4_gemv", experts, n_out, k, rows_per_cta, swiglu is not None, float(alpha), float(limit), gather)

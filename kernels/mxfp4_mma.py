@@ -31,6 +31,15 @@ current one, and finds experts in a shared copy of the offsets: nothing between 
 waits on global memory (that chain, not the instruction count, had set the one-token time;
 docs/GPU.md). MATH = False compiles the multiply out (bench.gemv's "memory floor" row).
 `python -m bench.gemv` sweeps the settings.
+
+Columns (`cols` = COLS): past a token or a few, experts get several routed rows. Then a tile is one
+expert's 16 weight rows by a chunk of up to COLS of its routed rows, each the B column of one lane
+group g (the MMA's 8 columns, unused ones discarded), so a weight tile is read and widened once
+for the chunk instead of once per routed row. The chunks are numbered expert by expert (each
+expert's rows in cdiv(rows, cols) chunks; a table of their first chunk per expert, built from the
+offsets at kernel start, maps a chunk to its expert); x's rows of a chunk are copied into the stage,
+each padded by 64 bytes so the two rows a quarter-warp reads sit in different banks. cols = 1 is
+the GEMV above, one routed row a tile.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
@@ -48,6 +57,9 @@ QUADS_PER_WARP = 3  # quads (4 scale groups, 128 values of K) each warp multipli
 TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
 STAGES = 2  # tiles a CTA holds in shared memory (>= 2): the one multiplied, STAGES - 1 in flight
 CTAS_PER_SM = 3  # the grid: persistent CTAs, each looping over tiles (~62 KB of shared memory each at K 2880)
+COLS = 8  # routed rows of one expert a tile multiplies past GEMV_ROWS (the MMA's N)
+COLS_STAGES = 2  # with COLS: ~71 KB a stage at K 2880, one CTA an SM
+SMEM_PER_SM = 227 << 10  # what one CTA may take on Hopper
 # False compiles the quad loop out (loads, barriers and stores only): bench.gemv's memory floor.
 MATH = True
 
@@ -111,6 +123,29 @@ def warps_for(k: int) -> int:
     return max(1, min(8, -(-quads // QUADS_PER_WARP)))
 
 
+def x_stride(k: int, cols: int) -> int:
+    """Bytes between x's rows in a stage: with several, 64 more than a row, so the rows' banks differ."""
+    return k * 2 + (64 if cols > 1 else 0)
+
+
+def smem_bytes(k: int, cols: int, stages: int, warps: int, experts: int) -> int:
+    """Shared memory one CTA takes: the stages, the warps' sums (double-buffered), offsets and chunk table."""
+    groups = k // 32
+    stage = TILE * groups * 17 + TILE * 2 + cols * x_stride(k, cols) + 16
+    return stages * stage + 2 * warps * TILE * (8 if cols > 1 else 1) * 4 + 2 * (experts + 1) * 4 + 8 * stages + 128
+
+
+def chunk_count(n: int, experts: int, cols: int) -> int:
+    """Most chunks n routed rows can split into (sum over experts of cdiv(rows, cols)): the launch's fixed size."""
+    return n if cols == 1 else min(n, (n + experts * (cols - 1)) // cols)
+
+
+def ctas_per_sm(k: int, cols: int, stages: int, warps: int, experts: int) -> int:
+    if cols == 1:
+        return CTAS_PER_SM
+    return max(1, min(CTAS_PER_SM, SMEM_PER_SM // smem_bytes(k, cols, stages, warps, experts)))
+
+
 _WIDEN = f"""{{
 .reg .b32 r;
 and.b32 $0, $4, {MASK:#x};
@@ -126,10 +161,11 @@ _MMA = ("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {$0,$1,$2,$3}, {$4,
 
 @functools.cache
 def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bool, fuse_swiglu: bool,
-             alpha: float, limit: float, gather: bool, early: bool):
+             alpha: float, limit: float, gather: bool, early: bool, cols: int = 1):
     """The compiled-once launch function; arguments as mxfp4_gemv passes them (x as int32 [T, K/8, 4],
     weights repacked). early: the offsets were written two or more kernels before (mxfp4_gemv's
-    route_settled), so the first tiles' weight copies start before the PDL wait."""
+    route_settled), so the first tiles' weight copies start before the PDL wait. cols: routed rows a
+    tile takes (1, or up to 8: the module doc's columns)."""
     cutlass, cute, _, cuda = cute_modules()
     from cutlass._mlir.dialects import llvm
     from cutlass.cutlass_dsl import T, dsl_user_op
@@ -145,9 +181,13 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     scales_at = TILE * groups * 16
     bias_at = scales_at + TILE * groups
     x_at = bias_at + TILE * 2
-    meta_at = x_at + k * 2
+    x_step = x_stride(k, cols)
+    meta_at = x_at + cols * x_step  # then 4 words: expert, in an expert (0/1), first routed row, rows
     stage_words = (meta_at + 16) // 4
-    stage_bytes = meta_at  # what the copies bring
+    weight_bytes = x_at  # what issue_weights' copies bring; each x row then brings k * 2
+    n_cols = 1 if cols == 1 else 8  # the sums' columns: the MMA's 8 with several rows
+    out_width = TILE // 2 if fuse_swiglu else TILE  # outputs a tile stores per routed row
+    n_acc = 2 if cols == 1 else 4  # a lane's sums: its two rows (D's columns are equal), or each of its 4 D values
 
     def asm(result_t, args, text, constraints, loc, ip):
         return llvm.inline_asm(result_t, [a.ir_value(loc=loc, ip=ip) for a in args], text, constraints,
@@ -191,62 +231,91 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
 
     def stage_views(st):
         """(trace time) A stage's parts: weights [TILE, groups, 4] int32 (row-major, as the bulk copy writes them:
-        make_layout's default is column-major), scales [TILE, groups] u8, bias [TILE] bf16, x [K/8, 4] int32."""
+        make_layout's default is column-major), scales [TILE, groups] u8, bias [TILE] bf16, x [cols, K/8, 4] int32."""
         base = st.iterator
         w = cute.make_tensor(base, cute.make_layout((TILE, groups, 4), stride=(groups * 4, 4, 1)))
         sc = cute.make_tensor(cute.recast_ptr(base + scales_at // 4, dtype=cutlass.Uint8),
                               cute.make_layout((TILE, groups), stride=(groups, 1)))
         b = cute.make_tensor(cute.recast_ptr(base + bias_at // 4, dtype=cutlass.BFloat16), cute.make_layout((TILE,)))
-        xs = cute.make_tensor(base + x_at // 4, cute.make_layout((k // 8, 4), stride=(4, 1)))
+        xs = cute.make_tensor(base + x_at // 4, cute.make_layout((cols, k // 8, 4), stride=(x_step // 4, 4, 1)))
         return w, sc, b, xs
 
     @cute.jit
-    def issue_weights(offsets: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor, st: cute.Tensor,
-                      mbar: cute.Pointer, tile: Int32, lane: Int32):
+    def issue_tile(mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer,
+                   first: Int32):
+        """(one thread) The bulk copies of 16 weight rows from row `first` of [E * out], their scales and bias."""
+        bulk_copy(st.iterator, mW.iterator + first * (groups * 4), TILE * groups * 16, mbar)
+        bulk_copy(st.iterator + scales_at // 4, mS.iterator + first * groups, TILE * groups, mbar)
+        bulk_copy(st.iterator + bias_at // 4, mB.iterator + first, TILE * 2, mbar)
+
+    @cute.jit
+    def issue_weights(offsets: cute.Tensor, chunks: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,
+                      st: cute.Tensor, mbar: cute.Pointer, tile: Int32, lane: Int32):
         """(whole warp) Start the bulk copies of tile's 16 weight rows, their scales and bias into stage `st`
-        (completing on `mbar`, which then still waits for issue_x's copy), and note the row's expert there."""
+        (completing on `mbar`, which then still waits for issue_x's copies), and note there the tile's expert,
+        whether its chunk holds rows, its first routed row and how many."""
         found = cute.make_rmem_tensor((2,), Int32)
-        expert_of(offsets, tile // tiles_per_row, lane, found)
+        chunk = tile // tiles_per_row
+        first_row = chunk
+        rows = Int32(1)  # cols == 1: the routed row is copied even outside every expert (then not stored)
+        if cutlass.const_expr(cols == 1):
+            expert_of(offsets, chunk, lane, found)
+        else:
+            expert_of(chunks, chunk, lane, found)
+            first_row = offsets[found[0]] + (chunk - chunks[found[0]]) * cols
+            rows = cutlass.min(Int32(cols), offsets[found[0] + 1] - first_row) * found[1]
         first = found[0] * n_out + (tile % tiles_per_row) * TILE
         if lane == 0:
-            cute.arch.mbarrier_arrive_and_expect_tx(mbar, stage_bytes)
-            bulk_copy(st.iterator, mW.iterator + first * (groups * 4), TILE * groups * 16, mbar)
-            bulk_copy(st.iterator + scales_at // 4, mS.iterator + first * groups, TILE * groups, mbar)
-            bulk_copy(st.iterator + bias_at // 4, mB.iterator + first, TILE * 2, mbar)
+            if cutlass.const_expr(cols == 1):
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar, weight_bytes + k * 2)
+                issue_tile(mW, mS, mB, st, mbar, first)
+            else:  # the launch's spare chunks (chunk_count's bound over the real count) copy nothing
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar, (weight_bytes + rows * (k * 2)) * found[1])
+                if found[1] != 0:
+                    issue_tile(mW, mS, mB, st, mbar, first)
             st[meta_at // 4] = found[0]
             st[meta_at // 4 + 1] = found[1]
+            st[meta_at // 4 + 2] = first_row
+            st[meta_at // 4 + 3] = rows
 
     @cute.jit
-    def issue_x(mR: cute.Tensor, mX: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer, tile: Int32, lane: Int32):
-        """(whole warp, after the PDL wait) Start the bulk copy of tile's routed row of x into stage `st`."""
+    def issue_x(mR: cute.Tensor, mX: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer, lane: Int32):
+        """(whole warp, after the PDL wait and issue_weights on `st`) Start the bulk copies of the tile's routed
+        rows of x into stage `st`."""
         if lane == 0:
-            x_row = tile // tiles_per_row
-            if cutlass.const_expr(gather):
-                x_row = mR[x_row]
-            bulk_copy(st.iterator + x_at // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
+            first_row = st[meta_at // 4 + 2]
+            for c in cutlass.range(st[meta_at // 4 + 3]):
+                x_row = first_row + c
+                if cutlass.const_expr(gather):
+                    x_row = mR[x_row]
+                bulk_copy(st.iterator + (x_at + c * x_step) // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
 
     @cute.jit
-    def store_rows(red: cute.Tensor, bias: cute.Tensor, mY: cute.Tensor, row: Int32, pid_n: Int32, tidx: Int32):
-        """Threads 0..15 (0..7 with the SwiGLU): the warps' sums plus bias, rounded to bf16 as the unfused
-        path stores gate_up, then the clamped SwiGLU of each (gate, up) pair, into y's row."""
-        if cutlass.const_expr(fuse_swiglu):
-            if tidx < TILE // 2:
-                pair = cute.make_rmem_tensor((2,), Float32)
-                for p in cutlass.range_constexpr(2):
-                    total = red[0, 2 * tidx + p]
+    def store_rows(red: cute.Tensor, bias: cute.Tensor, mY: cute.Tensor, first_row: Int32, rows: Int32,
+                   pid_n: Int32, lane: Int32):
+        """(warp 0) For each of the tile's routed rows c < rows and its 16 outputs (8 with the SwiGLU): the
+        warps' sums plus bias, rounded to bf16 as the unfused path stores gate_up, then the clamped SwiGLU of
+        each (gate, up) pair, into y's row first_row + c."""
+        for q in cutlass.range_constexpr((out_width * cols + 31) // 32):
+            c = (lane + 32 * q) // out_width
+            o = (lane + 32 * q) % out_width
+            if c < rows:
+                if cutlass.const_expr(fuse_swiglu):
+                    pair = cute.make_rmem_tensor((2,), Float32)
+                    for p in cutlass.range_constexpr(2):
+                        total = red[0, 2 * o + p, c]
+                        for w in cutlass.range_constexpr(1, warps):
+                            total = total + red[w, 2 * o + p, c]
+                        pair[p] = (total + bias[2 * o + p].to(Float32)).to(cutlass.BFloat16).to(Float32)
+                    gate = cutlass.min(pair[0], Float32(limit))
+                    up = cutlass.max(cutlass.min(pair[1], Float32(limit)), Float32(-limit))
+                    h = gate / (Float32(1.0) + cute.math.exp(-Float32(alpha) * gate)) * (up + Float32(1.0))
+                    mY[first_row + c, pid_n * out_width + o] = h.to(cutlass.BFloat16)
+                else:
+                    total = red[0, o, c]
                     for w in cutlass.range_constexpr(1, warps):
-                        total = total + red[w, 2 * tidx + p]
-                    pair[p] = (total + bias[2 * tidx + p].to(Float32)).to(cutlass.BFloat16).to(Float32)
-                gate = cutlass.min(pair[0], Float32(limit))
-                up = cutlass.max(cutlass.min(pair[1], Float32(limit)), Float32(-limit))
-                h = gate / (Float32(1.0) + cute.math.exp(-Float32(alpha) * gate)) * (up + Float32(1.0))
-                mY[row, pid_n * (TILE // 2) + tidx] = h.to(cutlass.BFloat16)
-        else:
-            if tidx < TILE:
-                total = red[0, tidx]
-                for w in cutlass.range_constexpr(1, warps):
-                    total = total + red[w, tidx]
-                mY[row, pid_n * TILE + tidx] = (total + bias[tidx].to(Float32)).to(cutlass.BFloat16)
+                        total = total + red[w, o, c]
+                    mY[first_row + c, pid_n * out_width + o] = (total + bias[o].to(Float32)).to(cutlass.BFloat16)
 
     @cute.jit
     def quad_words(w_tile: cute.Tensor, words: cute.Tensor, rg: Int32, c: Int32, t: Int32):
@@ -283,9 +352,11 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
         # one stage (int32 words): weights, scales, bias, x (stage_views), then (expert, routed) of the tile's row
         stages_mem = smem.allocate_tensor(Int32, cute.make_layout((stages, stage_words), stride=(stage_words, 1)),
                                           byte_alignment=128)
-        red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE), stride=(warps * TILE, TILE, 1)),
+        red = smem.allocate_tensor(Float32, cute.make_layout((2, warps, TILE, n_cols),
+                                                             stride=(warps * TILE * n_cols, TILE * n_cols, n_cols, 1)),
                                    byte_alignment=16)
         offsets = smem.allocate_tensor(Int32, cute.make_layout((experts + 1,)), byte_alignment=16)
+        chunks = smem.allocate_tensor(Int32, cute.make_layout((experts + 1,)), byte_alignment=16)  # cols > 1
         mbars = smem.allocate_array(cutlass.Int64, stages, byte_alignment=8)
         if cutlass.const_expr(not early):
             pdl_wait()  # the experts, hence every weight byte, depend on the route before
@@ -298,32 +369,42 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                 cute.arch.mbarrier_init(mbars + s, 1)
             cute.arch.mbarrier_init_fence()
         cute.arch.sync_threads()
+        if cutlass.const_expr(cols > 1):  # each expert's first chunk: its rows in cdiv(rows, cols) chunks
+            if tidx == 0:
+                running = Int32(0)
+                for e in cutlass.range(experts):
+                    chunks[e] = running
+                    running = running + (offsets[e + 1] - offsets[e] + (cols - 1)) // cols
+                chunks[experts] = running
+            cute.arch.sync_threads()
 
         # this CTA's tiles: cta, cta + grid, ...; stages - 1 of them in flight ahead of the one multiplied
         count = (n_tiles - cta + grid - 1) // grid
         if warp == 0:
             for s in cutlass.range_constexpr(stages - 1):
                 if s < count:
-                    issue_weights(offsets, mW, mS, mB, stages_mem[s, None], mbars + s, cta + s * grid, lane)
+                    issue_weights(offsets, chunks, mW, mS, mB, stages_mem[s, None], mbars + s, cta + s * grid, lane)
         if cutlass.const_expr(early):
             pdl_wait()  # x is the kernel before's output
         if warp == 0:
             for s in cutlass.range_constexpr(stages - 1):
                 if s < count:
-                    issue_x(mR, mX, stages_mem[s, None], mbars + s, cta + s * grid, lane)
+                    issue_x(mR, mX, stages_mem[s, None], mbars + s, lane)
         for i in cutlass.range(count):
             ahead = i + stages - 1  # its stage was freed by the barrier that ended tile i - 1
             if warp == 0 and ahead < count:
                 st = stages_mem[ahead % stages, None]
-                issue_weights(offsets, mW, mS, mB, st, mbars + ahead % stages, cta + ahead * grid, lane)
-                issue_x(mR, mX, st, mbars + ahead % stages, cta + ahead * grid, lane)
+                issue_weights(offsets, chunks, mW, mS, mB, st, mbars + ahead % stages, cta + ahead * grid, lane)
+                issue_x(mR, mX, st, mbars + ahead % stages, lane)
             tile = cta + i * grid
             stage = i % stages
             w_tile, s_tile, bias, xs = stage_views(stages_mem[stage, None])
             cute.arch.mbarrier_wait(mbars + stage, (i // stages) % 2)
 
-            acc = cute.make_rmem_tensor((2,), Float32)  # tile rows rg, rg + 8
+            # tile rows rg, rg + 8 (cols > 1: their columns 2t, 2t + 1: D's fragment d0, d1, d2, d3)
+            acc = cute.make_rmem_tensor((n_acc,), Float32)
             acc.fill(0.0)
+            col = cutlass.min(g, cols - 1)  # the routed row lane group g's B column takes (past the chunk: discarded)
             xw = cute.make_rmem_tensor((4,), Int32)
             words = cute.make_rmem_tensor((2, 4), Int32)
             for q in cutlass.range_constexpr(per_warp if math else 0):
@@ -332,24 +413,39 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                     quad_words(w_tile, words, rg, c, t)
                     for gi in cutlass.range_constexpr(4):
                         j = cutlass.min(4 * c + gi, groups - 1)  # past the last group: zero words
-                        xw.store(xs[4 * j + t, None].load())
+                        xw.store(xs[col, 4 * j + t, None].load())
                         b = [prescale(xw[p]) for p in range(4)]
                         lo = widen(words[0, gi])
                         hi = widen(words[1, gi])
                         zero = Float32(0.0)
                         d = mma([lo[0], hi[0], lo[1], hi[1]], b[0:2], [zero, zero, zero, zero])
                         d = mma([lo[2], hi[2], lo[3], hi[3]], b[2:4], d)
-                        # D's columns are equal: d0 is row rg, d2 row rg + 8, each scaled by its row's group
-                        acc[0] = acc[0] + d[0] * group_factor(s_tile[rg, j].to(Int32))
-                        acc[1] = acc[1] + d[2] * group_factor(s_tile[rg + 8, j].to(Int32))
-            if t == 0:
-                red[i % 2, warp, rg] = acc[0]
-                red[i % 2, warp, rg + 8] = acc[1]
+                        # d0, d1 are row rg, d2, d3 row rg + 8, each scaled by its row's group
+                        top = group_factor(s_tile[rg, j].to(Int32))
+                        bottom = group_factor(s_tile[rg + 8, j].to(Int32))
+                        if cutlass.const_expr(cols == 1):  # D's columns are equal
+                            acc[0] = acc[0] + d[0] * top
+                            acc[1] = acc[1] + d[2] * bottom
+                        else:
+                            acc[0] = acc[0] + d[0] * top
+                            acc[1] = acc[1] + d[1] * top
+                            acc[2] = acc[2] + d[2] * bottom
+                            acc[3] = acc[3] + d[3] * bottom
+            if cutlass.const_expr(cols == 1):
+                if t == 0:
+                    red[i % 2, warp, rg, 0] = acc[0]
+                    red[i % 2, warp, rg + 8, 0] = acc[1]
+            else:
+                red[i % 2, warp, rg, 2 * t] = acc[0]
+                red[i % 2, warp, rg, 2 * t + 1] = acc[1]
+                red[i % 2, warp, rg + 8, 2 * t] = acc[2]
+                red[i % 2, warp, rg + 8, 2 * t + 1] = acc[3]
             cute.arch.sync_threads()  # the stage is read: free for the copy issued next iteration
 
             if warp == 0:  # (red is double-buffered: the next tile's writes go to the other half)
                 if stages_mem[stage, meta_at // 4 + 1] != 0:  # rows outside every expert are left unwritten
-                    store_rows(red[i % 2, None, None], bias, mY, tile // tiles_per_row, tile % tiles_per_row, tidx)
+                    store_rows(red[i % 2, None, None, None], bias, mY, stages_mem[stage, meta_at // 4 + 2],
+                               stages_mem[stage, meta_at // 4 + 3], tile % tiles_per_row, lane)
 
     @cute.jit
     def launch_fn(mX: cute.Tensor, mR: cute.Tensor, mW: cute.Tensor, mS: cute.Tensor, mB: cute.Tensor,

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.gpu
 
 TOL = 1e-2
 HIDDEN = 2880
-KERNELS = [(True, 16), (False, 8), (False, 32)]  # (tensor cores, rows_per_cta)
+KERNELS = [(True, 16, 1), (True, 16, 8), (True, 16, 4), (False, 8, 1), (False, 32, 1)]  # (tensor cores, rows_per_cta, cols)
+MMA = [(True, 1), (True, 8), (False, 1)]  # (tensor cores, routed rows a tile)
 
 
 def gemv(mma: bool, x, blocks, *args, **kwargs):
@@ -21,7 +22,7 @@ def gemv(mma: bool, x, blocks, *args, **kwargs):
     return mxfp4_gemv(x, repack(blocks) if mma else blocks, *args, repacked=mma, **kwargs)
 
 
-@pytest.mark.parametrize("rows", [1, 4, 7, 16])
+@pytest.mark.parametrize("rows", [1, 4, 7, 16, 40, 256])
 @pytest.mark.parametrize("experts,n_out", [(32, 2 * HIDDEN), (32, HIDDEN), (128, 2 * HIDDEN), (128, HIDDEN)])
 @pytest.mark.parametrize("split", ["random", "sparse", "one"])
 @pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
@@ -32,12 +33,13 @@ def test_mxfp4_gemv(rows, experts, n_out, split, swiglu):
     offsets = expert_offsets(rows, experts, split)
     x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16) * (4 if swiglu else 1)  # reach the clamp
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets, swiglu=swiglu)
-    # the tensor-core kernel, then the FMA one at its default and with lanes holding a row each
-    for mma, rows_per_cta in KERNELS:
+    # the tensor-core kernel (a routed row a tile, or several of an expert), then the FMA one at its default
+    # and with lanes holding a row each
+    for mma, rows_per_cta, cols in KERNELS:
         out = poisoned(*ref.shape)
-        y = gemv(mma, x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta)
+        y = gemv(mma, x, blocks, scales, bias, offsets, out=out, swiglu=swiglu, rows_per_cta=rows_per_cta, cols=cols)
         assert y.data_ptr() == out.data_ptr()
-        assert rel_err(y, ref) <= TOL, (mma, rows_per_cta)
+        assert rel_err(y, ref) <= TOL, (mma, rows_per_cta, cols)
 
 
 def check_odd_shape(k: int, n_out: int, mma: bool, **kernel):
@@ -68,6 +70,7 @@ def test_mxfp4_mma_odd_shapes(k, n_out):
     FMA kernel takes it)."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
 
+    check_odd_shape(k, n_out, True, cols=8)
     x, offsets = check_odd_shape(k, n_out, True)
     narrow = random_mxfp4(5, 8, k)
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -75,49 +78,51 @@ def test_mxfp4_mma_odd_shapes(k, n_out):
     assert rel_err(mxfp4_gemv(x, *narrow, offsets), mxfp4_gemv_reference(x, *narrow, offsets)) <= TOL
 
 
-@pytest.mark.parametrize("mma", [True, False])
-def test_mxfp4_gemv_leaves_unrouted_rows(mma):
+@pytest.mark.parametrize("mma,cols", MMA)
+def test_mxfp4_gemv_leaves_unrouted_rows(mma, cols):
     """Rows before offsets[0] and past offsets[E] belong to no expert: left as they were."""
-    from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
+    from kernels.mxfp4_gemv import mxfp4_gemv_reference
 
     blocks, scales, bias = random_mxfp4(4, 64, 96)
-    x = torch.randn(8, 96, device="cuda", dtype=torch.bfloat16)
-    offsets = torch.tensor([2, 3, 3, 5, 6], dtype=torch.int32, device="cuda")
-    out = poisoned(8, 64)
-    gemv(mma, x, blocks, scales, bias, offsets, out=out)
-    assert out[:2].isnan().all() and out[6:].isnan().all()
+    x = torch.randn(30, 96, device="cuda", dtype=torch.bfloat16)
+    offsets = torch.tensor([2, 3, 3, 14, 25], dtype=torch.int32, device="cuda")  # 11 rows: a whole chunk and 3
+    out = poisoned(30, 64)
+    gemv(mma, x, blocks, scales, bias, offsets, out=out, cols=cols)
+    assert out[:2].isnan().all() and out[25:].isnan().all()
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, offsets)
-    assert rel_err(out[2:6], ref[2:6]) <= TOL
+    assert rel_err(out[2:25], ref[2:25]) <= TOL
 
 
-@pytest.mark.parametrize("mma", [True, False])
-def test_mxfp4_gemv_graph_replay(mma):
-    """Captured once, replayed after the routing changed in place: the kernel reads the offsets on the device."""
+@pytest.mark.parametrize("mma,cols", MMA)
+def test_mxfp4_gemv_graph_replay(mma, cols):
+    """Captured once, replayed after the routing changed in place: the kernel reads the offsets on the device
+    (with several rows a tile, its chunks too: all rows in one expert's chunks, or spread over many)."""
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
     from kernels.mxfp4_mma import repack
 
+    n = 4 if cols == 1 else 64
     blocks, scales, bias = random_mxfp4(32, HIDDEN, HIDDEN)
-    x = torch.randn(4, HIDDEN, device="cuda", dtype=torch.bfloat16)
-    offsets = expert_offsets(4, 32, "random")
-    out = poisoned(4, HIDDEN)
+    x = torch.randn(n, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    offsets = expert_offsets(n, 32, "random")
+    out = poisoned(n, HIDDEN)
     weights = repack(blocks) if mma else blocks
-    mxfp4_gemv(x, weights, scales, bias, offsets, out=out, repacked=mma)
+    mxfp4_gemv(x, weights, scales, bias, offsets, out=out, repacked=mma, cols=cols)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        mxfp4_gemv(x, weights, scales, bias, offsets, out=out, repacked=mma)
+        mxfp4_gemv(x, weights, scales, bias, offsets, out=out, repacked=mma, cols=cols)
     for split in ("one", "sparse", "random"):
-        offsets.copy_(expert_offsets(4, 32, split))
+        offsets.copy_(expert_offsets(n, 32, split))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, mxfp4_gemv_reference(x, blocks, scales, bias, offsets)) <= TOL
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 4])
+@pytest.mark.parametrize("tokens", [1, 3, 4, 9, 64])
 @pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
-@pytest.mark.parametrize("mma", [True, False])
-def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu, mma):
+@pytest.mark.parametrize("mma,cols", MMA)
+def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu, mma, cols):
     """x_rows: routed row i reads token x_rows[i] of the undispatched x, as the route kernel's src gives it."""
     from kernels.moe_dispatch import route
     from kernels.mxfp4_gemv import mxfp4_gemv, mxfp4_gemv_reference
@@ -129,7 +134,7 @@ def test_mxfp4_gemv_reads_rows_in_place(tokens, swiglu, mma):
     routing = route(ids, experts)
     ref = mxfp4_gemv_reference(x, blocks, scales, bias, routing.offsets, swiglu=swiglu, x_rows=routing.src)
     out = poisoned(*ref.shape)
-    gemv(mma, x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src)
+    gemv(mma, x, blocks, scales, bias, routing.offsets, out=out, swiglu=swiglu, x_rows=routing.src, cols=cols)
     assert rel_err(out, ref) <= TOL
 
 
@@ -152,8 +157,8 @@ def test_mxfp4_mma_scale_range():
     assert mma_scales_ok(scales) and not mma_scales_ok(scales, scales + 1)
 
 
-@pytest.mark.parametrize("mma", [True, False])
-def test_mxfp4_gemv_down_starts_during_gate_up(mma):
+@pytest.mark.parametrize("mma,cols", MMA)
+def test_mxfp4_gemv_down_starts_during_gate_up(mma, cols):
     """Route, gate_up + SwiGLU, then down with route_settled (its weight copies start before its PDL wait,
     while gate_up runs), captured once and replayed after the router's choice changed in place: down
     must read this replay's offsets, not an earlier layer's or replay's."""
@@ -164,15 +169,20 @@ def test_mxfp4_gemv_down_starts_during_gate_up(mma):
     experts, top_k, clamp = 32, 4, (1.702, 7.0)
     gate_up, down = random_mxfp4(experts, 2 * HIDDEN, HIDDEN), random_mxfp4(experts, HIDDEN, HIDDEN)
     copies = [repack(w[0]) if mma else w[0] for w in (gate_up, down)]
-    x = torch.randn(1, HIDDEN, device="cuda", dtype=torch.bfloat16) * 4
-    ids = torch.randperm(experts, device="cuda")[:top_k].to(torch.int32).view(1, top_k)
+    tokens = 1 if cols == 1 else 16
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16) * 4
+
+    def choose():
+        return torch.rand(tokens, experts, device="cuda").argsort(1)[:, :top_k].to(torch.int32).contiguous()
+
+    ids = choose()
 
     def step():
         routing = route(ids, experts)
         hidden = mxfp4_gemv(x, copies[0], *gate_up[1:], routing.offsets, swiglu=clamp, x_rows=routing.src,
-                            repacked=mma)
+                            repacked=mma, cols=cols)
         return routing, hidden, mxfp4_gemv(hidden, copies[1], *down[1:], routing.offsets, repacked=mma,
-                                           route_settled=True)
+                                           route_settled=True, cols=cols)
 
     step()
     torch.cuda.synchronize()
@@ -180,7 +190,7 @@ def test_mxfp4_gemv_down_starts_during_gate_up(mma):
     with torch.cuda.graph(graph):
         routing, hidden, y = step()
     for _ in range(3):
-        ids.copy_(torch.randperm(experts, device="cuda")[:top_k].to(torch.int32).view(1, top_k))
+        ids.copy_(choose())
         y.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()

@@ -19,7 +19,8 @@ the step stays capturable. MXFP4 experts (the checkpoint's format) stay packed a
 through the Triton weight-only kernel (kernels/moe_mxfp4.py: fp4 dequantized in
 registers, half the bytes of fp8 and a quarter of bf16 per decode step), and decode's GEMVs
 through the tensor-core kernel on a bit-rearranged copy of the blocks where memory allows
-(kernels/mxfp4_mma.py; `decode_copies` says when) or the FMA kernel otherwise; bf16 experts
+(kernels/mxfp4_mma.py; `decode_copies` says when; with the copies it also takes batches up to
+MMA_COLS_ROWS routed rows, several rows of an expert a tile) or the FMA kernel otherwise; bf16 experts
 [E, out, in] (rows = outputs) go through `torch._grouped_mm`, reading them transposed
 in place.
 """
@@ -66,6 +67,8 @@ class GroupedExperts:
             # granted and the weights fit (None: the FMA kernel on the checkpoint's blocks)
             self.gate_up_mma = _decode_copy(*self.gate_up) if decode_copies else None
             self.down_mma = _decode_copy(*self.down) if decode_copies else None
+            # with both copies, the tensor-core kernel also takes batches past GEMV_ROWS (several rows an expert)
+            self.mma_cols = self.gate_up_mma is not None and self.down_mma is not None
         else:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
@@ -87,15 +90,20 @@ class GroupedExperts:
     def routed_rows(self, x: torch.Tensor, routing) -> torch.Tensor:
         """The experts' outputs ys [T*k, H] in expert order for x [T, H] routed by `routing`."""
         if self.packed:
-            from kernels.moe_mxfp4 import GEMV_ROWS, grouped_mxfp4_linear
+            from kernels.moe_mxfp4 import GEMV_ROWS, MMA_COLS_ROWS, grouped_mxfp4_linear
+            from kernels.mxfp4_mma import COLS
 
             clamp = (self.alpha, self.limit)  # the SwiGLU's, fused into gate_up's store
-            if x.is_cuda and routing.src.numel() <= GEMV_ROWS:  # decode: the GEMV reads each token's row in place
+            n = routing.src.numel()
+            if x.is_cuda and (n <= GEMV_ROWS or (self.mma_cols and n <= MMA_COLS_ROWS)):
+                # decode: the GEMV reads each token's row in place; past a few tokens a tile takes up to COLS
+                # routed rows of its expert
+                cols = 1 if n <= GEMV_ROWS else COLS
                 hidden = _gemv(x, self.gate_up, self.gate_up_mma, self.gate_up_b, routing.offsets, swiglu=clamp,
-                               x_rows=routing.src)
+                               x_rows=routing.src, cols=cols)
                 # the routing is two kernels back now: down's weight copies may start during gate_up
                 return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets,
-                             route_settled=self.early_down)
+                             route_settled=self.early_down, cols=cols)
             hidden = grouped_mxfp4_linear(dispatch(x, routing), *self.gate_up, self.gate_up_b, routing.offsets,
                                           swiglu=clamp)
             return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)

@@ -50,8 +50,9 @@ def mxfp4_paths(n: int):
     from kernels.moe_mxfp4 import GEMV_ROWS, TILE_CONFIGS, tile_config
 
     if n > GEMV_ROWS:
-        for cols, stages in ((8, 2), (8, 3), (4, 2), (4, 3)):
-            yield f"cute mma {cols} cols {stages} stages", Cute(True, 16, {"COLS_STAGES": stages}, cols)
+        for cols, ctas, stages in ((8, 2, 2), (8, 3, 2), (8, 1, 4), (8, 2, 3), (4, 2, 2), (4, 3, 2)):
+            yield (f"cute mma {cols} cols {ctas} CTAs/SM {stages} stages",
+                   Cute(True, 16, {"COLS_CTAS_PER_SM": ctas, "COLS_STAGES": stages}, cols))
         yield "triton tile", tile_config(n)
         return
     for quads, ctas, stages in ((3, 3, 2), (3, 2, 2), (3, 2, 3), (3, 1, 4), (6, 3, 2), (6, 2, 3)):

@@ -128,7 +128,7 @@ def mxfp4_gemv(x: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, bias
                float(alpha), float(limit), gather, route_settled, cols)
         x_arg = rows(x.view(torch.int32).view(x.shape[0], k // 8, 4))
         n_tiles = mxfp4_mma.chunk_count(n, experts, cols) * (n_out // TILE)
-        per_sm = mxfp4_mma.ctas_per_sm(k, cols, stages, warps, experts)
+        per_sm = mxfp4_mma.CTAS_PER_SM if cols == 1 else mxfp4_mma.COLS_CTAS_PER_SM
         sizes = (cutlass.Int32(n_tiles), cutlass.Int32(min(n_tiles, per_sm * sm_count(x.device))))
         jit_fn = mxfp4_mma.launcher(*key[1:])
     else:

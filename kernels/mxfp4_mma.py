@@ -37,9 +37,10 @@ expert's 16 weight rows by a chunk of up to COLS of its routed rows, each the B 
 group g (the MMA's 8 columns, unused ones discarded), so a weight tile is read and widened once
 for the chunk instead of once per routed row. The chunks are numbered expert by expert (each
 expert's rows in cdiv(rows, cols) chunks; a table of their first chunk per expert, built from the
-offsets at kernel start, maps a chunk to its expert); x's rows of a chunk are copied into the stage,
-each padded by 64 bytes so the two rows a quarter-warp reads sit in different banks. cols = 1 is
-the GEMV above, one routed row a tile.
+offsets at kernel start, maps a chunk to its expert). A CTA takes a contiguous run of the real
+tiles (counted on the device), so its next tiles mostly share the chunk, and lanes read x's rows
+from global memory, where L1 keeps them from tile to tile: copied into each stage, a chunk's x
+outweighed the tile's weights. cols = 1 is the GEMV above, one routed row a tile.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
@@ -58,8 +59,8 @@ TILE = 16  # weight rows an MMA takes, and a CTA per step of its loop
 STAGES = 2  # tiles a CTA holds in shared memory (>= 2): the one multiplied, STAGES - 1 in flight
 CTAS_PER_SM = 3  # the grid: persistent CTAs, each looping over tiles (~62 KB of shared memory each at K 2880)
 COLS = 8  # routed rows of one expert a tile multiplies past GEMV_ROWS (the MMA's N)
-COLS_STAGES = 2  # with COLS: ~71 KB a stage at K 2880, one CTA an SM
-SMEM_PER_SM = 227 << 10  # what one CTA may take on Hopper
+COLS_STAGES = 2
+COLS_CTAS_PER_SM = 2  # fewer than CTAS_PER_SM: L1 must keep each CTA's chunk of x (8 rows, 46 KB at K 2880)
 # False compiles the quad loop out (loads, barriers and stores only): bench.gemv's memory floor.
 MATH = True
 
@@ -123,27 +124,9 @@ def warps_for(k: int) -> int:
     return max(1, min(8, -(-quads // QUADS_PER_WARP)))
 
 
-def x_stride(k: int, cols: int) -> int:
-    """Bytes between x's rows in a stage: with several, 64 more than a row, so the rows' banks differ."""
-    return k * 2 + (64 if cols > 1 else 0)
-
-
-def smem_bytes(k: int, cols: int, stages: int, warps: int, experts: int) -> int:
-    """Shared memory one CTA takes: the stages, the warps' sums (double-buffered), offsets and chunk table."""
-    groups = k // 32
-    stage = TILE * groups * 17 + TILE * 2 + cols * x_stride(k, cols) + 16
-    return stages * stage + 2 * warps * TILE * (8 if cols > 1 else 1) * 4 + 2 * (experts + 1) * 4 + 8 * stages + 128
-
-
 def chunk_count(n: int, experts: int, cols: int) -> int:
     """Most chunks n routed rows can split into (sum over experts of cdiv(rows, cols)): the launch's fixed size."""
     return n if cols == 1 else min(n, (n + experts * (cols - 1)) // cols)
-
-
-def ctas_per_sm(k: int, cols: int, stages: int, warps: int, experts: int) -> int:
-    if cols == 1:
-        return CTAS_PER_SM
-    return max(1, min(CTAS_PER_SM, SMEM_PER_SM // smem_bytes(k, cols, stages, warps, experts)))
 
 
 _WIDEN = f"""{{
@@ -181,10 +164,9 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     scales_at = TILE * groups * 16
     bias_at = scales_at + TILE * groups
     x_at = bias_at + TILE * 2
-    x_step = x_stride(k, cols)
-    meta_at = x_at + cols * x_step  # then 4 words: expert, in an expert (0/1), first routed row, rows
+    meta_at = x_at + (k * 2 if cols == 1 else 0)  # then 4 words: expert, in an expert (0/1), first routed row, rows
     stage_words = (meta_at + 16) // 4
-    weight_bytes = x_at  # what issue_weights' copies bring; each x row then brings k * 2
+    stage_tx = x_at + (k * 2 if cols == 1 else 0)  # what a stage's copies bring: weights, scales, bias (and x's row)
     n_cols = 1 if cols == 1 else 8  # the sums' columns: the MMA's 8 with several rows
     out_width = TILE // 2 if fuse_swiglu else TILE  # outputs a tile stores per routed row
     n_acc = 2 if cols == 1 else 4  # a lane's sums: its two rows (D's columns are equal), or each of its 4 D values
@@ -231,13 +213,13 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
 
     def stage_views(st):
         """(trace time) A stage's parts: weights [TILE, groups, 4] int32 (row-major, as the bulk copy writes them:
-        make_layout's default is column-major), scales [TILE, groups] u8, bias [TILE] bf16, x [cols, K/8, 4] int32."""
+        make_layout's default is column-major), scales [TILE, groups] u8, bias [TILE] bf16, x [K/8, 4] int32."""
         base = st.iterator
         w = cute.make_tensor(base, cute.make_layout((TILE, groups, 4), stride=(groups * 4, 4, 1)))
         sc = cute.make_tensor(cute.recast_ptr(base + scales_at // 4, dtype=cutlass.Uint8),
                               cute.make_layout((TILE, groups), stride=(groups, 1)))
         b = cute.make_tensor(cute.recast_ptr(base + bias_at // 4, dtype=cutlass.BFloat16), cute.make_layout((TILE,)))
-        xs = cute.make_tensor(base + x_at // 4, cute.make_layout((cols, k // 8, 4), stride=(x_step // 4, 4, 1)))
+        xs = cute.make_tensor(base + x_at // 4, cute.make_layout((k // 8, 4), stride=(4, 1)))  # cols == 1
         return w, sc, b, xs
 
     @cute.jit
@@ -266,29 +248,25 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
             rows = cutlass.min(Int32(cols), offsets[found[0] + 1] - first_row) * found[1]
         first = found[0] * n_out + (tile % tiles_per_row) * TILE
         if lane == 0:
-            if cutlass.const_expr(cols == 1):
-                cute.arch.mbarrier_arrive_and_expect_tx(mbar, weight_bytes + k * 2)
-                issue_tile(mW, mS, mB, st, mbar, first)
-            else:  # the launch's spare chunks (chunk_count's bound over the real count) copy nothing
-                cute.arch.mbarrier_arrive_and_expect_tx(mbar, (weight_bytes + rows * (k * 2)) * found[1])
-                if found[1] != 0:
-                    issue_tile(mW, mS, mB, st, mbar, first)
+            # the notes first: the arrive releases them to the warps that wait on mbar
             st[meta_at // 4] = found[0]
             st[meta_at // 4 + 1] = found[1]
             st[meta_at // 4 + 2] = first_row
             st[meta_at // 4 + 3] = rows
+            # cols > 1: only real tiles (the CTAs split chunks[E] * tiles_per_row), and no x in the stage
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar, stage_tx)
+            issue_tile(mW, mS, mB, st, mbar, first)
 
     @cute.jit
     def issue_x(mR: cute.Tensor, mX: cute.Tensor, st: cute.Tensor, mbar: cute.Pointer, lane: Int32):
-        """(whole warp, after the PDL wait and issue_weights on `st`) Start the bulk copies of the tile's routed
-        rows of x into stage `st`."""
-        if lane == 0:
-            first_row = st[meta_at // 4 + 2]
-            for c in cutlass.range(st[meta_at // 4 + 3]):
-                x_row = first_row + c
+        """(whole warp, after the PDL wait and issue_weights on `st`) cols == 1: start the bulk copy of the
+        tile's routed row of x into stage `st` (with several, lanes read x themselves)."""
+        if cutlass.const_expr(cols == 1):
+            if lane == 0:
+                x_row = st[meta_at // 4 + 2]
                 if cutlass.const_expr(gather):
                     x_row = mR[x_row]
-                bulk_copy(st.iterator + (x_at + c * x_step) // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
+                bulk_copy(st.iterator + x_at // 4, mX.iterator + x_row * (k // 2), k * 2, mbar)
 
     @cute.jit
     def store_rows(red: cute.Tensor, bias: cute.Tensor, mY: cute.Tensor, first_row: Int32, rows: Int32,
@@ -378,12 +356,22 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                 chunks[experts] = running
             cute.arch.sync_threads()
 
-        # this CTA's tiles: cta, cta + grid, ...; stages - 1 of them in flight ahead of the one multiplied
+        # this CTA's tiles: cta, cta + grid, ...; with several rows a tile, a contiguous run of the real ones
+        # (first_tile, first_tile + 1, ...: next tiles share the chunk, and x stays in L1); stages - 1 of them
+        # in flight ahead of the one multiplied
+        first_tile = cta
+        step = grid
         count = (n_tiles - cta + grid - 1) // grid
+        if cutlass.const_expr(cols > 1):
+            real = chunks[experts] * tiles_per_row
+            first_tile = cta * real // grid
+            step = Int32(1)
+            count = (cta + 1) * real // grid - first_tile
         if warp == 0:
             for s in cutlass.range_constexpr(stages - 1):
                 if s < count:
-                    issue_weights(offsets, chunks, mW, mS, mB, stages_mem[s, None], mbars + s, cta + s * grid, lane)
+                    issue_weights(offsets, chunks, mW, mS, mB, stages_mem[s, None], mbars + s, first_tile + s * step,
+                                  lane)
         if cutlass.const_expr(early):
             pdl_wait()  # x is the kernel before's output
         if warp == 0:
@@ -394,9 +382,9 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
             ahead = i + stages - 1  # its stage was freed by the barrier that ended tile i - 1
             if warp == 0 and ahead < count:
                 st = stages_mem[ahead % stages, None]
-                issue_weights(offsets, chunks, mW, mS, mB, st, mbars + ahead % stages, cta + ahead * grid, lane)
+                issue_weights(offsets, chunks, mW, mS, mB, st, mbars + ahead % stages, first_tile + ahead * step, lane)
                 issue_x(mR, mX, st, mbars + ahead % stages, lane)
-            tile = cta + i * grid
+            tile = first_tile + i * step
             stage = i % stages
             w_tile, s_tile, bias, xs = stage_views(stages_mem[stage, None])
             cute.arch.mbarrier_wait(mbars + stage, (i // stages) % 2)
@@ -404,7 +392,10 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
             # tile rows rg, rg + 8 (cols > 1: their columns 2t, 2t + 1: D's fragment d0, d1, d2, d3)
             acc = cute.make_rmem_tensor((n_acc,), Float32)
             acc.fill(0.0)
-            col = cutlass.min(g, cols - 1)  # the routed row lane group g's B column takes (past the chunk: discarded)
+            # cols > 1: the routed row lane group g's B column takes (past the chunk's rows its last, discarded)
+            x_row = stages_mem[stage, meta_at // 4 + 2] + cutlass.min(g, stages_mem[stage, meta_at // 4 + 3] - 1)
+            if cutlass.const_expr(gather and cols > 1):
+                x_row = mR[x_row]
             xw = cute.make_rmem_tensor((4,), Int32)
             words = cute.make_rmem_tensor((2, 4), Int32)
             for q in cutlass.range_constexpr(per_warp if math else 0):
@@ -413,7 +404,10 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
                     quad_words(w_tile, words, rg, c, t)
                     for gi in cutlass.range_constexpr(4):
                         j = cutlass.min(4 * c + gi, groups - 1)  # past the last group: zero words
-                        xw.store(xs[col, 4 * j + t, None].load())
+                        if cutlass.const_expr(cols == 1):
+                            xw.store(xs[4 * j + t, None].load())
+                        else:
+                            xw.store(mX[x_row, 4 * j + t, None].load())
                         b = [prescale(xw[p]) for p in range(4)]
                         lo = widen(words[0, gi])
                         hi = widen(words[1, gi])

@@ -84,9 +84,10 @@ TILE_CONFIGS: tuple[tuple[int, TileConfig], ...] = (
 # share experts and the MMA tiles reuse each widened weight tile.
 GEMV_ROWS = 16
 # Up to here, where the decode copies exist (services/worker/model/cuda_moe.py), the tensor-core GEMV
-# with COLS routed rows a tile (kernels/mxfp4_mma.py) instead of this module's tiles: 256 rows are 64
-# tokens, the largest decode batch the default max_num_seqs captures.
-MMA_COLS_ROWS = 256
+# with COLS routed rows a tile (kernels/mxfp4_mma.py) instead of this module's tiles. The MoE block at
+# 8 / 16 / 32 / 64 tokens, H100 (`python -m bench.triton_kernels_moe`): 139.8 / 184.8 / 256.3 / 346.8 us
+# with it, 201.7 / 236.7 / 266.4 / 273.5 with the tiles; so up to 32 tokens.
+MMA_COLS_ROWS = 128
 
 
 def tile_config(n_rows: int) -> TileConfig:

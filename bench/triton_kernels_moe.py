@@ -5,11 +5,13 @@
 triton-kernels' `matmul_ogs` is the MXFP4 MoE matmul vLLM runs for gpt-oss on Hopper. Both sides start
 from the same router logits [T, 32] and the same checkpoint tensors (MXFP4 blocks, e8m0 scales, bias)
 and end with the combined rows [T, 2880]:
-  ours            the cuda backend's GroupedExperts with its decode copies (the fused route + top-k up
-                  to 256 tokens, else top-k then route; gate_up with the SwiGLU fused, down: decode's
-                  tensor-core GEMV up to MMA_COLS_ROWS routed rows, several a tile past 16, the grouped
-                  Triton GEMM past that), then the weighted combine (kernels/moe_dispatch.py; the
-                  backend folds it into the next RMSNorm); and again with the Triton GEMM from 17 rows
+  ours            rose's own kernels: the cuda backend's GroupedExperts with its decode copies but not
+                  triton-kernels' copies (the backend takes those past 128 rows where they import): the
+                  fused route + top-k up to 256 tokens, else top-k then route; gate_up with the SwiGLU
+                  fused, down: decode's tensor-core GEMV up to MMA_COLS_ROWS routed rows, several a
+                  tile past 16, the grouped Triton GEMM past that; then the weighted combine
+                  (kernels/moe_dispatch.py; the backend folds it into the next RMSNorm); and again
+                  with the Triton GEMM from 17 rows
   triton-kernels  `routing` (top-k, softmax over the chosen, sort), `matmul_ogs` gate_up with the
                   gather and the SwiGLU fused, `matmul_ogs` down with the scatter and the gate weights
                   fused; its weights converted once to its Hopper MX layouts, as vLLM does.

@@ -67,6 +67,33 @@ def test_decode_copies_policy(packed_mlps, monkeypatch):
         decode_copies(mlps, 0)
 
 
+def test_prefill_copies_policy(packed_mlps, monkeypatch):
+    """triton-kernels' copies: never with ROSE_MOE_PREFILL=rose, an error when asked for and it does not
+    import, and in auto where it imports and they take at most a quarter of the free memory."""
+    from kernels import moe_triton_kernels
+    from services.worker.model.cuda_moe import prefill_copies
+
+    mlps, _ = packed_mlps
+    nbytes = sum(b.nbytes + s.nbytes for m in mlps for b, s in (
+        (m.experts.gate_up_proj_blocks, m.experts.gate_up_proj_scales),
+        (m.experts.down_proj_blocks, m.experts.down_proj_scales)))
+    monkeypatch.delenv("ROSE_MOE_PREFILL", raising=False)
+    monkeypatch.setattr(moe_triton_kernels, "available", lambda: False)
+    assert not prefill_copies(mlps, 1 << 60)
+    monkeypatch.setenv("ROSE_MOE_PREFILL", "triton-kernels")
+    with pytest.raises(RuntimeError, match="does not import"):
+        prefill_copies(mlps, 1 << 60)
+    monkeypatch.setattr(moe_triton_kernels, "available", lambda: True)
+    assert prefill_copies(mlps, 0)
+    monkeypatch.setenv("ROSE_MOE_PREFILL", "auto")
+    assert prefill_copies(mlps, 4 * nbytes) and not prefill_copies(mlps, 4 * nbytes - 4)
+    monkeypatch.setenv("ROSE_MOE_PREFILL", "rose")
+    assert not prefill_copies(mlps, 1 << 60)
+    monkeypatch.setenv("ROSE_MOE_PREFILL", "fast")
+    with pytest.raises(ValueError, match="auto, triton-kernels or rose"):
+        prefill_copies(mlps, 0)
+
+
 def test_copies_where_the_weights_fit(packed_mlps):
     """Copies of both projections when granted; none for scale bytes past MMA_MAX_SCALE (a weight beyond
     6 * 2**65) or out not in 16-row tiles, which the FMA kernel takes."""

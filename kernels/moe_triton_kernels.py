@@ -1,0 +1,79 @@
+"""OpenAI's triton-kernels MXFP4 grouped matmul (`matmul_ogs`) as the experts' prefill GEMM, where it is installed.
+
+    xs      [N, K]   bf16   routed rows in expert order (rows offsets[e]:offsets[e+1] -> expert e)
+    counts  [E]      int32  rows per expert, on the device (the route's counts)
+    ys      [N, out] bf16   or [N, out/2] with the clamped SwiGLU of the interleaved gate/up outputs
+
+The same contract as kernels/moe_mxfp4.py's grouped_mxfp4_linear, on a copy of the experts in
+triton-kernels' Hopper layouts (made once at load, as vLLM makes it): the fp4 codes bit-twiddled
+and swizzled so a thread's loaded bytes widen with a few shifts and masks straight into the MMA's
+operand registers, the scales swizzled to match. On an H100 at gpt-oss-20b shapes it ran the
+expert block 1.46x / 1.56x faster than our Triton tiles at 1024 / 4096 tokens
+(`python -m bench.triton_kernels_moe`, docs/BENCHMARKS.md), so the cuda backend uses it past the
+tensor-core GEMV's rows when it imports. It is not on PyPI (triton-kernels 0.1.0 there is a
+placeholder): bench/fetch_device_deps.sh takes the copy vLLM's wheel vendors; anything that puts a
+`triton_kernels` package with `matmul_ogs` and `routing` on the path works.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+
+def available() -> bool:
+    """Whether triton_kernels (with matmul_ogs) imports here."""
+    if importlib.util.find_spec("triton_kernels") is None:
+        return False
+    try:
+        import triton_kernels.matmul_ogs  # noqa: F401
+        import triton_kernels.routing  # noqa: F401
+    except Exception:  # noqa: BLE001 - an incompatible Triton breaks the import: then ours runs
+        return False
+    return True
+
+
+class TritonKernelsProjection:
+    """One projection of every expert in triton-kernels' layouts: weights, scales and a float32 bias."""
+
+    def __init__(self, blocks: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor):
+        """blocks [E, out, K/32, 16] and scales [E, out, K/32] uint8 as the checkpoint stores them; bias [E, out]."""
+        from triton_kernels.matmul_ogs import PrecisionConfig
+        from triton_kernels.matmul_ogs_details import opt_flags
+        from triton_kernels.tensor import FP4, convert_layout, wrap_torch_tensor
+        from triton_kernels.tensor_details import layout
+
+        opt_flags.update_opt_flags_constraints({"split_k": 1})  # as vLLM runs it on Hopper
+        e, out, groups, _ = blocks.shape
+        self.experts = e
+        codes = blocks.reshape(e, out, groups * 16).transpose(-2, -1)  # [E, K/2, out]: K on dim 1
+        # the scale groups padded to a multiple of 4, as vLLM pads them on sm90
+        padded = torch.nn.functional.pad(scales, (0, -groups % 4)).transpose(-2, -1)
+        value_layout, value_opts = layout.make_default_matmul_mxfp4_w_layout(mx_axis=1)
+        scale_layout, scale_opts = layout.make_default_matmul_mxfp4_w_scale_layout(mx_axis=1, num_warps=8)
+        self.weight = convert_layout(wrap_torch_tensor(codes, dtype=FP4), value_layout, **value_opts)
+        self.precision = PrecisionConfig(weight_scale=convert_layout(wrap_torch_tensor(padded), scale_layout,
+                                                                     **scale_opts))
+        self.bias = bias.float().contiguous()
+
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor,
+                 swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+        """xs [N, K] bf16 in expert order, counts [E] int32 -> [N, out] bf16 (or [N, out/2] with swiglu)."""
+        import triton_kernels.swiglu
+        from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, matmul_ogs
+        from triton_kernels.routing import RoutingData, compute_expt_data
+
+        n = xs.shape[0]
+        # the expert ranges from the counts on the device (no host sync: the step stays capturable)
+        routing = RoutingData(None, counts, self.experts, 1, compute_expt_data(counts, self.experts, n))
+        act = None
+        if swiglu is not None:
+            act = FusedActivation(FnSpecs("swiglu", triton_kernels.swiglu.swiglu_fn, ("alpha", "limit")), swiglu, 2)
+        return matmul_ogs(xs, self.weight, self.bias, routing, precision_config=self.precision,
+                          fused_activation=act).view(n, -1)
+
+
+def copies_bytes(projections) -> int:
+    """Bytes the converted copies of these (blocks, scales) take: about the blocks' and scales' own."""
+    return sum(b.nbytes + s.nbytes for b, s in projections)

@@ -34,6 +34,21 @@ def available() -> bool:
     return True
 
 
+def fits(blocks: torch.Tensor) -> bool:
+    """Whether matmul_ogs's Hopper tiles take this projection: its kernel wants 256-wide output tiles (it
+    picks narrower ones, which its swizzled layouts refuse, for 128 outputs or fewer) and a K of 256 or more."""
+    e, out, groups, _ = blocks.shape
+    return out >= 256 and groups * 32 >= 256
+
+
+def expert_ranges(counts: torch.Tensor, experts: int, n: int):
+    """triton-kernels' description of n rows in expert order from counts [E] int32 on the device (no host
+    sync: the step stays capturable); one per routing, shared by gate_up and down."""
+    from triton_kernels.routing import RoutingData, compute_expt_data
+
+    return RoutingData(None, counts, experts, 1, compute_expt_data(counts, experts, n))
+
+
 class TritonKernelsProjection:
     """One projection of every expert in triton-kernels' layouts: weights, scales and a float32 bias."""
 
@@ -57,20 +72,17 @@ class TritonKernelsProjection:
                                                                      **scale_opts))
         self.bias = bias.float().contiguous()
 
-    def __call__(self, xs: torch.Tensor, counts: torch.Tensor,
-                 swiglu: tuple[float, float] | None = None) -> torch.Tensor:
-        """xs [N, K] bf16 in expert order, counts [E] int32 -> [N, out] bf16 (or [N, out/2] with swiglu)."""
+    def __call__(self, xs: torch.Tensor, ranges, swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+        """xs [N, K] bf16 in expert order, ranges = expert_ranges(counts, E, N) -> [N, out] bf16 (or [N, out/2]
+        with swiglu)."""
         import triton_kernels.swiglu
         from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, matmul_ogs
-        from triton_kernels.routing import RoutingData, compute_expt_data
 
         n = xs.shape[0]
-        # the expert ranges from the counts on the device (no host sync: the step stays capturable)
-        routing = RoutingData(None, counts, self.experts, 1, compute_expt_data(counts, self.experts, n))
         act = None
         if swiglu is not None:
             act = FusedActivation(FnSpecs("swiglu", triton_kernels.swiglu.swiglu_fn, ("alpha", "limit")), swiglu, 2)
-        return matmul_ogs(xs, self.weight, self.bias, routing, precision_config=self.precision,
+        return matmul_ogs(xs, self.weight, self.bias, ranges, precision_config=self.precision,
                           fused_activation=act).view(n, -1)
 
 

@@ -33,6 +33,7 @@ import os
 
 import torch
 
+from kernels import moe_triton_kernels
 from kernels.gemv import linear
 from kernels.moe_dispatch import ROUTE_TOPK_MAX_TOKENS, dispatch, route, route_topk
 from kernels.router import router_topk
@@ -58,8 +59,6 @@ def prefill_copies(mlps, free_bytes: int) -> bool:
     (kernels/moe_triton_kernels.py): ROSE_MOE_PREFILL=triton-kernels always (an error where it does not
     import), =rose never (our Triton tiles), else (auto) when it imports and the copies take at most a
     quarter of the device's free memory. The KV cache is sized after them."""
-    from kernels import moe_triton_kernels
-
     choice = os.environ.get("ROSE_MOE_PREFILL", "auto")
     if choice not in ("auto", "triton-kernels", "rose"):
         raise ValueError(f"ROSE_MOE_PREFILL must be auto, triton-kernels or rose, got {choice!r}")
@@ -97,11 +96,9 @@ class GroupedExperts:
             self.mma_cols = self.gate_up_mma is not None and self.down_mma is not None
             # past those rows: triton-kernels' matmul_ogs on its own copies where granted, else our Triton tiles
             self.gate_up_tk = self.down_tk = None
-            if prefill_copies:
-                from kernels.moe_triton_kernels import TritonKernelsProjection
-
-                self.gate_up_tk = TritonKernelsProjection(*self.gate_up, experts.gate_up_proj_bias)
-                self.down_tk = TritonKernelsProjection(*self.down, experts.down_proj_bias)
+            if prefill_copies and moe_triton_kernels.fits(self.gate_up[0]) and moe_triton_kernels.fits(self.down[0]):
+                self.gate_up_tk = moe_triton_kernels.TritonKernelsProjection(*self.gate_up, experts.gate_up_proj_bias)
+                self.down_tk = moe_triton_kernels.TritonKernelsProjection(*self.down, experts.down_proj_bias)
         else:
             self.gate_up, self.down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
@@ -139,7 +136,8 @@ class GroupedExperts:
                              route_settled=self.early_down, cols=cols)
             xs = dispatch(x, routing)
             if self.gate_up_tk is not None:
-                return self.down_tk(self.gate_up_tk(xs, routing.counts, swiglu=clamp), routing.counts)
+                ranges = moe_triton_kernels.expert_ranges(routing.counts, self.num_experts, xs.shape[0])
+                return self.down_tk(self.gate_up_tk(xs, ranges, swiglu=clamp), ranges)
             hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp)
             return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
         xs = dispatch(x, routing)

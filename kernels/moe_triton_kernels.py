@@ -9,8 +9,10 @@ triton-kernels' Hopper layouts (made once at load, as vLLM makes it): the fp4 co
 and swizzled so a thread's loaded bytes widen with a few shifts and masks straight into the MMA's
 operand registers, the scales swizzled to match. On an H100 at gpt-oss-20b shapes it ran the
 expert block 1.46x / 1.56x faster than our Triton tiles at 1024 / 4096 tokens
-(`python -m bench.triton_kernels_moe`, docs/BENCHMARKS.md), so the cuda backend uses it past the
-tensor-core GEMV's rows when it imports. It is not on PyPI (triton-kernels 0.1.0 there is a
+(`python -m bench.triton_kernels_moe`, docs/BENCHMARKS.md). But `matmul_ogs` does enough Python per
+call (opt flags, allocation, wrappers) that an eager prefill step with it was host-bound (1024
+tokens: 19.3 ms of kernels in a 33.3 ms step), so the cuda backend runs it only in captured decode
+steps past the tensor-core GEMV's rows, whose replays skip the host work. It is not on PyPI (triton-kernels 0.1.0 there is a
 placeholder): bench/fetch_device_deps.sh takes the copy vLLM's wheel vendors; anything that puts a
 `triton_kernels` package with `matmul_ogs` and `routing` on the path works.
 """

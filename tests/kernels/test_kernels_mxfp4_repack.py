@@ -67,31 +67,31 @@ def test_decode_copies_policy(packed_mlps, monkeypatch):
         decode_copies(mlps, 0)
 
 
-def test_prefill_copies_policy(packed_mlps, monkeypatch):
-    """triton-kernels' copies: never with ROSE_MOE_PREFILL=rose, an error when asked for and it does not
-    import, and in auto where it imports and they take at most a quarter of the free memory."""
+def test_triton_kernels_copies_policy(packed_mlps, monkeypatch):
+    """triton-kernels' copies: never with ROSE_MOE_TRITON_KERNELS=off, an error when asked for and it does
+    not import, and in auto where it imports and they take at most a quarter of the free memory."""
     from kernels import moe_triton_kernels
-    from services.worker.model.cuda_moe import prefill_copies
+    from services.worker.model.cuda_moe import triton_kernels_copies
 
     mlps, _ = packed_mlps
     nbytes = sum(b.nbytes + s.nbytes for m in mlps for b, s in (
         (m.experts.gate_up_proj_blocks, m.experts.gate_up_proj_scales),
         (m.experts.down_proj_blocks, m.experts.down_proj_scales)))
-    monkeypatch.delenv("ROSE_MOE_PREFILL", raising=False)
+    monkeypatch.delenv("ROSE_MOE_TRITON_KERNELS", raising=False)
     monkeypatch.setattr(moe_triton_kernels, "available", lambda: False)
-    assert not prefill_copies(mlps, 1 << 60)
-    monkeypatch.setenv("ROSE_MOE_PREFILL", "triton-kernels")
+    assert not triton_kernels_copies(mlps, 1 << 60)
+    monkeypatch.setenv("ROSE_MOE_TRITON_KERNELS", "on")
     with pytest.raises(RuntimeError, match="does not import"):
-        prefill_copies(mlps, 1 << 60)
+        triton_kernels_copies(mlps, 1 << 60)
     monkeypatch.setattr(moe_triton_kernels, "available", lambda: True)
-    assert prefill_copies(mlps, 0)
-    monkeypatch.setenv("ROSE_MOE_PREFILL", "auto")
-    assert prefill_copies(mlps, 4 * nbytes) and not prefill_copies(mlps, 4 * nbytes - 4)
-    monkeypatch.setenv("ROSE_MOE_PREFILL", "rose")
-    assert not prefill_copies(mlps, 1 << 60)
-    monkeypatch.setenv("ROSE_MOE_PREFILL", "fast")
-    with pytest.raises(ValueError, match="auto, triton-kernels or rose"):
-        prefill_copies(mlps, 0)
+    assert triton_kernels_copies(mlps, 0)
+    monkeypatch.setenv("ROSE_MOE_TRITON_KERNELS", "auto")
+    assert triton_kernels_copies(mlps, 4 * nbytes) and not triton_kernels_copies(mlps, 4 * nbytes - 4)
+    monkeypatch.setenv("ROSE_MOE_TRITON_KERNELS", "off")
+    assert not triton_kernels_copies(mlps, 1 << 60)
+    monkeypatch.setenv("ROSE_MOE_TRITON_KERNELS", "fast")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        triton_kernels_copies(mlps, 0)
 
 
 def test_copies_where_the_weights_fit(packed_mlps):

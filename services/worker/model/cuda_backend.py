@@ -66,7 +66,7 @@ class CudaGptOss(nn.Module):
         from kernels.decode_attention import DecodeAttention, uses_decode_attention
         from kernels.norm_route import NormRoute, norm_route_enabled
         from kernels.qkv_rope import qkv_rope_enabled
-        from services.worker.model.cuda_moe import GroupedExperts, decode_copies, prefill_copies
+        from services.worker.model.cuda_moe import GroupedExperts, decode_copies, triton_kernels_copies
 
         c = model.config
         if model.dtype != torch.bfloat16 or model.device.type != "cuda":
@@ -80,7 +80,7 @@ class CudaGptOss(nn.Module):
         self.eps = c.rms_norm_eps
         self.layers = []
         mlps, free = [layer.mlp for layer in model.model.layers], torch.cuda.mem_get_info(self._device)[0]
-        copies, tk_copies = decode_copies(mlps, free), prefill_copies(mlps, free)
+        copies, tk_copies = decode_copies(mlps, free), triton_kernels_copies(mlps, free)
         # decode's few tokens: the post-attention norm, router and routing in one kernel (kernels/norm_route.py)
         self.fused_route = norm_route_enabled()
         # decode's QKV GEMV also rotates q and k and writes the cache (kernels/qkv_rope.py; ROSE_FUSED_QKV_ROPE=0: apart)
@@ -94,7 +94,7 @@ class CudaGptOss(nn.Module):
                 qkv_b=torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
                 o_w=a.o_proj.weight, o_b=a.o_proj.bias, sinks=a.sinks.float(),
                 group=c.layer_groups[i], window=a.window,
-                moe=GroupedExperts(layer.mlp, c, decode_copies=copies, prefill_copies=tk_copies),
+                moe=GroupedExperts(layer.mlp, c, decode_copies=copies, triton_kernels_copies=tk_copies),
                 norm_route=NormRoute(layer.post_attention_layernorm.weight, layer.mlp.router.weight,
                                      layer.mlp.router.bias, c.num_experts_per_tok, c.rms_norm_eps),
             ))

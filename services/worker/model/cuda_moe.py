@@ -21,8 +21,8 @@ registers, half the bytes of fp8 and a quarter of bf16 per decode step), and dec
 through the tensor-core kernel on a bit-rearranged copy of the blocks where memory allows
 (kernels/mxfp4_mma.py; `decode_copies` says when; with the copies it also takes batches up to
 MMA_COLS_ROWS routed rows, several rows of an expert a tile) or the FMA kernel otherwise; past those
-rows, OpenAI's triton-kernels (`matmul_ogs`) on its own copy where it imports and memory allows
-(`prefill_copies`; kernels/moe_triton_kernels.py), else our Triton tiles; bf16 experts
+rows our Triton tiles, or in captured decode steps OpenAI's triton-kernels (`matmul_ogs`) on its own
+copy where it imports and memory allows (`triton_kernels_copies`; kernels/moe_triton_kernels.py); bf16 experts
 [E, out, in] (rows = outputs) go through `torch._grouped_mm`, reading them transposed
 in place.
 """
@@ -54,32 +54,32 @@ def decode_copies(mlps, free_bytes: int) -> bool:
     return nbytes <= free_bytes // 4
 
 
-def prefill_copies(mlps, free_bytes: int) -> bool:
-    """Whether the experts get triton-kernels' copies for the GEMMs past the decode GEMV
-    (kernels/moe_triton_kernels.py): ROSE_MOE_PREFILL=triton-kernels always (an error where it does not
-    import), =rose never (our Triton tiles), else (auto) when it imports and the copies take at most a
-    quarter of the device's free memory. The KV cache is sized after them."""
-    choice = os.environ.get("ROSE_MOE_PREFILL", "auto")
-    if choice not in ("auto", "triton-kernels", "rose"):
-        raise ValueError(f"ROSE_MOE_PREFILL must be auto, triton-kernels or rose, got {choice!r}")
+def triton_kernels_copies(mlps, free_bytes: int) -> bool:
+    """Whether the experts get triton-kernels' copies (kernels/moe_triton_kernels.py), which captured decode
+    steps past MMA_COLS_ROWS routed rows then run: ROSE_MOE_TRITON_KERNELS=on always (an error where it
+    does not import), =off never, else (auto) when it imports and the copies take at most a quarter of
+    the device's free memory. The KV cache is sized after them."""
+    choice = os.environ.get("ROSE_MOE_TRITON_KERNELS", "auto")
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"ROSE_MOE_TRITON_KERNELS must be auto, on or off, got {choice!r}")
     packed = [m.experts for m in mlps if m.experts.packed]
-    if choice == "rose" or not packed:
+    if choice == "off" or not packed:
         return False
     if not moe_triton_kernels.available():
-        if choice == "triton-kernels":
-            raise RuntimeError("ROSE_MOE_PREFILL=triton-kernels but triton_kernels (with matmul_ogs) does not import "
+        if choice == "on":
+            raise RuntimeError("ROSE_MOE_TRITON_KERNELS=on but triton_kernels (with matmul_ogs) does not import "
                                "here: see kernels/moe_triton_kernels.py")
         return False
     nbytes = moe_triton_kernels.copies_bytes(
         (b, s) for e in packed for b, s in ((e.gate_up_proj_blocks, e.gate_up_proj_scales),
                                             (e.down_proj_blocks, e.down_proj_scales)))
-    return choice == "triton-kernels" or nbytes <= free_bytes // 4
+    return choice == "on" or nbytes <= free_bytes // 4
 
 
 class GroupedExperts:
     """One layer's router and experts as plain tensors (taken from the torch model's modules)."""
 
-    def __init__(self, mlp, config, decode_copies: bool = False, prefill_copies: bool = False):
+    def __init__(self, mlp, config, decode_copies: bool = False, triton_kernels_copies: bool = False):
         experts = mlp.experts
         self.num_experts = mlp.router.weight.shape[0]
         self.top_k = config.num_experts_per_tok
@@ -94,9 +94,9 @@ class GroupedExperts:
             self.down_mma = _decode_copy(*self.down) if decode_copies else None
             # with both copies, the tensor-core kernel also takes batches past GEMV_ROWS (several rows an expert)
             self.mma_cols = self.gate_up_mma is not None and self.down_mma is not None
-            # past those rows: triton-kernels' matmul_ogs on its own copies where granted, else our Triton tiles
+            # past those rows, in captured decode steps: triton-kernels' matmul_ogs on its own copies where granted
             self.gate_up_tk = self.down_tk = None
-            if prefill_copies and moe_triton_kernels.fits(self.gate_up[0]) and moe_triton_kernels.fits(self.down[0]):
+            if triton_kernels_copies and moe_triton_kernels.fits(self.gate_up[0]) and moe_triton_kernels.fits(self.down[0]):
                 self.gate_up_tk = moe_triton_kernels.TritonKernelsProjection(*self.gate_up, experts.gate_up_proj_bias)
                 self.down_tk = moe_triton_kernels.TritonKernelsProjection(*self.down, experts.down_proj_bias)
         else:
@@ -135,7 +135,9 @@ class GroupedExperts:
                 return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets,
                              route_settled=self.early_down, cols=cols)
             xs = dispatch(x, routing)
-            if self.gate_up_tk is not None:
+            # matmul_ogs's host work (~0.3 ms a call) made eager prefill steps host-bound: only captured steps,
+            # which replay without it, take it
+            if self.gate_up_tk is not None and torch.cuda.is_current_stream_capturing():
                 ranges = moe_triton_kernels.expert_ranges(routing.counts, self.num_experts, xs.shape[0])
                 return self.down_tk(self.gate_up_tk(xs, ranges, swiglu=clamp), ranges)
             hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp)

@@ -106,6 +106,7 @@ class DecodeGraphs:
     def _capture(self, b: int) -> _Captured:
         from kernels.attention import SinkAttention
         from kernels.decode_attention import DecodeAttention
+        from services.worker.model.cuda_moe import captured_step
 
         m = self.model
         c = m.config
@@ -127,11 +128,11 @@ class DecodeGraphs:
         # one eager run first on a side stream: compiles kernels and makes lazy handles outside the capture
         side = torch.cuda.Stream(dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), captured_step():
             m.decode_logits(tokens, positions, attention, self.kv)
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool), captured_step():
             logits = m.decode_logits(tokens, positions, attention, self.kv)
         step = _Captured(graph, attention, tokens, positions, logits)
         self.captured[b] = step

@@ -29,6 +29,8 @@ in place.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -52,6 +54,20 @@ def decode_copies(mlps, free_bytes: int) -> bool:
         return choice == "mma" and bool(packed)
     nbytes = sum(e.gate_up_proj_blocks.nbytes + e.down_proj_blocks.nbytes for e in packed)
     return nbytes <= free_bytes // 4
+
+
+_CAPTURED_STEP = contextvars.ContextVar("rose_captured_step", default=False)
+
+
+@contextlib.contextmanager
+def captured_step():
+    """The steps traced into a decode graph (and the eager run before each capture, which compiles what
+    it launches): there triton-kernels' matmul_ogs may run, as replays skip its host work."""
+    token = _CAPTURED_STEP.set(True)
+    try:
+        yield
+    finally:
+        _CAPTURED_STEP.reset(token)
 
 
 def triton_kernels_copies(mlps, free_bytes: int) -> bool:
@@ -137,7 +153,7 @@ class GroupedExperts:
             xs = dispatch(x, routing)
             # matmul_ogs's host work (~0.3 ms a call) made eager prefill steps host-bound: only captured steps,
             # which replay without it, take it
-            if self.gate_up_tk is not None and torch.cuda.is_current_stream_capturing():
+            if self.gate_up_tk is not None and _CAPTURED_STEP.get():
                 ranges = moe_triton_kernels.expert_ranges(routing.counts, self.num_experts, xs.shape[0])
                 return self.down_tk(self.gate_up_tk(xs, ranges, swiglu=clamp), ranges)
             hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp)

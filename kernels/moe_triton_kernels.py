@@ -1,7 +1,7 @@
-"""OpenAI's triton-kernels MXFP4 grouped matmul (`matmul_ogs`) as the experts' prefill GEMM, where it is installed.
+"""OpenAI's triton-kernels MXFP4 grouped matmul (`matmul_ogs`) for the experts in captured decode steps.
 
     xs      [N, K]   bf16   routed rows in expert order (rows offsets[e]:offsets[e+1] -> expert e)
-    counts  [E]      int32  rows per expert, on the device (the route's counts)
+    ranges  expert_ranges(counts, E, N): the expert of each row, from the route's counts on the device
     ys      [N, out] bf16   or [N, out/2] with the clamped SwiGLU of the interleaved gate/up outputs
 
 The same contract as kernels/moe_mxfp4.py's grouped_mxfp4_linear, on a copy of the experts in
@@ -12,9 +12,11 @@ expert block 1.46x / 1.56x faster than our Triton tiles at 1024 / 4096 tokens
 (`python -m bench.triton_kernels_moe`, docs/BENCHMARKS.md). But `matmul_ogs` does enough Python per
 call (opt flags, allocation, wrappers) that an eager prefill step with it was host-bound (1024
 tokens: 19.3 ms of kernels in a 33.3 ms step), so the cuda backend runs it only in captured decode
-steps past the tensor-core GEMV's rows, whose replays skip the host work. It is not on PyPI (triton-kernels 0.1.0 there is a
-placeholder): bench/fetch_device_deps.sh takes the copy vLLM's wheel vendors; anything that puts a
-`triton_kernels` package with `matmul_ogs` and `routing` on the path works.
+steps past the tensor-core GEMV's rows, whose replays skip the host work.
+
+It is not on PyPI (triton-kernels 0.1.0 there is a placeholder): bench/fetch_device_deps.sh takes
+the copy vLLM's wheel vendors; anything that puts a `triton_kernels` package with `matmul_ogs` and
+`routing` on the path works.
 """
 
 from __future__ import annotations

@@ -142,8 +142,7 @@ class CudaGptOss(nn.Module):
         if kv.scratch_blocks is None:
             return
         top_k = self.config.num_experts_per_tok
-        # (+ 2048 rows: triton-kernels picks its row block by rows per expert, 16..128; each compiles once)
-        bounds = [GEMV_ROWS] + [bound for bound, _ in TILE_CONFIGS[:-1]] + [2048]
+        bounds = [GEMV_ROWS] + [bound for bound, _ in TILE_CONFIGS[:-1]]
         tokens = {min(max(1, bound // top_k), max_num_batched_tokens) for bound in bounds}
         for t in sorted(tokens | {max_num_batched_tokens}):
             self.forward(_scratch_prefill(t, kv), kv)

@@ -45,10 +45,12 @@ import random
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from bench import serve_resume
 from bench.roofline import copy_bandwidth, decode_bound
 from bench.streaming import RequestRecord, stream_completion, stream_engine
 from shared.config import Settings
@@ -224,7 +226,7 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
             for repeat in range(args.mesh_repeats):  # a second pass shows how far the figures move
                 target = "mesh" if repeat == 0 else f"mesh#{repeat + 1}"
                 for entry in plan:
-                    if out_of_time(args, target, entry):
+                    if serve_resume.done_before(target, entry) or out_of_time(args, target, entry):
                         continue
                     start = time.monotonic()
                     records, duration = await drive(send, entry["items"], entry["level"], args.seed)
@@ -298,7 +300,7 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
     async def sweep():
         await warm_up(send, plan)
         for entry in plan:
-            if out_of_time(args, "engine", entry):
+            if serve_resume.done_before("engine", entry) or out_of_time(args, "engine", entry):
                 continue
             before, start = engine.stats(), time.monotonic()
             records, duration = await drive(send, entry["items"], entry["level"], args.seed)
@@ -327,7 +329,7 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
     generate_records(model, [p for p, _ in warmup_items()], [n for _, n in warmup_items()], 2, pad)
     for entry in plan:
         level = entry["level"]
-        if level.request_rate is not None or out_of_time(args, "hf", entry):
+        if level.request_rate is not None or serve_resume.done_before("hf", entry) or out_of_time(args, "hf", entry):
             continue  # static batches have no arrival process to follow
         items = entry["items"][: args.hf_batches * level.batch] if args.hf_batches else entry["items"]
         records, duration = generate_records(model, [p for p, _ in items], [n for _, n in items], level.batch, pad)
@@ -413,7 +415,7 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
             "roofline_batch1": decode_bound(config, bandwidth, 1, context, kv_itemsize).as_dict(),
             "levels": [],
         })
-        runs = {}
+        runs = dict(entry.get("prior", {}))  # --resume: what earlier parts ran
         for target, (records, duration, decoded) in entry["runs"].items():
             summary = summarize(records, duration, args.slo_ms, decoded)
             summary["requests"] = [record_dict(r) for r in records]
@@ -427,7 +429,7 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
             "roofline": bound.as_dict(),
             "runs": runs,
             "skipped": entry.get("skipped", []),
-            "steps": entry.get("steps", {}),  # bench.step_log summaries (--trace)
+            "steps": {**entry.get("prior_steps", {}), **entry.get("steps", {})},  # bench.step_log (--trace)
             "ratios": {},
         }
         for ours in ("mesh", "engine"):
@@ -437,8 +439,11 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
         for repeat in (t for t in runs if t.startswith("mesh#") and "mesh" in runs):  # run to run
             level_out["ratios"][f"{repeat}/mesh"] = ratios(runs[repeat], runs["mesh"])
         block["levels"].append(level_out)
+    meta = run_meta(args, settings, config)
+    if args.resume:
+        meta["parts"] = serve_resume.parts(args.prior, meta)
     return {
-        "meta": run_meta(args, settings, config),
+        "meta": meta,
         "copy_bandwidth_bytes_per_s": bandwidth,
         "workloads": list(workloads.values()),
     }
@@ -613,6 +618,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="start no run after this many seconds (0: no limit); skipped runs are listed in the report")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/out/serve", help="folder for serve.json and serve.png")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs of the serve.json already in --out and run only the missing ones "
+                             "(a long sweep in parts: bench/serve_resume.py)")
     add_mesh_arguments(parser)
     Settings.add_arguments(parser, "run")
     parser.set_defaults(formatters=1)
@@ -625,6 +633,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--goodput takes ttft:MS, tpot:MS or e2el:MS, got {item!r}")
         args.slo_ms[name] = float(value)
     return args
+
+
+def level_rng(seed: int, workload: Workload, level: Level) -> np.random.Generator:
+    """The prompts' generator of one level: its own seed, so any plan (or --resume part) draws the same ones."""
+    return np.random.default_rng([seed, zlib.crc32(f"{workload.name}/{level.label}".encode())])
 
 
 def plan_levels(args) -> list[Level]:
@@ -666,25 +679,32 @@ def main(argv: list[str] | None = None) -> int:
     config = GptOssConfig.from_pretrained(settings.model_path)
     max_len = settings.max_model_len or config.max_position_embeddings
     workloads = [Workload.parse(s, max_len) for s in args.workloads.split(",") if s]
-    rng = np.random.default_rng(args.seed)
     plan = []
     for wl in workloads:
         for level in levels:
             count = args.num_prompts or (max(8, 4 * level.concurrency) if level.request_rate is None else 64)
-            plan.append({"workload": wl, "level": level, "items": wl.requests(count, rng, max_len), "runs": {}})
+            items = wl.requests(count, level_rng(args.seed, wl, level), max_len)
+            plan.append({"workload": wl, "level": level, "items": items, "runs": {}})
     os.makedirs(args.out, exist_ok=True)
+    args.prior = serve_resume.load_prior(args.out) if args.resume else None
+    if args.prior is not None:
+        kept = serve_resume.attach_prior(plan, args.prior)
+        print(f"--resume: {kept} runs kept from {args.out}/serve.json", file=sys.stderr)
     bandwidth = copy_bandwidth(settings.device)
     _free_device_memory()
     print(f"copy bandwidth on {settings.device}: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
 
     from services.launcher import MeshError
 
+    mesh_targets = ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)]
     try:
-        run_mesh(args, settings, plan)
+        if serve_resume.pending(plan, mesh_targets):
+            run_mesh(args, settings, plan)
     except MeshError as exc:
         print(f"bench.serve: the mesh did not start: {exc}", file=sys.stderr)
         return MESH_FAILED
     write_outputs(args, settings, plan, bandwidth, config)  # a later reference may not finish
+    references = [r for r in references if serve_resume.pending(plan, [r])]
     if "engine" in references:
         print("engine: in process, no mesh", file=sys.stderr)
         run_engine(args, settings, plan, stop_tokens_for_completions(settings))

@@ -15,9 +15,10 @@ PROMPTS, INPUT_LEN, OUTPUT_LEN = 3, 24, 8
 
 
 @pytest.fixture(scope="module")
-def report(rose_home, vocab_dir, tiny_checkpoint, tmp_path_factory):
+def serve_run(rose_home, vocab_dir, tiny_checkpoint, tmp_path_factory):
+    """(the run's arguments without --out, its --out folder), once per module."""
     out = tmp_path_factory.mktemp("serve")
-    code = serve.main([
+    argv = [
         "--workloads", f"random:{INPUT_LEN}:{OUTPUT_LEN}",
         "--concurrency", "1,3",
         "--num-prompts", str(PROMPTS),
@@ -27,11 +28,15 @@ def report(rose_home, vocab_dir, tiny_checkpoint, tmp_path_factory):
         "--trace",
         "--goodput", "ttft:60000", "tpot:60000",
         "--home", rose_home, "--model", tiny_checkpoint, "--tiktoken-encodings-base", vocab_dir,
-        "--out", str(out),
-    ])
-    assert code == 0
+    ]
+    assert serve.main(argv + ["--out", str(out)]) == 0
     assert os.path.getsize(out / "serve.png") > 0
-    with open(out / "serve.json", encoding="utf-8") as fh:
+    return argv, out
+
+
+@pytest.fixture(scope="module")
+def report(serve_run):
+    with open(serve_run[1] / "serve.json", encoding="utf-8") as fh:
         return json.load(fh)
 
 
@@ -120,3 +125,33 @@ def test_step_summaries_cover_every_run(report):
         assert steps is not None and steps["steps"] > 0, (target, level["label"])
         assert 0 < steps["decode_rows"] <= level["concurrency"]
         assert 0 < steps["starting_share"] <= 1 and steps["prompts_per_start"] >= 1
+
+
+def test_resume_runs_only_what_is_missing(serve_run, report, tmp_path):
+    """--resume in a folder whose report lacks the engine's run at 3 streams: that run alone happens (no
+    mesh starts: its runs are all there), every other run is kept as it was, and the meta lists both parts."""
+    argv, _ = serve_run
+    partial = json.loads(json.dumps(report))
+    (workload,) = partial["workloads"]
+    last = workload["levels"][1]
+    assert last["label"] == "c=3"
+    del last["runs"]["engine"], last["steps"]["engine"]
+    last["ratios"] = {}
+    with open(tmp_path / "serve.json", "w", encoding="utf-8") as fh:
+        json.dump(partial, fh)
+    assert serve.main(argv + ["--out", str(tmp_path), "--resume"]) == 0
+    assert not (tmp_path / "mesh-logs").exists()  # the mesh never started
+    with open(tmp_path / "serve.json", encoding="utf-8") as fh:
+        resumed = json.load(fh)
+    before, after = report["workloads"][0]["levels"], resumed["workloads"][0]["levels"]
+    assert after[0]["runs"] == before[0]["runs"] and after[0]["steps"] == before[0]["steps"]
+    for target in ("mesh", "mesh#2"):
+        assert after[1]["runs"][target] == before[1]["runs"][target]
+    engine = after[1]["runs"]["engine"]
+    assert engine != before[1]["runs"]["engine"]  # run again: its own times
+    assert engine["completed"] == PROMPTS and engine["failed"] == 0
+    assert [r["prompt_tokens"] for r in engine["requests"]] == [INPUT_LEN] * PROMPTS
+    assert set(after[1]["ratios"]) == {"mesh/engine", "mesh#2/mesh"} and after[1]["steps"]["engine"]["steps"] > 0
+    parts = resumed["meta"]["parts"]
+    assert len(parts) == 2 and all(p["command"].startswith("python -m bench.serve") for p in parts)
+    assert "--resume" in parts[1]["command"] and "--resume" not in parts[0]["command"]

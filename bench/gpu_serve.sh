@@ -13,8 +13,8 @@
 # its 24 layers (default: all), then run bench.serve on cuda with the cuda backend, or the
 # torch backend if the cuda one does not start. Extra arguments go to bench.serve and override
 # the reduced defaults. Results: $OUT (or bench/out/gpu-serve)/serve.json, serve.png.
-# The full sweep in parts, one device call each (keep each part's serve.json, carry it to the next):
-#   ROSE_BENCH_RESUME=.device/full-sweep bash bench/gpu_serve.sh --workloads ... (the full sweep's arguments)
+# The full sweep in parts, one device call each (commit each part's serve.json there for the next):
+#   ROSE_BENCH_RESUME=bench/results/full-sweep bash bench/gpu_serve.sh --workloads ... (the full sweep's arguments)
 # A CPU smoke test of the same steps (the carried redis-server included):
 #   ROSE_BENCH_DEVICE=cpu ROSE_BENCH_PRESET=tiny ROSE_BENCH_CARRIED_REDIS=1 bash bench/gpu_serve.sh \
 #       --workloads random:32:8 --concurrency 1,2 --num-prompts 2
@@ -87,7 +87,7 @@ left=$(( ${ROSE_BENCH_BUDGET_S:-450} - ($(date +%s) - start) ))
 # one workload: with all 24 layers, mesh + engine + transformers took 6.6 of a call's 10 minutes; the
 # mesh's second pass (mesh#2, with its ratio to the first) shows the run-to-run spread in the same call
 # ROSE_BENCH_RESUME=DIR: a long sweep in parts (bench/serve_resume.py): DIR's serve.json, from the part
-# before (carry DIR), seeds $RESULTS and only its missing runs run
+# before, seeds $RESULTS and only its missing runs run
 RESUME=()
 if [ -n "${ROSE_BENCH_RESUME:-}" ]; then
   mkdir -p "$RESULTS" && cp "$ROSE_BENCH_RESUME/serve.json" "$RESULTS/serve.json" && RESUME=(--resume)

@@ -90,8 +90,13 @@ left=$(( ${ROSE_BENCH_BUDGET_S:-450} - ($(date +%s) - start) ))
 # before, seeds $RESULTS and only its missing runs run
 RESUME=()
 if [ -n "${ROSE_BENCH_RESUME:-}" ]; then
-  mkdir -p "$RESULTS" && cp "$ROSE_BENCH_RESUME/serve.json" "$RESULTS/serve.json" && RESUME=(--resume)
-  stamp "resuming from $ROSE_BENCH_RESUME/serve.json"
+  RESUME=(--resume)
+  if [ -f "$ROSE_BENCH_RESUME/serve.json" ]; then
+    mkdir -p "$RESULTS" && cp "$ROSE_BENCH_RESUME/serve.json" "$RESULTS/serve.json"
+    stamp "resuming from $ROSE_BENCH_RESUME/serve.json"
+  else
+    stamp "no $ROSE_BENCH_RESUME/serve.json yet: the first part"
+  fi
 fi
 REDUCED=(--workloads random:1024:128 --concurrency 1,8,64 --references engine,hf --mesh-repeats 2
          --goodput ttft:1000 tpot:100 --deadline-s "$(( left > 30 ? left : 30 ))")

@@ -29,7 +29,7 @@ if [ -d "$HOME/rose-site" ]; then
   export FLASHINFER_CUDA_ARCH_LIST=${FLASHINFER_CUDA_ARCH_LIST:-9.0a}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-# triton-kernels (bench/fetch_device_deps.sh): the experts' GEMMs past the decode GEMV use it when it imports
+# triton-kernels (bench/fetch_device_deps.sh): the decode graphs' expert GEMMs past 128 rows use it when it imports
 [ -d .device/triton-kernels ] && export PYTHONPATH=$PWD/.device/triton-kernels:$PYTHONPATH
 if [ ! -d ~/.cache/flashinfer ] && ls .device/ficache/ficache.tar.xz.* >/dev/null 2>&1; then
   mkdir -p ~/.cache && cat .device/ficache/ficache.tar.xz.* | xz -d | tar xf - -C ~/.cache

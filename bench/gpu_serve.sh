@@ -52,7 +52,7 @@ if [ -d "$HOME/rose-site" ]; then
   stamp "using the packages staged in $HOME/rose-site: $(ls -a "$HOME/rose-site" | grep '^\.staged-' | tr '\n' ' ')"
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-# triton-kernels (bench/fetch_device_deps.sh): the experts' GEMMs past the decode GEMV use it when it imports
+# triton-kernels (bench/fetch_device_deps.sh): the decode graphs' expert GEMMs past 128 rows use it when it imports
 [ -d .device/triton-kernels ] && export PYTHONPATH=$PWD/.device/triton-kernels:$PYTHONPATH
 
 # 2. redis-server (the launcher starts a private one from PATH)

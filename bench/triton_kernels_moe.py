@@ -75,21 +75,6 @@ def ours(mlp):
     return forward
 
 
-def _tk_weight(blocks: torch.Tensor, scales: torch.Tensor):
-    """Checkpoint blocks [E, out, K/32, 16] and scales [E, out, K/32] -> triton-kernels' (w, weight_scale)
-    in its Hopper layouts: K on dim 1, the scale groups padded to a multiple of 4 (what vLLM does on sm90)."""
-    from triton_kernels.tensor import FP4, convert_layout, wrap_torch_tensor
-    from triton_kernels.tensor_details import layout
-
-    e, out, groups, _ = blocks.shape
-    codes = blocks.reshape(e, out, groups * 16).transpose(-2, -1)  # [E, K/2, out]
-    scales = torch.nn.functional.pad(scales, (0, -groups % 4)).transpose(-2, -1)  # [E, K/32 (+pad), out]
-    value_layout, value_opts = layout.make_default_matmul_mxfp4_w_layout(mx_axis=1)
-    scale_layout, scale_opts = layout.make_default_matmul_mxfp4_w_scale_layout(mx_axis=1, num_warps=8)
-    w = convert_layout(wrap_torch_tensor(codes, dtype=FP4), value_layout, **value_opts)
-    return w, convert_layout(wrap_torch_tensor(scales), scale_layout, **scale_opts)
-
-
 @contextlib.contextmanager
 def triton_tiles_past_gemv():
     """Ours as before the multi-column GEMV: past GEMV_ROWS routed rows, the grouped Triton tiles (A/B)."""
@@ -106,16 +91,16 @@ def triton_tiles_past_gemv():
 def triton_kernels(mlp):
     """x [T, H], logits [T, E] -> [T, H] through triton-kernels' routing and two matmul_ogs, as vLLM calls them."""
     import triton_kernels.swiglu
-    from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, PrecisionConfig, matmul_ogs
-    from triton_kernels.matmul_ogs_details import opt_flags
+    from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, matmul_ogs
     from triton_kernels.routing import routing
 
-    opt_flags.update_opt_flags_constraints({"split_k": 1})  # vLLM's Hopper setting
-    ex = mlp.experts
-    w1, s1 = _tk_weight(ex.gate_up_proj_blocks, ex.gate_up_proj_scales)
-    w2, s2 = _tk_weight(ex.down_proj_blocks, ex.down_proj_scales)
-    b1, b2 = ex.gate_up_proj_bias.float(), ex.down_proj_bias.float()
-    p1, p2 = PrecisionConfig(weight_scale=s1), PrecisionConfig(weight_scale=s2)
+    from kernels.moe_triton_kernels import TritonKernelsProjection
+
+    ex = mlp.experts  # converted to its Hopper layouts as the cuda backend converts them (and vLLM)
+    gate_up = TritonKernelsProjection(ex.gate_up_proj_blocks, ex.gate_up_proj_scales, ex.gate_up_proj_bias)
+    down = TritonKernelsProjection(ex.down_proj_blocks, ex.down_proj_scales, ex.down_proj_bias)
+    w1, b1, p1 = gate_up.weight, gate_up.bias, gate_up.precision
+    w2, b2, p2 = down.weight, down.bias, down.precision
     act = FusedActivation(FnSpecs("swiglu", triton_kernels.swiglu.swiglu_fn, ("alpha", "limit")), (ALPHA, LIMIT), 2)
 
     def forward(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

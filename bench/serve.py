@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench import serve_resume
+from bench.gpu_monitor import GpuMonitor
 from bench.roofline import copy_bandwidth, decode_bound
 from bench.streaming import RequestRecord, stream_completion, stream_engine
 from shared.config import Settings
@@ -332,7 +333,9 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
         if level.request_rate is not None or serve_resume.done_before("hf", entry) or out_of_time(args, "hf", entry):
             continue  # static batches have no arrival process to follow
         items = entry["items"][: args.hf_batches * level.batch] if args.hf_batches else entry["items"]
+        start = time.monotonic()
         records, duration = generate_records(model, [p for p, _ in items], [n for _, n in items], level.batch, pad)
+        entry.setdefault("windows", {})["hf"] = (start, time.monotonic())
         groups = [items[i:i + level.batch] for i in range(0, len(items), level.batch)]
         decoded = sum(len(g) * max(n for _, n in g) for g in groups)
         entry["runs"]["hf"] = (records, duration, decoded)
@@ -419,6 +422,9 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
         for target, (records, duration, decoded) in entry["runs"].items():
             summary = summarize(records, duration, args.slo_ms, decoded)
             summary["requests"] = [record_dict(r) for r in records]
+            window = entry.get("windows", {}).get(target)
+            if window and getattr(args, "gpu_monitor", None):  # bench.gpu_monitor: clocks, power, heat
+                summary["gpu"] = args.gpu_monitor.summary(*window)
             runs[target] = summary
         bound = decode_bound(config, bandwidth, level.batch, context, kv_itemsize)
         level_out = {
@@ -538,6 +544,16 @@ def print_tables(report: dict) -> None:
                 print(f"| {target} | {label} | {st['steps']} | {st['period_ms']:.2f} | {st['decode_rows']:.1f} | "
                       f"{st['prompt_tokens']:.0f} | {100 * st['starting_share']:.0f}% | {st['prompts_per_start']:.2f} | "
                       f"{st['waiting']:.1f} |")
+        monitored = [(level["label"], target, s["gpu"]) for level in wl["levels"]
+                     for target, s in level["runs"].items() if s.get("gpu")]
+        if monitored:
+            print("\nThe GPU while each run went (bench.gpu_monitor, nvidia-smi every 0.5 s)")
+            print("| target | level | SM MHz mean / min | mem MHz | temp max C | power mean / max W | slowed | reasons |\n|"
+                  + "---|" * 8)
+            for label, target, g in monitored:
+                print(f"| {target} | {label} | {g['sm_mhz_mean']:.0f} / {g['sm_mhz_min']:.0f} | {g['mem_mhz_mean']:.0f} | "
+                      f"{g['temp_c_max']:.0f} | {g['power_w_mean']:.0f} / {g['power_w_max']:.0f} | "
+                      f"{100 * g['slowed_share']:.0f}% | {', '.join(g['slowdowns']) or '-'} |")
         if any(level["ratios"] for level in wl["levels"]):
             print("ratios are ours/reference: above 1 is better for throughputs, worse for latencies")
         for level in wl["levels"]:
@@ -694,6 +710,25 @@ def main(argv: list[str] | None = None) -> int:
     _free_device_memory()
     print(f"copy bandwidth on {settings.device}: {bandwidth / 1e9:.1f} GB/s (read + write)", file=sys.stderr)
 
+    args.gpu_monitor = GpuMonitor(_gpu_index(settings.device)) if settings.device.startswith("cuda") else None
+    if args.gpu_monitor is not None and not args.gpu_monitor.start():
+        args.gpu_monitor = None
+    try:
+        return run_targets(args, settings, plan, references, bandwidth, config)
+    finally:
+        if args.gpu_monitor is not None:
+            args.gpu_monitor.stop()
+
+
+def _gpu_index(device: str) -> int:
+    """nvidia-smi's index for a torch device string (cuda, cuda:1) under CUDA_VISIBLE_DEVICES."""
+    ordinal = int(device.partition(":")[2] or 0)
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return int(visible[ordinal]) if ordinal < len(visible) and visible[ordinal].strip().isdigit() else ordinal
+
+
+def run_targets(args, settings: Settings, plan: list[dict], references: list[str], bandwidth: float, config) -> int:
+    """The mesh's passes, then each reference, writing the report after each; main's exit code."""
     from services.launcher import MeshError
 
     mesh_targets = ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)]

@@ -616,7 +616,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,4,16,64,256", help="comma-separated closed-loop concurrencies")
     parser.add_argument("--request-rate", default="", help="comma-separated Poisson rates (req/s); replaces --concurrency")
     parser.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight in rate mode")
-    parser.add_argument("--num-prompts", type=int, default=0, help="requests per level (0: max(8, 4 x concurrency); 64 per rate)")
+    parser.add_argument("--num-prompts", type=int, default=0,
+                        help="requests per level (0: max(8, --prompts-per-stream x concurrency); 64 per rate)")
+    parser.add_argument("--prompts-per-stream", type=int, default=4,
+                        help="requests per stream of a closed-loop level without --num-prompts (the full sweep: 2, "
+                             "so its longest level fits a device call)")
     parser.add_argument("--references", default="engine,hf", help="comma-separated: engine, hf (empty: none)")
     parser.add_argument("--mesh-repeats", type=int, default=1,
                         help="passes of every level through the mesh; passes 2.. report as mesh#2, ... with "
@@ -685,9 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench.serve: unknown reference {sorted(unknown)[0]!r} (engine, hf)", file=sys.stderr)
         return 2
-    if args.mesh_repeats < 1:
-        print(f"bench.serve: --mesh-repeats must be at least 1, got {args.mesh_repeats}", file=sys.stderr)
-        return 2
+    for flag, value in (("--mesh-repeats", args.mesh_repeats), ("--prompts-per-stream", args.prompts_per_stream)):
+        if value < 1:
+            print(f"bench.serve: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     from services.setup import setup
     from services.worker.model.config import GptOssConfig
 
@@ -698,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = []
     for wl in workloads:
         for level in levels:
-            count = args.num_prompts or (max(8, 4 * level.concurrency) if level.request_rate is None else 64)
+            count = args.num_prompts or (max(8, args.prompts_per_stream * level.concurrency) if level.request_rate is None else 64)
             items = wl.requests(count, level_rng(args.seed, wl, level), max_len)
             plan.append({"workload": wl, "level": level, "items": items, "runs": {}})
     os.makedirs(args.out, exist_ok=True)

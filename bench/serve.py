@@ -16,7 +16,9 @@ tokens really generated (usage) either way.
 Load: a fixed concurrency (closed loop: a new request as soon as one ends) or a
 Poisson request rate (`--request-rate`, optionally capped by --max-concurrency).
 Each (workload, level) gets its own prompts, so the prefix cache never helps, and
-the same prompts go through each target:
+the same prompts go through each target (a repeat pass through the same mesh,
+--mesh-repeats, redraws their token ids at the same lengths: its cache holds the
+first pass's prompts):
 - mesh: a rose mesh started here with services.launcher (or --base-url);
 - engine: AsyncEngine in this process, same settings, no mesh (what the mesh costs);
 - hf: transformers' GptOssForCausalLM.generate, static batches of the concurrency.
@@ -155,6 +157,7 @@ def summarize(records: list[RequestRecord], duration: float, slo_ms: dict[str, f
         "errors": sorted({r.error for r in records if r.error})[:5],
         "duration_s": duration,
         "input_tokens": sum(r.prompt_tokens for r in ok),
+        "cached_input_tokens": sum(r.cached_tokens for r in ok),  # from the prefix cache: prefill skipped
         "output_tokens": out_tokens,
         "requested_output_tokens": requested,
         "request_throughput": len(ok) / duration,
@@ -188,7 +191,7 @@ def _metric_ms(record: RequestRecord, name: str) -> float:
 
 
 def record_dict(r: RequestRecord) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "requested_tokens": r.requested_tokens, "output_tokens": r.output_tokens,
+    return {"prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "requested_tokens": r.requested_tokens, "output_tokens": r.output_tokens,
             "streamed_tokens": r.streamed_tokens, "chunks": len(r.chunk_times), "ttft_ms": 1000 * r.ttft if r.chunk_times else None,
             "latency_ms": 1000 * r.latency, "finish_reason": r.finish_reason, "error": r.error,
             "request_id": r.request_id, "ttft_stages_ms": r.ttft_stages or None}
@@ -229,8 +232,11 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                 for entry in plan:
                     if serve_resume.done_before(target, entry) or out_of_time(args, target, entry):
                         continue
+                    # the mesh's prefix cache holds the first pass's prompts: a repeat redraws their ids
+                    items = entry["items"] if repeat == 0 else redrawn(
+                        entry["items"], level_rng(args.seed, entry["workload"], entry["level"], repeat))
                     start = time.monotonic()
-                    records, duration = await drive(send, entry["items"], entry["level"], args.seed)
+                    records, duration = await drive(send, items, entry["level"], args.seed)
                     entry["runs"][target] = (records, duration, None)
                     entry.setdefault("windows", {})[target] = (start, time.monotonic())
                     _progress(target, entry, records, duration)
@@ -387,8 +393,10 @@ def _free_device_memory() -> None:
 def _progress(target: str, entry: dict, records: list[RequestRecord], duration: float) -> None:
     tokens = sum(r.output_tokens for r in records if r.ok)
     failed = sum(1 for r in records if not r.ok)
+    cached = sum(r.cached_tokens for r in records if r.ok)
     print(f"  {target:6s} {entry['workload'].name} {entry['level'].label}: {len(records)} requests, "
-          f"{tokens / duration:.1f} output tok/s, {failed} failed, {duration:.1f}s", file=sys.stderr)
+          f"{tokens / duration:.1f} output tok/s, {failed} failed, {duration:.1f}s"
+          + (f", {cached} prompt tokens from the prefix cache" if cached else ""), file=sys.stderr)
 
 
 # ---------------------------------------------------------------- report
@@ -655,9 +663,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def level_rng(seed: int, workload: Workload, level: Level) -> np.random.Generator:
-    """The prompts' generator of one level: its own seed, so any plan (or --resume part) draws the same ones."""
-    return np.random.default_rng([seed, zlib.crc32(f"{workload.name}/{level.label}".encode())])
+def level_rng(seed: int, workload: Workload, level: Level, repeat: int = 0) -> np.random.Generator:
+    """The prompts' generator of one level (and mesh pass): its own seed, so any plan (or --resume part) draws the same ones."""
+    label = f"{workload.name}/{level.label}" + (f"#{repeat + 1}" if repeat else "")
+    return np.random.default_rng([seed, zlib.crc32(label.encode())])
+
+
+def redrawn(items: list[tuple[list[int], int]], rng: np.random.Generator) -> list[tuple[list[int], int]]:
+    """The same prompt and output lengths with fresh token ids: a repeat pass the prefix cache has not seen."""
+    return [(rng.integers(0, ORDINARY_TOKENS, len(p)).tolist(), n) for p, n in items]
 
 
 def plan_levels(args) -> list[Level]:

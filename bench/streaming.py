@@ -29,6 +29,7 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)  # arrivals of chunks with output
     chunk_tokens: list[int | None] = field(default_factory=list)  # tokens per chunk; None when unknown
     output_tokens: int = 0  # the server's count (usage), or the tokens received in process
+    cached_tokens: int = 0  # prompt tokens the server took from its prefix cache (usage)
     latency: float = 0.0  # until the stream ended
     finish_reason: str | None = None
     error: str | None = None
@@ -90,6 +91,7 @@ async def stream_completion(base_url: str, model: str, prompt: list[int], max_to
                 continue
             if chunk.get("usage"):
                 record.output_tokens = int(chunk["usage"]["completion_tokens"])
+                record.cached_tokens = int((chunk["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
             for choice in chunk.get("choices", []):
                 logprobs = choice.get("logprobs")
                 tokens = len(logprobs["tokens"]) if stream_logprobs and logprobs else None
@@ -116,6 +118,7 @@ async def stream_engine(engine, request_id: str, prompt: list[int], params) -> R
                 record.chunk_times.append(time.perf_counter() - start)
                 record.chunk_tokens.append(len(out.token_ids))
                 record.output_tokens += len(out.token_ids)
+            record.cached_tokens = max(record.cached_tokens, out.cached_tokens)
             if out.error:
                 record.error = out.error
             if out.finish_reason:

@@ -77,6 +77,14 @@ def test_counts_add_up(report):
         assert run["goodput"] == pytest.approx(run["request_throughput"])  # SLOs of a minute: all requests meet them
 
 
+def test_a_repeat_pass_does_not_reuse_the_first_pass_prompts(report):
+    """mesh#2 redraws its prompts' ids: with the first pass's, the mesh's prefix cache would serve
+    each prompt's full blocks (16 of its 24 tokens) and the pass would measure other work."""
+    for level, target, run in _runs(report):
+        assert run["cached_input_tokens"] == 0, (target, level["label"])
+        assert all(r["cached_tokens"] == 0 for r in run["requests"])
+
+
 def test_percentiles_are_ordered(report):
     for level, target, run in _runs(report):
         for metric in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):

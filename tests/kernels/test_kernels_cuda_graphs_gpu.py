@@ -4,6 +4,8 @@ One model, two KV caches fed the same steps: cuda_graphs on for one, off for the
 The steps change batch size within and across buckets (padding rows), grow contexts
 past the 128-token window (sliding tables start with NO_BLOCK) and interleave a prefill,
 so a graph that kept a stale plan, slot or page list would read or write wrong keys.
+Steps that mix decode rows with short prompt chunks replay a graph one row a new token
+(cuda_graphs.as_decode_rows): their logits and the keys they write against eager.
 """
 
 import pytest
@@ -63,22 +65,22 @@ def model(request, checkpoint):
     return CudaGptOss(load_model(checkpoint, device="cuda", dtype=torch.bfloat16, keep_mxfp4=False))
 
 
-def _tables(seq_ids, context_lens):
+def _tables(seq_ids, context_lens, query_lens):
     full = [list(range(s * PAGES, (s + 1) * PAGES)) for s in seq_ids]
     sliding = []
-    for s, ctx in zip(seq_ids, context_lens):
-        gone = max(0, (ctx - WINDOW) // BLOCK)  # blocks wholly before the window, freed by the engine
+    for s, ctx, q in zip(seq_ids, context_lens, query_lens):
+        gone = max(0, (ctx - q - WINDOW + 1) // BLOCK)  # blocks wholly before the first new token's window
         sliding.append([NO_BLOCK] * gone + list(range(s * PAGES + gone, (s + 1) * PAGES)))
     return {"full": full, "sliding": sliding}
 
 
 def _step(seq_ids, contexts, new_tokens, vocab):
-    """Each listed sequence brings new_tokens tokens after its current context."""
-    q = [new_tokens] * len(seq_ids)
-    ctx = [c + new_tokens for c in contexts]
-    positions = torch.cat([torch.arange(c, c + new_tokens) for c in contexts])
+    """Each listed sequence brings new_tokens tokens (one count for all, or one each) after its current context."""
+    q = [new_tokens] * len(seq_ids) if isinstance(new_tokens, int) else list(new_tokens)
+    ctx = [c + n for c, n in zip(contexts, q)]
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(contexts, q)])
     return ForwardBatch(token_ids=torch.randint(0, vocab, (len(positions),)), positions=positions,
-                        query_lens=q, context_lens=ctx, block_tables=_tables(seq_ids, ctx))
+                        query_lens=q, context_lens=ctx, block_tables=_tables(seq_ids, ctx, q))
 
 
 def test_graph_decode_matches_eager(model):
@@ -128,3 +130,39 @@ def test_graph_path_is_used_for_decode(model):
     logits = model(_step([0, 1], [10, 10], 1, model.config.vocab_size), kv)
     assert model.graphs is not None and list(model.graphs.captured) == [2]
     assert logits.shape == (2, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_short_prompt_chunks_replay_as_decode_rows(model):
+    """Decode rows next to short prompt chunks (a cached prefix's tail, a new short prompt, a chunk
+    crossing the window) replay one graph, each chunk token a row: the chunks' last-token logits, the
+    keys they write and the decode steps after them match eager; a long chunk still runs eagerly."""
+    from services.worker.model.cuda_graphs import EXTEND_TOKENS
+
+    vocab = model.config.vocab_size
+    blocks = {"full": 8 * PAGES, "sliding": 8 * PAGES}
+    kv_graph, kv_eager = model.make_kv_cache(blocks, BLOCK), model.make_kv_cache(blocks, BLOCK)
+    contexts = [150, 40, 200, 0, 0]
+    steps = [_step([0, 1, 2], [0, 0, 0], [150, 40, 200], vocab),  # eager in both: the contexts
+             # seq 0 decodes; 1 extends 16 tokens across a block; 2 extends 5 past the window; 3 is a
+             # 12-token prompt; 4 a 3-token one: 1 + 16 + 5 + 12 + 3 = 37 rows, bucket 64
+             _step([0, 1, 2, 3, 4], contexts, [1, 16, 5, 12, 3], vocab)]
+    contexts = [151, 56, 205, 12, 3]
+    steps.append(_step([0, 1, 2, 3, 4], contexts, 1, vocab))
+    steps.append(_step([4, 0], [4, 152], [EXTEND_TOKENS + 1, 1], vocab))  # too long: eager
+    model.graphs = None
+    used = []
+    for i, batch in enumerate(steps):
+        model.cuda_graphs = True
+        got = model(batch, kv_graph).clone()
+        used.append(sorted(model.graphs.captured) if model.graphs else [])
+        model.cuda_graphs = False
+        want = model(batch, kv_eager)
+        assert got.shape == (batch.num_seqs, vocab)
+        err = rel_err(got, want)
+        assert err <= 1e-2, f"step {i} (query lens {batch.query_lens}): graph vs eager {err:.2e}"
+    model.cuda_graphs = True
+    assert used[0] == [] and used[1] == [64], used  # the first step too long for rows, the mixed one replayed
+    assert used[3] == [8, 64], used  # the decode step replayed bucket 8; the long chunk captured nothing
+    for layer, (kg, ke) in enumerate(zip(kv_graph.k, kv_eager.k)):
+        real = kv_graph.scratch_blocks[kv_graph.layer_groups[layer]]
+        assert rel_err(kg[:real], ke[:real]) <= 1e-2, f"layer {layer} k cache differs"

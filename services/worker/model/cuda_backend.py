@@ -56,8 +56,8 @@ def require_cuda_backend() -> None:
 class CudaGptOss(nn.Module):
     """Wraps a loaded bf16 torch GptOssForCausalLM; the engine calls it like the torch model.
 
-    Decode steps (one new token per sequence) replay CUDA graphs (cuda_graphs.py) unless
-    cuda_graphs=False; prefill and mixed steps run eagerly.
+    Decode steps (one new token per sequence), with short prompt chunks too, replay CUDA graphs
+    (cuda_graphs.py) unless cuda_graphs=False; longer prefills run eagerly.
     """
 
     def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
@@ -137,7 +137,7 @@ class CudaGptOss(nn.Module):
         only the next process).
         """
         from kernels.moe_mxfp4 import GEMV_ROWS, TILE_CONFIGS
-        from services.worker.model.cuda_graphs import DecodeGraphs
+        from services.worker.model.cuda_graphs import EXTEND_TOKENS, DecodeGraphs
 
         if kv.scratch_blocks is None:
             return
@@ -145,11 +145,12 @@ class CudaGptOss(nn.Module):
         bounds = [GEMV_ROWS] + [bound for bound, _ in TILE_CONFIGS[:-1]]
         tokens = {min(max(1, bound // top_k), max_num_batched_tokens) for bound in bounds}
         for t in sorted(tokens | {max_num_batched_tokens}):
-            self.forward(_scratch_prefill(t, kv), kv)
+            self._eager(_scratch_prefill(t, kv), kv)  # the eager configs: a short one would replay a graph
         if self.cuda_graphs:
             if self.graphs is None or self.graphs.kv is not kv:
                 self.graphs = DecodeGraphs(self, kv)
-            self.graphs.capture_up_to(max_num_seqs)
+            # a step's decode rows and its short prompt chunks' rows (as_decode_rows) share a graph
+            self.graphs.capture_up_to(max_num_seqs + EXTEND_TOKENS)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
@@ -157,15 +158,25 @@ class CudaGptOss(nn.Module):
 
         A decode step's logits may be a view of a graph's output buffer: read them before the next step.
         """
-        from services.worker.model.cuda_graphs import DecodeGraphs, is_decode
+        from services.worker.model.cuda_graphs import DecodeGraphs, as_decode_rows
 
         c = self.config
         check_forward_inputs(batch, kv, c.layer_groups, c.vocab_size)
-        if self.cuda_graphs and not all_logits and kv.scratch_blocks is not None and is_decode(batch):
+        if self.cuda_graphs and not all_logits and kv.scratch_blocks is not None:
             if self.graphs is None or self.graphs.kv is not kv:
                 self.graphs = DecodeGraphs(self, kv)
-            if self.graphs.fits(batch):
-                return self.graphs(batch)
+            rows = as_decode_rows(batch, self.graphs.extend_rows)
+            if rows is not None and self.graphs.fits(rows):
+                logits = self.graphs(rows)
+                if rows is batch:
+                    return logits
+                return logits[to_device(torch.cumsum(torch.tensor(batch.query_lens), 0) - 1, self._device)]
+        return self._eager(batch, kv, all_logits)
+
+    def _eager(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
+        """forward's logits from kernels launched one by one (no graph)."""
+        from services.worker.model.cuda_graphs import is_decode
+
         dev = self._device
         if self.flash:
             attention = self.decode_attention if self.decode_attention is not None and is_decode(batch) else self.attention

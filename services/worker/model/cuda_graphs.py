@@ -11,6 +11,12 @@ sequences replays the graph of the smallest such b:
     replay    device: embedding .. lm_head for b rows
     logits    the first n rows of the bucket's output buffer
 
+A step that also brings short prompt chunks (the tail of a prompt whose prefix the
+cache held, a short prompt) replays a decode graph too, one row a new token
+(`as_decode_rows`): each row attends to its sequence's keys up to its own position,
+the causal mask of a prefill. Eager, such a step costs what a prefill's launches cost
+on the host; at 64 streams with cached prefixes nearly every step was one.
+
 Rows n..b are padding: token 0 at position 0, writing and reading only the scratch
 block the model added to each KV pool (`PagedKVCache.scratch_blocks`), so they
 touch no sequence's cache. Graphs share one memory pool and one FlashInfer float
@@ -25,11 +31,33 @@ import torch
 from services.worker.model.batch import GROUPS, NO_BLOCK, ForwardBatch, HostStaging, PagedKVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A prompt chunk runs as decode rows when it is at most this many tokens and the step's prompt rows
+# read at most EXTEND_KEYS keys in all: each row reads its sequence's keys again (L2 holds some of it)
+EXTEND_TOKENS = 64
+EXTEND_KEYS = 64 * 4096
 
 
 def is_decode(batch: ForwardBatch) -> bool:
     """Whether every sequence of the step brings exactly one new token."""
     return all(q == 1 for q in batch.query_lens)
+
+
+def as_decode_rows(batch: ForwardBatch, max_rows: int) -> ForwardBatch | None:
+    """The step as one row a new token (a decode step's shape), or None where its prompt chunks are too long.
+
+    Row i of a chunk is a sequence whose context ends at that token: same block tables, context
+    cut there. token_ids and positions are already one entry a token. A decode step is returned as is.
+    """
+    if is_decode(batch):
+        return batch
+    if batch.positions.numel() > max_rows or max(batch.query_lens) > EXTEND_TOKENS:
+        return None
+    if sum(q * ctx for q, ctx in zip(batch.query_lens, batch.context_lens) if q > 1) > EXTEND_KEYS:
+        return None
+    rows = [(s, ctx - q + 1 + i) for s, (q, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)) for i in range(q)]
+    return ForwardBatch(token_ids=batch.token_ids, positions=batch.positions, query_lens=[1] * len(rows),
+                        context_lens=[ctx for _, ctx in rows],
+                        block_tables={g: [tables[s] for s, _ in rows] for g, tables in batch.block_tables.items()})
 
 
 class _Captured:
@@ -56,6 +84,9 @@ class DecodeGraphs:
         longest = -(-model.config.max_position_embeddings // kv.block_size)
         self.xqa_width = min(max(self.max_pages.values()), longest) if model.decode_attention is not None else None
         self.captured: dict[int, _Captured] = {}
+        # most rows a step with prompt chunks may take (as_decode_rows): past what capture_up_to captured,
+        # such a step runs eagerly rather than stop for a capture
+        self.extend_rows = buckets[-1]
         self.staging = HostStaging(1 << 12)  # token ids and positions on their way to a graph's inputs
 
     def fits(self, batch: ForwardBatch) -> bool:
@@ -80,6 +111,7 @@ class DecodeGraphs:
         compiles its kernels); the largest first, so the shared pool is sized once.
         """
         top = self.bucket(min(num_seqs, self.buckets[-1]))
+        self.extend_rows = top
         for b in sorted((b for b in self.buckets if b <= top), reverse=True):
             if b not in self.captured:
                 self._capture(b)

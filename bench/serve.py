@@ -5,20 +5,22 @@
                           [--base-url http://host:8000] [rose settings: --model --device --backend ...]
 
 Workloads: `random:IN:OUT` sends token-id prompts of exactly IN tokens (uniform
-random ids from the o200k ordinary range) asking for OUT tokens; `sharegpt` draws
-per-request lengths from lognormal fits to ShareGPT's conversation lengths (input
-median 180, output median 200 tokens, sigma 1; seeded, generated here: no dataset
-is downloaded), clipped to half the context or to `sharegpt:MAX_IN:MAX_OUT`. Every request streams through POST /v1/completions with
-ignore_eos, so outputs run to max_tokens unless a stop token the formatter adds for
-completions (<|return|>, <|call|>, <|endoftext|>) is sampled; the report counts the
-tokens really generated (usage) either way.
+random ids from the o200k ordinary range) asking for OUT tokens; `random:IN:OUT:SHARED`
+opens every prompt of a level with the same SHARED tokens (a system prompt: the prefix
+cache serves them after the first request); `sharegpt` draws per-request lengths from
+lognormal fits to ShareGPT's conversation lengths (input median 180, output median 200
+tokens, sigma 1; seeded, generated here: no dataset is downloaded), clipped to half the
+context or to `sharegpt:MAX_IN:MAX_OUT`. Every request streams through POST
+/v1/completions with ignore_eos, so outputs run to max_tokens unless a stop token the
+formatter adds for completions (<|return|>, <|call|>, <|endoftext|>) is sampled; the
+report counts the tokens really generated (usage) either way.
 
 Load: a fixed concurrency (closed loop: a new request as soon as one ends) or a
 Poisson request rate (`--request-rate`, optionally capped by --max-concurrency).
-Each (workload, level) gets its own prompts, so the prefix cache never helps, and
-the same prompts go through each target (a repeat pass through the same mesh,
---mesh-repeats, redraws their token ids at the same lengths: its cache holds the
-first pass's prompts):
+Each (workload, level) gets its own prompts, so the prefix cache never helps across
+levels, and the same prompts go through each target (a repeat pass through the same
+mesh, --mesh-repeats, redraws their token ids at the same lengths: its cache holds
+the first pass's prompts):
 - mesh: a rose mesh started here with services.launcher (or --base-url);
 - engine: AsyncEngine in this process, same settings, no mesh (what the mesh costs);
 - hf: transformers' GptOssForCausalLM.generate, static batches of the concurrency.
@@ -73,16 +75,22 @@ class Workload:
     input_len: int | None  # None: drawn per request (sharegpt)
     output_len: int | None
     caps: tuple[int, int] | None = None  # sharegpt: longest input and output drawn
+    shared_prefix: int = 0  # random:IN:OUT:SHARED: every prompt of a level opens with the same SHARED tokens
 
     @classmethod
     def parse(cls, spec: str, max_len: int) -> "Workload":
         parts = spec.split(":")
-        if parts[0] == "random" and len(parts) == 3:
-            return cls(f"random-{parts[1]}-{parts[2]}", int(parts[1]), int(parts[2]))
+        if parts[0] == "random" and len(parts) in (3, 4):
+            shared = int(parts[3]) if len(parts) == 4 else 0
+            if not 0 <= shared < int(parts[1]):
+                raise ValueError(f"workload {spec!r}: the shared prefix must be shorter than the prompt")
+            return cls(f"random-{parts[1]}-{parts[2]}" + (f"-shared{shared}" if shared else ""), int(parts[1]),
+                       int(parts[2]), shared_prefix=shared)
         if parts[0] == "sharegpt" and len(parts) in (1, 3):
             caps = (int(parts[1]), int(parts[2])) if len(parts) == 3 else (max_len // 2, max_len // 2)
             return cls("sharegpt" + (f"-{caps[0]}-{caps[1]}" if len(parts) == 3 else ""), None, None, caps)
-        raise ValueError(f"unknown workload {spec!r}: use random:IN:OUT, sharegpt or sharegpt:MAX_IN:MAX_OUT")
+        raise ValueError(f"unknown workload {spec!r}: use random:IN:OUT, random:IN:OUT:SHARED, sharegpt or "
+                         "sharegpt:MAX_IN:MAX_OUT")
 
     def requests(self, count: int, rng: np.random.Generator, max_len: int) -> list[tuple[list[int], int]]:
         """(prompt token ids, max_tokens) for `count` requests; lengths clipped to max_len."""
@@ -92,7 +100,12 @@ class Workload:
             lens = [(int(np.clip(i, 4, self.caps[0])), int(np.clip(o, 4, self.caps[1]))) for i, o in zip(ins, outs)]
         else:
             lens = [(self.input_len, self.output_len)] * count
-        return [(rng.integers(0, ORDINARY_TOKENS, n_in).tolist(), n_out) for n_in, n_out in lens]
+        return self.prompts(lens, rng)
+
+    def prompts(self, lens: list[tuple[int, int]], rng: np.random.Generator) -> list[tuple[list[int], int]]:
+        """Token ids for these (input, output) lengths: uniform ordinary ids after the shared prefix."""
+        shared = rng.integers(0, ORDINARY_TOKENS, self.shared_prefix).tolist()
+        return [(shared + rng.integers(0, ORDINARY_TOKENS, n_in - len(shared)).tolist(), n_out) for n_in, n_out in lens]
 
 
 @dataclass(frozen=True)
@@ -233,8 +246,9 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                     if serve_resume.done_before(target, entry) or out_of_time(args, target, entry):
                         continue
                     # the mesh's prefix cache holds the first pass's prompts: a repeat redraws their ids
-                    items = entry["items"] if repeat == 0 else redrawn(
-                        entry["items"], level_rng(args.seed, entry["workload"], entry["level"], repeat))
+                    items = entry["items"] if repeat == 0 else entry["workload"].prompts(
+                        [(len(p), n) for p, n in entry["items"]],
+                        level_rng(args.seed, entry["workload"], entry["level"], repeat))
                     start = time.monotonic()
                     records, duration = await drive(send, items, entry["level"], args.seed)
                     entry["runs"][target] = (records, duration, None)
@@ -669,9 +683,6 @@ def level_rng(seed: int, workload: Workload, level: Level, repeat: int = 0) -> n
     return np.random.default_rng([seed, zlib.crc32(label.encode())])
 
 
-def redrawn(items: list[tuple[list[int], int]], rng: np.random.Generator) -> list[tuple[list[int], int]]:
-    """The same prompt and output lengths with fresh token ids: a repeat pass the prefix cache has not seen."""
-    return [(rng.integers(0, ORDINARY_TOKENS, len(p)).tolist(), n) for p, n in items]
 
 
 def plan_levels(args) -> list[Level]:

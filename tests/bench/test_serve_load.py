@@ -20,6 +20,19 @@ def test_random_workload_is_token_exact_and_seeded():
     assert len({tuple(p) for p, _ in a}) == 5  # no two prompts share a prefix block
 
 
+def test_shared_prefix_workload_opens_every_prompt_alike():
+    wl = Workload.parse("random:100:7:64", 4096)
+    assert wl.name == "random-100-7-shared64"
+    items = wl.requests(4, np.random.default_rng(3), 4096)
+    assert all(len(p) == 100 and n == 7 for p, n in items)
+    assert len({tuple(p[:64]) for p, _ in items}) == 1 and len({tuple(p[64:]) for p, _ in items}) == 4
+    # a repeat pass's prompts (same lengths, another generator): its own shared prefix, still one for all
+    again = wl.prompts([(len(p), n) for p, n in items], np.random.default_rng(4))
+    assert len({tuple(p[:64]) for p, _ in again}) == 1 and again[0][0][:64] != items[0][0][:64]
+    with pytest.raises(ValueError):
+        Workload.parse("random:100:7:100", 4096)
+
+
 def test_sharegpt_lengths_vary_within_caps():
     wl = Workload.parse("sharegpt:300:50", 4096)
     items = wl.requests(400, np.random.default_rng(0), 4096)

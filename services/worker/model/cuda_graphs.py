@@ -26,6 +26,8 @@ before the next step starts.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from services.worker.model.batch import GROUPS, NO_BLOCK, ForwardBatch, HostStaging, PagedKVCache
@@ -85,8 +87,9 @@ class DecodeGraphs:
         self.xqa_width = min(max(self.max_pages.values()), longest) if model.decode_attention is not None else None
         self.captured: dict[int, _Captured] = {}
         # most rows a step with prompt chunks may take (as_decode_rows): past what capture_up_to captured,
-        # such a step runs eagerly rather than stop for a capture
-        self.extend_rows = buckets[-1]
+        # such a step runs eagerly rather than stop for a capture; ROSE_GRAPH_PROMPT_ROWS=0: always eagerly
+        self.prompt_rows = os.environ.get("ROSE_GRAPH_PROMPT_ROWS", "1") != "0"
+        self.extend_rows = buckets[-1] if self.prompt_rows else 0
         self.staging = HostStaging(1 << 12)  # token ids and positions on their way to a graph's inputs
 
     def fits(self, batch: ForwardBatch) -> bool:
@@ -111,7 +114,7 @@ class DecodeGraphs:
         compiles its kernels); the largest first, so the shared pool is sized once.
         """
         top = self.bucket(min(num_seqs, self.buckets[-1]))
-        self.extend_rows = top
+        self.extend_rows = top if self.prompt_rows else 0
         for b in sorted((b for b in self.buckets if b <= top), reverse=True):
             if b not in self.captured:
                 self._capture(b)

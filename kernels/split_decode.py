@@ -38,6 +38,10 @@ except ImportError:  # pragma: no cover - exercised only without triton
 # Triton reads TRITON_INTERPRET when it decorates: then the kernels run on CPU tensors (tests)
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BLOCK_N = 32  # keys per step of a program's loop (two 16-slot pages)
+# A row's newest keys that may have been written in this step, read only after the PDL wait: its own, and in a
+# step that runs a prompt chunk one row a token (services/worker/model/cuda_graphs.as_decode_rows, chunks of
+# at most this many tokens) the chunk's keys before it
+FRESH_KEYS = 64
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634
 # The last split of a (row, kv head) merges it, by ticket; ROSE_SPLIT_MERGE=kernel: a second kernel does (A/B:
@@ -89,7 +93,7 @@ def split_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _split_kernel[(t, kv_heads, splits)](
         q, k_cache, v_cache, table, lengths, scratch.partial, scratch.stats, scratch.tickets, sinks, out,
         q.stride(0), table.stride(0), WINDOW=window or 0, SPLITS=splits, GROUP=group, HEADS=heads,
-        KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=BLOCK_N, SCALE=scale, LOG2E_=LOG2E,
+        KV_HEADS=kv_heads, HEAD_DIM=dim, PAGE=page, BLOCK_N=BLOCK_N, FRESH_KEYS=FRESH_KEYS, SCALE=scale, LOG2E_=LOG2E,
         **merge, FUSED_MERGE=FUSED_MERGE, INTERPRETED=_INTERPRETED, PDL=pdl, num_warps=4, launch_pdl=pdl,
     )
     if not FUSED_MERGE:
@@ -122,7 +126,8 @@ if triton is not None:
     def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lengths_ptr, part_ptr, stats_ptr, tickets_ptr, sinks_ptr,
                       out_ptr, q_stride, table_stride, WINDOW: tl.constexpr, SPLITS: tl.constexpr,
                       GROUP: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SCALE: tl.constexpr, LOG2E_: tl.constexpr,
+                      PAGE: tl.constexpr, BLOCK_N: tl.constexpr, FRESH_KEYS: tl.constexpr, SCALE: tl.constexpr,
+                      LOG2E_: tl.constexpr,
                       GP: tl.constexpr, CHUNK: tl.constexpr, FUSED_MERGE: tl.constexpr, INTERPRETED: tl.constexpr,
                       PDL: tl.constexpr):
         row = tl.program_id(0)
@@ -139,11 +144,12 @@ if triton is not None:
         heads = tl.arange(0, 16)  # the kv head's GROUP query heads, padded to tl.dot's 16 rows
         d = tl.arange(0, HEAD_DIM)
         real = heads < GROUP
-        # The first tile's keys and values load before the PDL wait, all but the newest: earlier steps wrote
-        # them, and only the kernel just before (this step's rotary + cache write) may still run
-        # (kernels/pdl.py). At L2 (.cg): an SM's L1 may hold lines of a page read before it was reused.
+        # The first tile's keys and values load before the PDL wait, all but the newest FRESH_KEYS: earlier
+        # steps wrote them, and only the kernel just before (this step's rotary + cache write, which may write
+        # a prompt chunk's keys before this row's own) may still run (kernels/pdl.py). At L2 (.cg): an SM's L1
+        # may hold lines of a page read before it was reused.
         slot, valid, at = _tile_rows(table_ptr, row, table_stride, kvh, lo, hi, KV_HEADS, HEAD_DIM, PAGE, BLOCK_N)
-        newest = valid & (slot == length - 1)
+        newest = valid & (slot >= length - FRESH_KEYS)
         settled = (valid & ~newest)[:, None]
         k = tl.load(k_ptr + at[:, None] + d[None, :], mask=settled, other=0.0, cache_modifier=".cg")
         v = tl.load(v_ptr + at[:, None] + d[None, :], mask=settled, other=0.0, cache_modifier=".cg")

@@ -30,12 +30,14 @@ import os
 
 import torch
 
+from kernels.split_decode import FRESH_KEYS
 from services.worker.model.batch import GROUPS, NO_BLOCK, ForwardBatch, HostStaging, PagedKVCache
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# A prompt chunk runs as decode rows when it is at most this many tokens and the step's prompt rows
+# A prompt chunk runs as decode rows when it is at most this many tokens (the split decode attention reads a
+# row's newest FRESH_KEYS after its PDL wait: the chunk's keys written this step) and the step's prompt rows
 # read at most EXTEND_KEYS keys in all: each row reads its sequence's keys again (L2 holds some of it)
-EXTEND_TOKENS = 64
+EXTEND_TOKENS = FRESH_KEYS
 EXTEND_KEYS = 64 * 4096
 
 
@@ -87,8 +89,12 @@ class DecodeGraphs:
         self.xqa_width = min(max(self.max_pages.values()), longest) if model.decode_attention is not None else None
         self.captured: dict[int, _Captured] = {}
         # most rows a step with prompt chunks may take (as_decode_rows): past what capture_up_to captured,
-        # such a step runs eagerly rather than stop for a capture; ROSE_GRAPH_PROMPT_ROWS=0: always eagerly
-        self.prompt_rows = os.environ.get("ROSE_GRAPH_PROMPT_ROWS", "1") != "0"
+        # such a step runs eagerly rather than stop for a capture; ROSE_GRAPH_PROMPT_ROWS=0: always eagerly.
+        # Only through the split decode attention: with XQA and FlashInfer's wrapper the graph disagreed with
+        # eager on such steps now and then (H100, 2026-11-24): they may read a row's earlier keys, written by
+        # the cache write just before, ahead of their PDL wait.
+        split = model.decode_attention is not None and model.decode_attention.split
+        self.prompt_rows = split and os.environ.get("ROSE_GRAPH_PROMPT_ROWS", "1") != "0"
         self.extend_rows = buckets[-1] if self.prompt_rows else 0
         self.staging = HostStaging(1 << 12)  # token ids and positions on their way to a graph's inputs
 

@@ -77,6 +77,48 @@ def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
         assert med_cuda <= max(2 * med_torch, 1e-2)
 
 
+def test_prompt_chunks_as_decode_rows_match_torch(checkpoint_20b_2layer):
+    """A step of decode rows and short prompt chunks (a cached prefix's tail, a new short prompt), which the
+    cuda backend replays as a decode graph one row a token (cuda_graphs.as_decode_rows), against the float32
+    torch model running it as a prefill: the same attention, window and sinks, row by row."""
+    contexts = [150, 40, 200, 20, 64, 300, 0, 10, 130, 1]  # 200 and 300: the extensions start past the window
+    new = [1, 16, 5, 12, 3, 1, 9, 30, 16, 2]  # 95 rows: bucket 128
+    blocks_per_seq = (max(c + n for c, n in zip(contexts, new)) + BLOCK - 1) // BLOCK
+    num_blocks = blocks_per_seq * len(contexts)
+    tables = {g: [list(range(s * blocks_per_seq, (s + 1) * blocks_per_seq)) for s in range(len(contexts))]
+              for g in ("full", "sliding")}
+    vocab = load_model(checkpoint_20b_2layer, backend="cuda").config.vocab_size
+    ids = [torch.randint(0, vocab, (c + n,)) for c, n in zip(contexts, new)]
+    seen = [s for s, c in enumerate(contexts) if c]
+    prefill = ForwardBatch(  # eager everywhere: its chunks are past 64 tokens
+        token_ids=torch.cat([ids[s][:contexts[s]] for s in seen]),
+        positions=torch.cat([torch.arange(contexts[s]) for s in seen]), query_lens=[contexts[s] for s in seen],
+        context_lens=[contexts[s] for s in seen], block_tables={g: [t[s] for s in seen] for g, t in tables.items()})
+    mixed = ForwardBatch(
+        token_ids=torch.cat([i[c:] for i, c in zip(ids, contexts)]),
+        positions=torch.cat([torch.arange(c, c + n) for c, n in zip(contexts, new)]), query_lens=new,
+        context_lens=[c + n for c, n in zip(contexts, new)], block_tables=tables)
+
+    def logits(model):
+        kv = model.make_kv_cache({"full": num_blocks, "sliding": num_blocks}, BLOCK)
+        model(prefill, kv)
+        return model(mixed, kv).clone()
+
+    ref_model = load_model(checkpoint_20b_2layer, device="cuda", dtype=torch.float32)
+    ref = logits(ref_model)
+    del ref_model
+    bf16 = logits(load_model(checkpoint_20b_2layer, device="cuda", dtype=torch.bfloat16))
+    cuda_model = load_model(checkpoint_20b_2layer, backend="cuda")
+    ours = logits(cuda_model)
+    assert cuda_model.graphs is not None and list(cuda_model.graphs.captured) == [128], "the mixed step ran eagerly"
+    err_torch, err_cuda = _row_errors(bf16, ref), _row_errors(ours, ref)
+    med_torch, med_cuda = float(err_torch.median()), float(err_cuda.median())
+    print(f"mixed step, rows: torch bf16 row median {med_torch:.2e}, cuda {med_cuda:.2e} (vs float32 torch); rows "
+          f"over 5e-2 {int((err_torch > 5e-2).sum())} / {int((err_cuda > 5e-2).sum())} of {len(ref)}")
+    assert not torch.isnan(ours).any()
+    assert med_cuda <= max(2 * med_torch, 1e-2)
+
+
 def test_grouped_linear_matches_loop():
     from services.worker.model.cuda_moe import grouped_linear, grouped_linear_reference
 

@@ -90,9 +90,9 @@ class DecodeGraphs:
         self.captured: dict[int, _Captured] = {}
         # most rows a step with prompt chunks may take (as_decode_rows): past what capture_up_to captured,
         # such a step runs eagerly rather than stop for a capture; ROSE_GRAPH_PROMPT_ROWS=0: always eagerly.
-        # Only through the split decode attention: with XQA and FlashInfer's wrapper the graph disagreed with
-        # eager on such steps now and then (H100, 2026-11-24): they may read a row's earlier keys, written by
-        # the cache write just before, ahead of their PDL wait.
+        # Only through the split decode attention, whose loads before the PDL wait skip a row's newest
+        # FRESH_KEYS: XQA's and FlashInfer's kernels are not known to wait before reading keys that the cache
+        # write just before them may still be writing.
         split = model.decode_attention is not None and model.decode_attention.split
         self.prompt_rows = split and os.environ.get("ROSE_GRAPH_PROMPT_ROWS", "1") != "0"
         self.extend_rows = buckets[-1] if self.prompt_rows else 0

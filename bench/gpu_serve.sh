@@ -82,7 +82,7 @@ stamp "checkpoint ready at $CKPT ($(du -sh "$CKPT" | cut -f1))"
 [ "$DEVICE" = cpu ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 mkdir -p "$RESULTS"
 # No run starts after ROSE_BENCH_BUDGET_S seconds from this script's start (default 450), so one
-# device command of 600 s holds it all; the report is rewritten after each target.
+# device command of 600 s holds it all; the report is rewritten after each run.
 left=$(( ${ROSE_BENCH_BUDGET_S:-450} - ($(date +%s) - start) ))
 # one workload: with all 24 layers, mesh + engine + transformers took 6.6 of a call's 10 minutes; the
 # mesh's second pass (mesh#2, with its ratio to the first) shows the run-to-run spread in the same call

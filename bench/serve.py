@@ -253,7 +253,7 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                     records, duration = await drive(send, items, entry["level"], args.seed)
                     entry["runs"][target] = (records, duration, None)
                     entry.setdefault("windows", {})[target] = (start, time.monotonic())
-                    _progress(target, entry, records, duration)
+                    _ran(args, target, entry, records, duration)
 
         asyncio.run(sweep())
     finally:
@@ -328,7 +328,7 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
             after = engine.stats()
             entry["runs"]["engine"] = (records, duration, after.generated_tokens - before.generated_tokens)
             entry.setdefault("windows", {})["engine"] = (start, time.monotonic())
-            _progress("engine", entry, records, duration)
+            _ran(args, "engine", entry, records, duration)
 
     try:
         asyncio.run(sweep())
@@ -359,7 +359,7 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
         groups = [items[i:i + level.batch] for i in range(0, len(items), level.batch)]
         decoded = sum(len(g) * max(n for _, n in g) for g in groups)
         entry["runs"]["hf"] = (records, duration, decoded)
-        _progress("hf", entry, records, duration)
+        _ran(args, "hf", entry, records, duration)
     del model
     _free_device_memory()
 
@@ -404,13 +404,16 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _progress(target: str, entry: dict, records: list[RequestRecord], duration: float) -> None:
+def _ran(args, target: str, entry: dict, records: list[RequestRecord], duration: float) -> None:
+    """A run ended: its line on stderr, and the report rewritten, so a command cut short keeps every run that ended."""
     tokens = sum(r.output_tokens for r in records if r.ok)
     failed = sum(1 for r in records if not r.ok)
     cached = sum(r.cached_tokens for r in records if r.ok)
     print(f"  {target:6s} {entry['workload'].name} {entry['level'].label}: {len(records)} requests, "
           f"{tokens / duration:.1f} output tok/s, {failed} failed, {duration:.1f}s"
           + (f", {cached} prompt tokens from the prefix cache" if cached else ""), file=sys.stderr)
+    if getattr(args, "save_report", None) is not None:
+        args.save_report()
 
 
 # ---------------------------------------------------------------- report
@@ -761,6 +764,7 @@ def run_targets(args, settings: Settings, plan: list[dict], references: list[str
     """The mesh's passes, then each reference, writing the report after each; main's exit code."""
     from services.launcher import MeshError
 
+    args.save_report = lambda: write_outputs(args, settings, plan, bandwidth, config)
     mesh_targets = ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)]
     try:
         if serve_resume.pending(plan, mesh_targets):

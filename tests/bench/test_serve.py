@@ -49,7 +49,8 @@ def _runs(report):
 
 def test_every_level_ran_every_target(report):
     (workload,) = report["workloads"]
-    assert workload["workload"] == {"name": f"random-{INPUT_LEN}-{OUTPUT_LEN}", "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "caps": None}
+    assert workload["workload"] == {"name": f"random-{INPUT_LEN}-{OUTPUT_LEN}", "input_len": INPUT_LEN, "output_len": OUTPUT_LEN, "caps": None,
+                                    "shared_prefix": 0}
     assert [lv["concurrency"] for lv in workload["levels"]] == [1, 3]
     for level in workload["levels"]:
         assert set(level["runs"]) == {"mesh", "mesh#2", "engine"}

@@ -505,7 +505,13 @@ def run_meta(args, settings: Settings, config) -> dict:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, "+dirty" when bench/ or services/ has uncommitted changes."""
+    """The checkout's short commit, "+dirty" when bench/ or services/ has uncommitted changes.
+
+    ROSE_COMMIT overrides it where the tree is not its .git's (the device tool copies the working tree
+    over the .git of an older one).
+    """
+    if os.environ.get("ROSE_COMMIT"):
+        return os.environ["ROSE_COMMIT"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
@@ -774,6 +780,13 @@ def run_targets(args, settings: Settings, plan: list[dict], references: list[str
         return MESH_FAILED
     write_outputs(args, settings, plan, bandwidth, config)  # a later reference may not finish
     references = [r for r in references if serve_resume.pending(plan, [r])]
+    if references and time.monotonic() >= args.deadline:  # no model loads for levels that would all be skipped
+        for r in references:
+            for entry in plan:
+                if not serve_resume.done_before(r, entry):
+                    entry.setdefault("skipped", []).append(r)
+        print(f"  {', '.join(references)}: skipped (--deadline-s passed)", file=sys.stderr)
+        references = []
     if "engine" in references:
         print("engine: in process, no mesh", file=sys.stderr)
         run_engine(args, settings, plan, stop_tokens_for_completions(settings))

@@ -527,6 +527,15 @@ def _fmt(value, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _side_table(title: str, head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A markdown table under its title, printed only when it has rows."""
+    if rows:
+        print(f"\n{title}")
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+
+
 def print_tables(report: dict) -> None:
     print(f"\n{report['meta']['device']} | {report['meta']['model']} ({report['meta']['layers']} layers) | "
           f"backend {report['meta']['backend']} on {report['meta']['torch_device']} | copy bandwidth "
@@ -559,32 +568,25 @@ def print_tables(report: dict) -> None:
                           f"tok/s with prefill = {100 * s['output_throughput'] / b1['tokens_per_s']:.1f}%")
         staged = [(level["label"], target, s["ttft_stages_ms"]) for level in wl["levels"]
                   for target, s in level["runs"].items() if s.get("ttft_stages_ms")]
-        if staged:
-            names = list(dict.fromkeys(n for _, _, st in staged for n in st))
-            print("\nTTFT by stage, p50 / mean ms (bench.mesh_trace; the stages' p50s need not add up to TTFT's)")
-            print("| target | level | " + " | ".join(names) + " |\n|" + "---|" * (len(names) + 2))
-            for label, target, st in staged:
-                cells = [f"{_fmt(st[n]['p50'], 2)} / {_fmt(st[n]['mean'], 2)}" if n in st else "-" for n in names]
-                print(f"| {target} | {label} | " + " | ".join(cells) + " |")
-        stepped = [(level["label"], target, st) for level in wl["levels"] for target, st in level.get("steps", {}).items() if st]
-        if stepped:
-            print("\nEngine steps while each run went (bench.step_log; means per step)")
-            print("| target | level | steps | period ms | decode rows | prompt tokens | steps starting prompts | "
-                  "prompts a start | waiting |\n|" + "---|" * 9)
-            for label, target, st in stepped:
-                print(f"| {target} | {label} | {st['steps']} | {st['period_ms']:.2f} | {st['decode_rows']:.1f} | "
-                      f"{st['prompt_tokens']:.0f} | {100 * st['starting_share']:.0f}% | {st['prompts_per_start']:.2f} | "
-                      f"{st['waiting']:.1f} |")
-        monitored = [(level["label"], target, s["gpu"]) for level in wl["levels"]
-                     for target, s in level["runs"].items() if s.get("gpu")]
-        if monitored:
-            print("\nThe GPU while each run went (bench.gpu_monitor, nvidia-smi every 0.5 s)")
-            print("| target | level | SM MHz mean / min | mem MHz | temp max C | power mean / max W | slowed | reasons |\n|"
-                  + "---|" * 8)
-            for label, target, g in monitored:
-                print(f"| {target} | {label} | {g['sm_mhz_mean']:.0f} / {g['sm_mhz_min']:.0f} | {g['mem_mhz_mean']:.0f} | "
-                      f"{g['temp_c_max']:.0f} | {g['power_w_mean']:.0f} / {g['power_w_max']:.0f} | "
-                      f"{100 * g['slowed_share']:.0f}% | {', '.join(g['slowdowns']) or '-'} |")
+        names = list(dict.fromkeys(n for _, _, st in staged for n in st))
+        _side_table("TTFT by stage, p50 / mean ms (bench.mesh_trace; the stages' p50s need not add up to TTFT's)",
+                    ("target", "level", *names),
+                    [(target, label, *(f"{_fmt(st[n]['p50'], 2)} / {_fmt(st[n]['mean'], 2)}" if n in st else "-"
+                                       for n in names)) for label, target, st in staged])
+        _side_table("Engine steps while each run went (bench.step_log; means per step)",
+                    ("target", "level", "steps", "period ms", "decode rows", "prompt tokens", "steps starting prompts",
+                     "prompts a start", "waiting"),
+                    [(target, level["label"], str(st["steps"]), f"{st['period_ms']:.2f}", f"{st['decode_rows']:.1f}",
+                      f"{st['prompt_tokens']:.0f}", f"{100 * st['starting_share']:.0f}%", f"{st['prompts_per_start']:.2f}",
+                      f"{st['waiting']:.1f}")
+                     for level in wl["levels"] for target, st in level.get("steps", {}).items() if st])
+        _side_table("The GPU while each run went (bench.gpu_monitor, nvidia-smi every 0.5 s)",
+                    ("target", "level", "SM MHz mean / min", "mem MHz", "temp max C", "power mean / max W", "slowed",
+                     "reasons"),
+                    [(target, level["label"], f"{g['sm_mhz_mean']:.0f} / {g['sm_mhz_min']:.0f}", f"{g['mem_mhz_mean']:.0f}",
+                      f"{g['temp_c_max']:.0f}", f"{g['power_w_mean']:.0f} / {g['power_w_max']:.0f}",
+                      f"{100 * g['slowed_share']:.0f}%", ", ".join(g["slowdowns"]) or "-")
+                     for level in wl["levels"] for target, s in level["runs"].items() if (g := s.get("gpu"))])
         if any(level["ratios"] for level in wl["levels"]):
             print("ratios are ours/reference: above 1 is better for throughputs, worse for latencies")
         for level in wl["levels"]:

@@ -150,7 +150,7 @@ class CudaGptOss(nn.Module):
             if self.graphs is None or self.graphs.kv is not kv:
                 self.graphs = DecodeGraphs(self, kv)
             # a step's decode rows and its short prompt chunks' rows (as_decode_rows) share a graph
-            self.graphs.capture_up_to(max_num_seqs + EXTEND_TOKENS)
+            self.graphs.capture_up_to(max_num_seqs + (EXTEND_TOKENS if self.graphs.prompt_rows else 0))
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:

@@ -58,7 +58,8 @@ def as_decode_rows(batch: ForwardBatch, max_rows: int) -> ForwardBatch | None:
         return None
     if sum(q * ctx for q, ctx in zip(batch.query_lens, batch.context_lens) if q > 1) > EXTEND_KEYS:
         return None
-    rows = [(s, ctx - q + 1 + i) for s, (q, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)) for i in range(q)]
+    rows = [(s, ctx - q + 1 + i)
+            for s, (q, ctx) in enumerate(zip(batch.query_lens, batch.context_lens)) for i in range(q)]
     return ForwardBatch(token_ids=batch.token_ids, positions=batch.positions, query_lens=[1] * len(rows),
                         context_lens=[ctx for _, ctx in rows],
                         block_tables={g: [tables[s] for s, _ in rows] for g, tables in batch.block_tables.items()})

@@ -342,6 +342,8 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
 
 def run_hf(args, settings: Settings, plan: list[dict]) -> None:
     """Closed-loop levels through transformers' generate (static batches of the concurrency)."""
+    import torch
+
     from bench.hf_reference import generate_records, load_hf_model
 
     model = load_hf_model(settings.model_path, settings.device, settings.dtype)
@@ -354,10 +356,17 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
             continue  # static batches have no arrival process to follow
         items = entry["items"][: args.hf_batches * level.batch] if args.hf_batches else entry["items"]
         start = time.monotonic()
-        records, duration = generate_records(model, [p for p, _ in items], [n for _, n in items], level.batch, pad)
+        try:
+            records, duration = generate_records(model, [p for p, _ in items], [n for _, n in items], level.batch, pad)
+            groups = [items[i:i + level.batch] for i in range(0, len(items), level.batch)]
+            decoded = sum(len(g) * max(n for _, n in g) for g in groups)
+        except torch.OutOfMemoryError as exc:  # transformers' eager attention at long prompts and many streams:
+            # the level's requests fail (a run the report keeps, so a --resume part does not try it again)
+            _free_device_memory()
+            error = "OutOfMemoryError: " + str(exc).splitlines()[0]
+            records = [RequestRecord(prompt_tokens=len(p), requested_tokens=n, error=error) for p, n in items]
+            duration, decoded = time.monotonic() - start, None
         entry.setdefault("windows", {})["hf"] = (start, time.monotonic())
-        groups = [items[i:i + level.batch] for i in range(0, len(items), level.batch)]
-        decoded = sum(len(g) * max(n for _, n in g) for g in groups)
         entry["runs"]["hf"] = (records, duration, decoded)
         _ran(args, "hf", entry, records, duration)
     del model

@@ -74,3 +74,36 @@ def test_request_rate_spaces_arrivals():
     gaps = np.diff(sent)
     assert len(records) == 40 and 0.5 / 100 < gaps.mean() < 2 / 100  # Poisson: mean gap 1/rate
     assert summarize(records, duration, {})["failed"] == 40
+
+
+def test_hf_out_of_memory_fails_its_level_and_the_sweep_goes_on(monkeypatch):
+    """transformers runs out of memory at long prompts and many streams: that level's requests fail with
+    the error (a run the report keeps, so --resume does not retry it), the next level still runs."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench import hf_reference, serve
+
+    def generate(model, prompts, lens, batch, pad):
+        if batch > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 68.00 GiB\nmore detail")
+        return [RequestRecord(len(p), n, chunk_times=[0.01 * (i + 1) for i in range(n)], chunk_tokens=[1] * n,
+                              output_tokens=n, latency=0.01 * n) for p, n in zip(prompts, lens)], 0.05
+
+    monkeypatch.setattr(hf_reference, "load_hf_model",
+                        lambda *a: SimpleNamespace(generation_config=SimpleNamespace(pad_token_id=0)))
+    monkeypatch.setattr(hf_reference, "generate_records", generate)
+    wl = Workload.parse("random:16:4", 4096)
+    plan = [{"workload": wl, "level": Level(c, None), "items": wl.requests(max(8, c), np.random.default_rng(c), 4096),
+             "runs": {}} for c in (4, 1)]
+    args = SimpleNamespace(hf_batches=1, deadline=math.inf, save_report=None)
+    serve.run_hf(args, SimpleNamespace(model_path="unused", device="cpu", dtype="float32"), plan)
+    failed, _, decoded = plan[0]["runs"]["hf"]
+    assert len(failed) == 4 and decoded is None
+    assert all(r.error == "OutOfMemoryError: CUDA out of memory. Tried to allocate 68.00 GiB" for r in failed)
+    summary = summarize(failed, plan[0]["runs"]["hf"][1], {})
+    assert summary["completed"] == 0 and summary["failed"] == 4 and summary["output_throughput"] == 0
+    ran, _, _ = plan[1]["runs"]["hf"]
+    assert len(ran) == 1 and ran[0].ok

@@ -204,7 +204,8 @@ def _metric_ms(record: RequestRecord, name: str) -> float:
 
 
 def record_dict(r: RequestRecord) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "requested_tokens": r.requested_tokens, "output_tokens": r.output_tokens,
+    return {"prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens, "requested_tokens": r.requested_tokens,
+            "output_tokens": r.output_tokens,
             "streamed_tokens": r.streamed_tokens, "chunks": len(r.chunk_times), "ttft_ms": 1000 * r.ttft if r.chunk_times else None,
             "latency_ms": 1000 * r.latency, "finish_reason": r.finish_reason, "error": r.error,
             "request_id": r.request_id, "ttft_stages_ms": r.ttft_stages or None}

@@ -483,6 +483,8 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
     meta = run_meta(args, settings, config)
     if args.resume:
         meta["parts"] = serve_resume.parts(args.prior, meta)
+    targets = ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)] + [r for r in args.references.split(",") if r]
+    meta["missing"] = serve_resume.missing(plan, targets)  # what a --resume part would still run
     return {
         "meta": meta,
         "copy_bandwidth_bytes_per_s": bandwidth,
@@ -809,6 +811,9 @@ def run_targets(args, settings: Settings, plan: list[dict], references: list[str
     report = write_outputs(args, settings, plan, bandwidth, config)
     print_tables(report)
     print(f"\nwrote {args.out}/serve.json and {args.out}/serve.png")
+    if report["meta"]["missing"]:
+        print(f"{len(report['meta']['missing'])} runs missing (--resume runs them): "
+              + ", ".join(report["meta"]["missing"]))
     return 0
 
 

@@ -47,6 +47,14 @@ def pending(plan: list[dict], targets) -> bool:
     return any(not done_before(t, entry) for entry in plan for t in targets)
 
 
+def missing(plan: list[dict], targets) -> list[str]:
+    """"workload level target" of each run neither this part nor one before it ran (transformers takes
+    closed-loop levels only)."""
+    return [f"{entry['workload'].name} {entry['level'].label} {t}" for entry in plan for t in targets
+            if t not in entry["runs"] and not done_before(t, entry)
+            and not (t == "hf" and entry["level"].request_rate is not None)]
+
+
 def parts(prior: dict | None, meta: dict) -> list[dict]:
     """Every part's date, commit and command, this one last."""
     def part(m: dict) -> dict:

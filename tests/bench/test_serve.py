@@ -56,6 +56,7 @@ def test_every_level_ran_every_target(report):
         assert set(level["runs"]) == {"mesh", "mesh#2", "engine"}
         assert set(level["ratios"]) == {"mesh/engine", "mesh#2/mesh"}
         assert level["num_prompts"] == PROMPTS
+    assert report["meta"]["missing"] == []
 
 
 def test_counts_add_up(report):
@@ -161,6 +162,7 @@ def test_resume_runs_only_what_is_missing(serve_run, report, tmp_path):
     assert engine["completed"] == PROMPTS and engine["failed"] == 0
     assert [r["prompt_tokens"] for r in engine["requests"]] == [INPUT_LEN] * PROMPTS
     assert set(after[1]["ratios"]) == {"mesh/engine", "mesh#2/mesh"} and after[1]["steps"]["engine"]["steps"] > 0
+    assert resumed["meta"]["missing"] == []
     parts = resumed["meta"]["parts"]
     assert len(parts) == 2 and all(p["command"].startswith("python -m bench.serve") for p in parts)
     assert "--resume" in parts[1]["command"] and "--resume" not in parts[0]["command"]

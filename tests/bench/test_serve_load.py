@@ -107,3 +107,15 @@ def test_hf_out_of_memory_fails_its_level_and_the_sweep_goes_on(monkeypatch):
     assert summary["completed"] == 0 and summary["failed"] == 4 and summary["output_throughput"] == 0
     ran, _, _ = plan[1]["runs"]["hf"]
     assert len(ran) == 1 and ran[0].ok
+
+
+def test_missing_lists_the_runs_no_part_ran():
+    from bench.serve_resume import missing
+
+    wl = Workload.parse("random:16:4", 4096)
+    plan = [{"workload": wl, "level": Level(1, None), "runs": {"mesh": ()}, "prior": {"engine": {}}},
+            {"workload": wl, "level": Level(4, None), "runs": {}},
+            {"workload": wl, "level": Level(None, 2.0), "runs": {"mesh": ()}}]
+    assert missing(plan, ["mesh", "engine", "hf"]) == [
+        "random-16-4 c=1 hf", "random-16-4 c=4 mesh", "random-16-4 c=4 engine", "random-16-4 c=4 hf",
+        "random-16-4 rate=2/s engine"]  # transformers takes no request-rate level

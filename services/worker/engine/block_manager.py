@@ -136,6 +136,10 @@ class BlockTables:
 
     tables: dict[str, list[int]] = field(default_factory=dict)
     hashes: list[int] = field(default_factory=list)  # of the sequence's full blocks, in order
+    # Leading entries a step need not look at again, so a step's work on a sequence does not grow
+    # with its context (at 8192 tokens a table is 512 blocks, visited three times a step before):
+    released: dict[str, int] = field(default_factory=dict)  # per group: leading blocks released (NO_BLOCK)
+    registered: int = 0  # leading full blocks already offered to the prefix cache
 
 
 class BlockManager:
@@ -226,6 +230,7 @@ class BlockManager:
             first = self.first_needed_block(group, num_hit * self.block_size)
             table = seq.tables.setdefault(group, [])
             assert not table, "adopt_prefix on a sequence that already holds blocks"
+            seq.released[group] = min(first, num_hit)
             for i in range(num_hit):
                 if i < first:
                     table.append(NO_BLOCK)
@@ -233,6 +238,7 @@ class BlockManager:
                     block_id = pool.lookup(seq.hashes[i])
                     pool.share(block_id)
                     table.append(block_id)
+        seq.registered = num_hit  # cached blocks all
 
     # ------------------------------------------------------------------ growth
     def reachable_tokens(self, seq: BlockTables, query_start: int) -> int:
@@ -245,7 +251,8 @@ class BlockManager:
         for group, pool in self.pools.items():
             table = seq.tables.get(group, [])
             first = self.first_needed_block(group, query_start)
-            releasable = sum(1 for b in table[:first] if b != NO_BLOCK and pool.blocks[b].ref_count == 1)
+            done = seq.released.get(group, 0)
+            releasable = sum(1 for b in table[done:first] if b != NO_BLOCK and pool.blocks[b].ref_count == 1)
             best = min(best, (len(table) + pool.num_free + releasable) * self.block_size)
         return int(best)
 
@@ -257,10 +264,12 @@ class BlockManager:
         for group, pool in self.pools.items():
             table = seq.tables.setdefault(group, [])
             first = self.first_needed_block(group, query_start)
-            for i in range(min(first, len(table))):
+            done = seq.released.get(group, 0)
+            for i in range(done, min(first, len(table))):
                 if table[i] != NO_BLOCK:
                     pool.release(table[i])
                     table[i] = NO_BLOCK
+            seq.released[group] = max(done, min(first, len(table)))
             wanted = math.ceil(total_tokens / self.block_size)
             while len(table) < wanted:
                 table.append(pool.allocate())
@@ -275,11 +284,15 @@ class BlockManager:
             i = len(seq.hashes)
             parent = seq.hashes[-1] if seq.hashes else 0
             seq.hashes.append(block_hash(token_ids[i * self.block_size : (i + 1) * self.block_size], parent))
+        done = seq.registered
+        if full_blocks <= done:
+            return
         for group, pool in self.pools.items():
             table = seq.tables.get(group, [])
-            for i in range(min(full_blocks, len(table))):
+            for i in range(done, min(full_blocks, len(table))):
                 if table[i] != NO_BLOCK and pool.blocks[table[i]].hash is None:
                     pool.register(table[i], seq.hashes[i])
+        seq.registered = min([full_blocks] + [len(seq.tables.get(g, [])) for g in self.pools])
 
     def free(self, seq: BlockTables, keep_cached: bool = True) -> None:
         """Release every block of a sequence (finished, aborted, failed or preempted).
@@ -298,6 +311,8 @@ class BlockManager:
                     pool._forget(block)
                 pool.release(block_id)
             table.clear()
+        seq.released.clear()
+        seq.registered = 0
 
     # ------------------------------------------------------------------ events
     def drain_kv_events(self) -> tuple[list[int], list[int]]:

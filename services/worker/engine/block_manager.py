@@ -256,6 +256,17 @@ class BlockManager:
             best = min(best, (len(table) + pool.num_free + releasable) * self.block_size)
         return int(best)
 
+    def holds(self, seq: BlockTables, query_start: int, total_tokens: int) -> bool:
+        """Whether grow(seq, query_start, total_tokens) would change nothing: every group's table already
+        reaches total_tokens and no block leaves the window (a decode step's 15 steps out of 16)."""
+        need = -(-total_tokens // self.block_size)
+        for group in self.pools:
+            table = seq.tables.get(group)
+            if table is None or len(table) < need or seq.released.get(group, 0) < self.first_needed_block(
+                    group, query_start):
+                return False
+        return True
+
     def grow(self, seq: BlockTables, query_start: int, total_tokens: int) -> None:
         """Release out-of-window blocks, then allocate blocks up to total_tokens.
 

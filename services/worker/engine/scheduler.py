@@ -93,6 +93,9 @@ class Scheduler:
     def _grow_running(self, seq: Sequence, budget: int, scheduled: set[int]) -> Chunk | None:
         """Blocks for seq's next chunk, preempting later sequences while none are free."""
         start = seq.num_computed
+        end = min(seq.num_tokens, start + budget)
+        if self.blocks.holds(seq.blocks, start, end):  # nothing to take or release
+            return Chunk(seq, start, end)
         while True:
             reach = self.blocks.reachable_tokens(seq.blocks, start)
             if reach > start:

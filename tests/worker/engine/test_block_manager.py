@@ -117,6 +117,25 @@ def test_sliding_blocks_out_of_window_are_released():
     assert all_free(bm)
 
 
+def test_holds_exactly_when_grow_would_change_nothing():
+    """The scheduler's decode fast path: holds() is True only where grow() would neither take a block nor
+    release one, checked step by step as a sequence decodes past block bounds and its window."""
+    bm = BlockManager(["sliding", "full"], {"sliding": 8, "full": 12}, BS, window=6)
+    seq = BlockTables()
+    assert not bm.holds(seq, 0, 5)  # no tables yet
+    bm.grow(seq, 0, 5)
+    seen = set()
+    for pos in range(5, 30):
+        before = {g: list(t) for g, t in seq.tables.items()}
+        held = bm.holds(seq, pos, pos + 1)
+        bm.grow(seq, pos, pos + 1)
+        assert held == (seq.tables == before), pos
+        seen.add(held)
+    assert seen == {True, False}
+    bm.free(seq)
+    assert all_free(bm) and seq.released == {} and seq.registered == 0
+
+
 def test_prefix_hit_needs_the_sliding_window_blocks():
     window = 6
     bm = BlockManager(["sliding", "full"], {"sliding": 4, "full": 12}, BS, window=window)

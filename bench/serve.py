@@ -241,8 +241,7 @@ def run_mesh(args, settings: Settings, plan: list[dict]) -> None:
                 return await stream_completion(base_url, model, prompt, max_tokens, stream_logprobs=args.stream_logprobs)
 
             await warm_up(send, plan)
-            for repeat in range(args.mesh_repeats):  # a second pass shows how far the figures move
-                target = "mesh" if repeat == 0 else f"mesh#{repeat + 1}"
+            for repeat, target in enumerate(mesh_targets(args)):  # a second pass shows how far the figures move
                 for entry in plan:
                     if serve_resume.done_before(target, entry) or out_of_time(args, target, entry):
                         continue
@@ -374,6 +373,11 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
     _free_device_memory()
 
 
+def mesh_targets(args) -> list[str]:
+    """The mesh's passes: mesh, then mesh#2 .. mesh#N (--mesh-repeats)."""
+    return ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)]
+
+
 def out_of_time(args, target: str, entry: dict) -> bool:
     """True (and the level noted as skipped) once --deadline-s has passed."""
     if time.monotonic() < args.deadline:
@@ -483,7 +487,7 @@ def build_report(args, settings: Settings, plan: list[dict], bandwidth: float, c
     meta = run_meta(args, settings, config)
     if args.resume:
         meta["parts"] = serve_resume.parts(args.prior, meta)
-    targets = ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)] + [r for r in args.references.split(",") if r]
+    targets = mesh_targets(args) + [r for r in args.references.split(",") if r]
     meta["missing"] = serve_resume.missing(plan, targets)  # what a --resume part would still run
     return {
         "meta": meta,
@@ -785,9 +789,8 @@ def run_targets(args, settings: Settings, plan: list[dict], references: list[str
     from services.launcher import MeshError
 
     args.save_report = lambda: write_outputs(args, settings, plan, bandwidth, config)
-    mesh_targets = ["mesh"] + [f"mesh#{i}" for i in range(2, args.mesh_repeats + 1)]
     try:
-        if serve_resume.pending(plan, mesh_targets):
+        if serve_resume.pending(plan, mesh_targets(args)):
             run_mesh(args, settings, plan)
     except MeshError as exc:
         print(f"bench.serve: the mesh did not start: {exc}", file=sys.stderr)
@@ -795,11 +798,10 @@ def run_targets(args, settings: Settings, plan: list[dict], references: list[str
     write_outputs(args, settings, plan, bandwidth, config)  # a later reference may not finish
     references = [r for r in references if serve_resume.pending(plan, [r])]
     if references and time.monotonic() >= args.deadline:  # no model loads for levels that would all be skipped
-        for r in references:
-            for entry in plan:
+        for entry in plan:
+            for r in references:
                 if not serve_resume.done_before(r, entry):
-                    entry.setdefault("skipped", []).append(r)
-        print(f"  {', '.join(references)}: skipped (--deadline-s passed)", file=sys.stderr)
+                    out_of_time(args, r, entry)
         references = []
     if "engine" in references:
         print("engine: in process, no mesh", file=sys.stderr)

@@ -72,16 +72,22 @@ def page_table(batch: ForwardBatch, group: str, block_size: int, scratch_block: 
     rows = batch.num_seqs if rows is None else rows
     if batch.num_seqs > rows:
         raise ValueError(f"a step of {batch.num_seqs} sequences does not fit {rows} rows")
+    # once a step for every page of every sequence (64 x 8192 tokens: 32768 a group): array-to-array
+    # copies for the padding and fromlist for the pages, the fastest conversions of the list a table is
+    pad = array("i", [scratch_block]) * width
     flat = array("i")
     for s, (table, n) in enumerate(zip(tables, pages)):
         row = table[:n]
         lead = row.count(NO_BLOCK) if row and row[0] == NO_BLOCK else 0
-        if NO_BLOCK in row[lead:]:
+        if lead:
+            row = row[lead:]
+            flat.extend(pad[:lead])
+        if NO_BLOCK in row:
             raise ValueError(f"{group} block table of sequence {s} has a NO_BLOCK hole inside its keys")
-        flat.extend([scratch_block] * lead)
-        flat.extend(row[lead:])
-        flat.extend([scratch_block] * (width - n))
-    flat.extend([scratch_block] * (width * (rows - batch.num_seqs)))
+        flat.fromlist(row)
+        flat.extend(pad[: width - n])
+    for _ in range(rows - batch.num_seqs):
+        flat.extend(pad)
     lengths = array("i", batch.context_lens)
     lengths.extend([1] * (rows - batch.num_seqs))
     return flat, lengths, width

@@ -65,6 +65,10 @@ def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     cuda_model = load_model(path, backend="cuda")
     assert type(cuda_model).__name__ == "CudaGptOss"
     ours = _logits(cuda_model, steps, num_blocks)
+    # the 539-token prefill replayed the prefill graphs around FlashInfer's attentions (cuda_prefill_graphs.py);
+    # without FlashInfer (the tiny model's head dim) everything runs eagerly
+    graphed = cuda_model.prefill_graphs is not None and list(cuda_model.prefill_graphs.captured) == [640]
+    assert graphed == (cuda_model.attention is not None), which
     # Per token row, the median: on random weights a router near-tie now and then puts one token on another
     # expert in bf16 (torch's or ours) and moves that row's logits by ~1e-1; a kernel's error moves them all.
     for name, r, b, o in zip(("prefill", "decode"), ref, bf16, ours):

@@ -28,6 +28,7 @@ from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import apply_rotary
 
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
+DEFAULT_PREFILL_TOKENS = 2048  # the prefill graphs' largest bucket without warm_up (shared/config.py's token budget)
 
 
 def missing_cuda_requirements() -> list[str]:
@@ -57,7 +58,8 @@ class CudaGptOss(nn.Module):
     """Wraps a loaded bf16 torch GptOssForCausalLM; the engine calls it like the torch model.
 
     Decode steps (one new token per sequence), with short prompt chunks too, replay CUDA graphs
-    (cuda_graphs.py) unless cuda_graphs=False; longer prefills run eagerly.
+    (cuda_graphs.py) unless cuda_graphs=False; longer prefills replay the prefill graphs around eager
+    attention (cuda_prefill_graphs.py) up to the token budget, eagerly past it.
     """
 
     def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
@@ -114,6 +116,7 @@ class CudaGptOss(nn.Module):
         )
         self.cuda_graphs = cuda_graphs and self.flash  # the torch attention fallback is not capturable
         self.graphs = None  # DecodeGraphs over the KV cache of the last decode step
+        self.prefill_graphs = None  # PrefillGraphs: long prompt chunks' steps, piecewise
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +132,8 @@ class CudaGptOss(nn.Module):
 
     @torch.inference_mode()
     def warm_up(self, kv: PagedKVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
-        """Before the first request (the engine's start-up): compile what steps will run and capture the decode graphs.
+        """Before the first request (the engine's start-up): compile what steps will run, capture the decode graphs
+        and the prefill graphs up to max_num_batched_tokens.
 
         The MXFP4 expert GEMM compiles once per kernel and tile config (CuTeDSL's decode GEMV,
         Triton's tiles), which follow the routed rows (tokens x top-k): one scratch prefill per
@@ -138,6 +142,7 @@ class CudaGptOss(nn.Module):
         """
         from kernels.moe_mxfp4 import GEMV_ROWS, TILE_CONFIGS
         from services.worker.model.cuda_graphs import EXTEND_TOKENS, DecodeGraphs
+        from services.worker.model.cuda_prefill_graphs import PrefillGraphs, prefill_graphs_enabled
 
         if kv.scratch_blocks is None:
             return
@@ -145,12 +150,16 @@ class CudaGptOss(nn.Module):
         bounds = [GEMV_ROWS] + [bound for bound, _ in TILE_CONFIGS[:-1]]
         tokens = {min(max(1, bound // top_k), max_num_batched_tokens) for bound in bounds}
         for t in sorted(tokens | {max_num_batched_tokens}):
-            self._eager(_scratch_prefill(t, kv), kv)  # the eager configs: a short one would replay a graph
+            # the eager configs (a short one would replay a graph, a long one the prefill graphs)
+            self._eager(_scratch_prefill(t, kv), kv, piecewise=False)
         if self.cuda_graphs:
             if self.graphs is None or self.graphs.kv is not kv:
                 self.graphs = DecodeGraphs(self, kv)
             # a step's decode rows and its short prompt chunks' rows (as_decode_rows) share a graph
             self.graphs.capture_up_to(max_num_seqs + (EXTEND_TOKENS if self.graphs.prompt_rows else 0))
+            if self.attention is not None and prefill_graphs_enabled():
+                self.prefill_graphs = PrefillGraphs(self, max_num_batched_tokens)
+                self.prefill_graphs.capture_all()
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
@@ -173,8 +182,10 @@ class CudaGptOss(nn.Module):
                 return logits[to_device(torch.cumsum(torch.tensor(batch.query_lens), 0) - 1, self._device)]
         return self._eager(batch, kv, all_logits)
 
-    def _eager(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False) -> torch.Tensor:
-        """forward's logits from kernels launched one by one (no graph)."""
+    def _eager(self, batch: ForwardBatch, kv: PagedKVCache, all_logits: bool = False,
+               piecewise: bool = True) -> torch.Tensor:
+        """forward's logits from kernels launched one by one, but for the prefill graphs where they take the step
+        (piecewise=False: never)."""
         from services.worker.model.cuda_graphs import is_decode
 
         dev = self._device
@@ -186,7 +197,11 @@ class CudaGptOss(nn.Module):
         else:
             attention = None
             plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in self.attention_keys}
-        y = self._layers(to_device(batch.token_ids, dev), to_device(batch.positions, dev), attention, plans, kv)
+        # a prompt chunk's step through FlashInfer's prefill wrapper: piecewise graphs where cuda_graphs is on
+        piecewise = (piecewise and attention is not None and attention is self.attention
+                     and self._piecewise(len(batch.token_ids)))
+        y = self._layers(to_device(batch.token_ids, dev), to_device(batch.positions, dev), attention, plans, kv,
+                         piecewise)
         if not all_logits:
             last = to_device(torch.cumsum(torch.tensor(batch.query_lens), 0) - 1, dev)
             y = y[last]
@@ -196,30 +211,48 @@ class CudaGptOss(nn.Module):
         """One token per sequence, planned on `attention`: logits [T, vocab] float32 (what a graph captures)."""
         return F.linear(self._layers(tokens, positions, attention, None, kv), self.lm_head).float()
 
-    def _layers(self, tokens, positions, attention, plans, kv: PagedKVCache) -> torch.Tensor:
+    def _layers(self, tokens, positions, attention, plans, kv: PagedKVCache, piecewise: bool = False) -> torch.Tensor:
         """Embedding through the final norm: [T, hidden] bf16, the lm_head's input.
 
-        Each layer's MoE combine, residual add and the next norm (the final one after the last
-        layer) are one kernel.
+        piecewise: replay the prefill graphs around the attentions (cuda_prefill_graphs.py).
         """
         from kernels.embedding import embedding
-        from kernels.rmsnorm import combine_rmsnorm, rmsnorm
+        from kernels.rmsnorm import rmsnorm
 
-        fused_route = self.fused_route and tokens.is_cuda
         cos, sin = self.rotary.cos_sin(positions)
+        if piecewise:
+            return self.prefill_graphs.layers(tokens, cos, sin, attention, kv)
         resid = embedding(self.embed, tokens)
         y, _ = rmsnorm(resid, self.layers[0]["norm1"], self.eps)
         for i, L in enumerate(self.layers):
             attn = self._attention(L, y, cos, sin, kv.k[i], kv.v[i], attention, plans)
-            if fused_route and L["norm_route"].fits(tokens.shape[0]):
-                y, resid, routing, weights = L["norm_route"](attn, resid)
-                ys = L["moe"].routed_rows(y, routing)
-            else:
-                y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
-                ys, routing, weights = L["moe"].expert_rows(y)
-            norm = self.layers[i + 1]["norm1"] if i + 1 < len(self.layers) else self.final_norm
-            y, resid = combine_rmsnorm(ys, routing.pos.view(weights.shape), weights, resid, norm, self.eps)
+            y, resid = self._mlp(i, attn, resid)
         return y
+
+    def _mlp(self, i: int, attn: torch.Tensor, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i after its o_proj: the norm, router and experts, their combine with the residual add and the
+        next norm (the final one after the last layer) in one kernel -> (next layer's input, residual)."""
+        from kernels.rmsnorm import combine_rmsnorm, rmsnorm
+
+        L = self.layers[i]
+        if self.fused_route and attn.is_cuda and L["norm_route"].fits(attn.shape[0]):
+            y, resid, routing, weights = L["norm_route"](attn, resid)
+            ys = L["moe"].routed_rows(y, routing)
+        else:
+            y, resid = rmsnorm(attn, L["norm2"], self.eps, residual=resid)
+            ys, routing, weights = L["moe"].expert_rows(y)
+        norm = self.layers[i + 1]["norm1"] if i + 1 < len(self.layers) else self.final_norm
+        return combine_rmsnorm(ys, routing.pos.view(weights.shape), weights, resid, norm, self.eps)
+
+    def _piecewise(self, tokens: int) -> bool:
+        """Whether an eager step of this many tokens replays the prefill graphs (cuda_prefill_graphs.py)."""
+        from services.worker.model.cuda_prefill_graphs import PrefillGraphs, prefill_graphs_enabled
+
+        if not (self.cuda_graphs and self.attention is not None and prefill_graphs_enabled()):
+            return False
+        if self.prefill_graphs is None:  # warm_up makes them for the engine's token budget
+            self.prefill_graphs = PrefillGraphs(self, DEFAULT_PREFILL_TOKENS)
+        return self.prefill_graphs.fits(tokens)
 
     def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, attention, plans) -> torch.Tensor:
         from kernels.qkv_rope import qkv_rope_fits

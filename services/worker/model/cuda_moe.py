@@ -21,8 +21,9 @@ registers, half the bytes of fp8 and a quarter of bf16 per decode step), and dec
 through the tensor-core kernel on a bit-rearranged copy of the blocks where memory allows
 (kernels/mxfp4_mma.py; `decode_copies` says when; with the copies it also takes batches up to
 MMA_COLS_ROWS routed rows, several rows of an expert a tile) or the FMA kernel otherwise; past those
-rows our Triton tiles, or in captured decode steps OpenAI's triton-kernels (`matmul_ogs`) on its own
-copy where it imports and memory allows (`triton_kernels_copies`; kernels/moe_triton_kernels.py); bf16 experts
+rows our Triton tiles, or in captured steps (decode graphs, prefill graphs) and eager ones past
+`tk_eager_rows` OpenAI's triton-kernels (`matmul_ogs`) on its own copy where it imports and memory
+allows (`triton_kernels_copies`; kernels/moe_triton_kernels.py); bf16 experts
 [E, out, in] (rows = outputs) go through `torch._grouped_mm`, reading them transposed
 in place.
 """
@@ -120,6 +121,7 @@ class GroupedExperts:
         self.gate_up_b, self.down_b = experts.gate_up_proj_bias, experts.down_proj_bias
         self.alpha, self.limit = experts.alpha, experts.limit
         self.early_down = early_down()  # read once, at load: graphs captured later run what eager steps run
+        self.tk_eager_rows = tk_eager_rows()
 
     def expert_rows(self, x: torch.Tensor):
         """x [T, H] bf16 -> everything but the combine: (ys [T*k, H] in expert order, routing, weights [T, k]
@@ -151,9 +153,9 @@ class GroupedExperts:
                 return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets,
                              route_settled=self.early_down, cols=cols)
             xs = dispatch(x, routing)
-            # matmul_ogs's host work (~0.3 ms a call) made eager prefill steps host-bound: only captured steps,
-            # which replay without it, take it
-            if self.gate_up_tk is not None and _CAPTURED_STEP.get():
+            # matmul_ogs's host work (~0.3 ms a call) made eager prefill steps of 1024 tokens host-bound: captured
+            # steps, which replay without it, take it, and eager ones only where the GEMMs outlast that work
+            if self.gate_up_tk is not None and (_CAPTURED_STEP.get() or n >= self.tk_eager_rows):
                 ranges = moe_triton_kernels.expert_ranges(routing.counts, self.num_experts, xs.shape[0])
                 return self.down_tk(self.gate_up_tk(xs, ranges, swiglu=clamp), ranges)
             hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp)
@@ -172,6 +174,13 @@ class GroupedExperts:
 def early_down() -> bool:
     """Whether decode's down GEMV starts its weight copies during gate_up (ROSE_EARLY_DOWN=0: after, for A/B timing)."""
     return os.environ.get("ROSE_EARLY_DOWN", "1") != "0"
+
+
+def tk_eager_rows() -> int:
+    """Routed rows from which eager steps (long prompt chunks) run the experts on triton-kernels' copies too:
+    ROSE_MOE_TK_EAGER_ROWS (default 6144, a 1536-token chunk of gpt-oss's top-4; 0: never)."""
+    rows = int(os.environ.get("ROSE_MOE_TK_EAGER_ROWS", "6144"))
+    return rows if rows > 0 else 1 << 62
 
 
 def _decode_copy(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:

@@ -11,9 +11,9 @@ cache serves them after the first request); `sharegpt` draws per-request lengths
 lognormal fits to ShareGPT's conversation lengths (input median 180, output median 200
 tokens, sigma 1; seeded, generated here: no dataset is downloaded), clipped to half the
 context or to `sharegpt:MAX_IN:MAX_OUT`. Every request streams through POST
-/v1/completions with ignore_eos, so outputs run to max_tokens unless a stop token the
-formatter adds for completions (<|return|>, <|call|>, <|endoftext|>) is sampled; the
-report counts the tokens really generated (usage) either way.
+/v1/completions with ignore_eos, so outputs run to max_tokens: Harmony's stop ids
+(<|return|>, <|call|>, <|endoftext|>) do not end them, in the mesh's formatter or the
+in-process engine; the report counts the tokens really generated (usage) either way.
 
 Load: a fixed concurrency (closed loop: a new request as soon as one ends) or a
 Poisson request rate (`--request-rate`, optionally capped by --max-concurrency).
@@ -300,10 +300,17 @@ def add_mesh_stages(plan: list[dict], log_dir: str) -> None:
                     r.ttft_stages["client and HTTP"] = 1000 * r.ttft - found["gateway ttft"]
 
 
+def engine_request_params(max_tokens: int, stop_token_ids: list[int]):
+    """The in-process engine's SamplingParams for a request: what the formatter makes of the body the mesh's
+    requests carry (bench.streaming.stream_completion: ignore_eos, so Harmony's stop ids do not stop it)."""
+    from services.formatter.request import sampling_params
+
+    return sampling_params({"max_tokens": max_tokens, "ignore_eos": True}, "completions", stop_token_ids, max_tokens)
+
+
 def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[int]) -> None:
     """Every planned level through AsyncEngine in this process (the same settings as the worker)."""
     from services.worker.engine import AsyncEngine, Engine
-    from shared.protocol import SamplingParams
 
     step_log = _fresh(os.path.join(args.out, "steps-engine.jsonl")) if args.trace else None
     if step_log:
@@ -315,7 +322,7 @@ def run_engine(args, settings: Settings, plan: list[dict], stop_token_ids: list[
     counter = iter(range(10**9))
 
     async def send(i, prompt, max_tokens):
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, stop_token_ids=list(stop_token_ids))
+        params = engine_request_params(max_tokens, stop_token_ids)
         return await stream_engine(engine, f"bench-{next(counter)}", prompt, params)
 
     async def sweep():

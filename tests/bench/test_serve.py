@@ -166,3 +166,10 @@ def test_resume_runs_only_what_is_missing(serve_run, report, tmp_path):
     parts = resumed["meta"]["parts"]
     assert len(parts) == 2 and all(p["command"].startswith("python -m bench.serve") for p in parts)
     assert "--resume" in parts[1]["command"] and "--resume" not in parts[0]["command"]
+
+
+def test_the_engine_reference_ignores_eos_as_the_mesh_does():
+    """The mesh's requests carry ignore_eos, which the formatter turns into no stop ids: the in-process
+    engine gets the same, so neither stops on Harmony's end-of-sequence ids before max_tokens."""
+    params = serve.engine_request_params(64, [200002, 200012, 199999])
+    assert params.max_tokens == 64 and params.ignore_eos and params.stop_token_ids == []

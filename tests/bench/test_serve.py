@@ -173,3 +173,18 @@ def test_the_engine_reference_ignores_eos_as_the_mesh_does():
     engine gets the same, so neither stops on Harmony's end-of-sequence ids before max_tokens."""
     params = serve.engine_request_params(64, [200002, 200012, 199999])
     assert params.max_tokens == 64 and params.ignore_eos and params.stop_token_ids == []
+
+
+def test_sweep_table_has_a_row_a_level_with_each_targets_rate(report):
+    from bench.sweep_table import sweep_rows
+
+    rows = sweep_rows(report)[2:]
+    levels = [(w["workload"]["name"], level) for w in report["workloads"] for level in w["levels"]]
+    assert len(rows) == len(levels)
+    for row, (name, level) in zip(rows, levels):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:2] == [name, str(level["concurrency"])]
+        assert float(cells[2]) == pytest.approx(level["runs"]["mesh"]["output_throughput"], abs=0.05)
+        assert float(cells[3]) == pytest.approx(level["runs"]["engine"]["output_throughput"], abs=0.05)
+        assert cells[4] == "-"  # transformers was not a reference here
+        assert cells[6] == f"{level['ratios']['mesh/engine']['output_throughput']:.2f}x"

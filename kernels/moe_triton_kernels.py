@@ -1,4 +1,4 @@
-"""OpenAI's triton-kernels MXFP4 grouped matmul (`matmul_ogs`) for the experts in captured decode steps.
+"""OpenAI's triton-kernels MXFP4 grouped matmul (`matmul_ogs`) for the experts in captured steps.
 
     xs      [N, K]   bf16   routed rows in expert order (rows offsets[e]:offsets[e+1] -> expert e)
     ranges  expert_ranges(counts, E, N): the expert of each row, from the route's counts on the device
@@ -11,8 +11,9 @@ operand registers, the scales swizzled to match. On an H100 at gpt-oss-20b shape
 expert block 1.46x / 1.56x faster than our Triton tiles at 1024 / 4096 tokens
 (`python -m bench.triton_kernels_moe`, docs/BENCHMARKS.md). But `matmul_ogs` does enough Python per
 call (opt flags, allocation, wrappers) that an eager prefill step with it was host-bound (1024
-tokens: 19.3 ms of kernels in a 33.3 ms step), so the cuda backend runs it only in captured decode
-steps past the tensor-core GEMV's rows, whose replays skip the host work.
+tokens: 19.3 ms of kernels in a 33.3 ms step), so the cuda backend runs it in captured steps, whose
+replays skip the host work: the decode graphs past the tensor-core GEMV's rows and the prefill graphs
+(services/worker/model/cuda_prefill_graphs.py); eagerly only past `ROSE_MOE_TK_EAGER_ROWS` rows.
 
 It is not on PyPI (triton-kernels 0.1.0 there is a placeholder): bench/fetch_device_deps.sh takes
 the copy vLLM's wheel vendors; anything that puts a `triton_kernels` package with `matmul_ogs` and

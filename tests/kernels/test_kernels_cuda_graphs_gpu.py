@@ -11,7 +11,7 @@ Steps that mix decode rows with short prompt chunks replay a graph one row a new
 import pytest
 import torch
 
-from kernel_checks import rel_err
+from kernel_checks import assert_same_real_blocks, graphs_against_eager, rel_err
 from services.worker.model import ForwardBatch, load_model, make_checkpoint
 from services.worker.model.batch import NO_BLOCK
 
@@ -110,23 +110,12 @@ def test_graph_decode_matches_eager(model):
         steps.append(_step(ids, [contexts[s] for s in ids], 1, vocab))
         for s in ids:
             contexts[s] += 1
-    worst = 0.0
-    for i, batch in enumerate(steps):
-        model.cuda_graphs = True
-        got = model(batch, kv_graph).clone()
-        model.cuda_graphs = False
-        want = model(batch, kv_eager)
-        err = rel_err(got, want)
-        worst = max(worst, err)
-        assert err <= 1e-2, f"step {i} ({batch.num_seqs} sequences): graph vs eager {err:.2e}"
-    model.cuda_graphs = True
+    worst = graphs_against_eager(model, steps, kv_graph, kv_eager)
     print(f"worst graph vs eager logits over {len(steps)} steps: {worst:.2e}; buckets captured "
           f"{sorted(model.graphs.captured)}")
     assert sorted(model.graphs.captured) == [1, 4, 8]
-    # padding rows wrote only the scratch blocks: every real block holds the same keys
-    for layer, (kg, ke) in enumerate(zip(kv_graph.k, kv_eager.k)):
-        real = kv_graph.scratch_blocks[kv_graph.layer_groups[layer]]
-        assert rel_err(kg[:real], ke[:real]) <= 1e-2, f"layer {layer} k cache differs"
+    # padding rows wrote only the scratch blocks: every real block holds the same keys and values
+    assert_same_real_blocks(kv_graph, kv_eager)
 
 
 def test_graph_path_is_used_for_decode(model):
@@ -181,9 +170,7 @@ def test_short_prompt_chunks_replay_as_decode_rows(model):
         assert got.shape == (batch.num_seqs, vocab)
         err = rel_err(got, want)
         assert err <= 1e-2, f"step {i} (query lens {batch.query_lens}): graph vs eager {err:.2e}"
-        for layer, (kg, ke) in enumerate(zip(kv_graph.k, kv_eager.k)):
-            real = kv_graph.scratch_blocks[kv_graph.layer_groups[layer]]
-            assert rel_err(kg[:real], ke[:real]) <= 1e-2, f"step {i}: layer {layer} k cache differs"
+        assert_same_real_blocks(kv_graph, kv_eager)
     model.cuda_graphs = True
     if model.graphs.prompt_rows:  # the split decode attention
         assert used[0] == [] and used[1] == [64], used  # the first step too long for rows, the mixed one replayed

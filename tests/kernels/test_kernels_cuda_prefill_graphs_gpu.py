@@ -11,7 +11,7 @@ into a real one or a bucket replayed with another's graphs would move the logits
 import pytest
 import torch
 
-from kernel_checks import rel_err
+from kernel_checks import assert_same_real_blocks, graphs_against_eager
 from services.worker.model import ForwardBatch, load_model, make_checkpoint
 from services.worker.model.batch import NO_BLOCK
 
@@ -55,22 +55,11 @@ def test_prefill_graphs_match_eager(model):
         _step([0, 1, 2], [152, 42, 501], [1, 130, 1], vocab),  # 132: bucket 256
         _step([0, 1, 2, 3], [153, 172, 502, 1200], [1, 1, 1, 1], vocab),  # decode
     ]
-    worst = 0.0
-    for i, batch in enumerate(steps):
-        model.cuda_graphs = True
-        got = model(batch, kv_graph).clone()
-        model.cuda_graphs = False
-        want = model(batch, kv_eager)
-        err = rel_err(got, want)
-        worst = max(worst, err)
-        assert err <= 1e-2, f"step {i} (query lens {batch.query_lens}): prefill graphs vs eager {err:.2e}"
-    model.cuda_graphs = True
+    worst = graphs_against_eager(model, steps, kv_graph, kv_eager)
     print(f"worst prefill graphs vs eager logits over {len(steps)} steps: {worst:.2e}; buckets captured "
           f"{sorted(model.prefill_graphs.captured)}")
     assert sorted(model.prefill_graphs.captured) == [128, 256, 512, 1536]
-    for layer, (kg, ke) in enumerate(zip(kv_graph.k + kv_graph.v, kv_eager.k + kv_eager.v)):
-        real = kv_graph.scratch_blocks[kv_graph.layer_groups[layer % len(kv_graph.layer_groups)]]
-        assert rel_err(kg[:real], ke[:real]) <= 1e-2, f"cache tensor {layer} differs"
+    assert_same_real_blocks(kv_graph, kv_eager)
 
 
 def test_prefill_graphs_off_runs_eagerly(model, monkeypatch):

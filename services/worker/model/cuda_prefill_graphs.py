@@ -34,12 +34,18 @@ def prefill_graphs_enabled() -> bool:
     return os.environ.get("ROSE_PREFILL_GRAPHS", "1") != "0"
 
 
+# Steps past this many tokens run eagerly: every bucket is a graph a layer (25 for gpt-oss-20b) captured
+# at start-up, and this cap is already 20 buckets; the longer a step, the smaller its host's share
+MAX_GRAPH_TOKENS = 4096
+
+
 def prefill_buckets(max_tokens: int) -> tuple[int, ...]:
-    """Token buckets up to max_tokens: every 128 to 1024, then every 256 (padding stays under 13%)."""
+    """Token buckets up to min(max_tokens, MAX_GRAPH_TOKENS): every 128 to 1024, then every 256 (a step pads at
+    most 127 rows, then 255: 12% of a 2048-token bucket)."""
     buckets, b = [], 128
     while True:
         buckets.append(b)
-        if b >= max_tokens:
+        if b >= min(max_tokens, MAX_GRAPH_TOKENS):
             return tuple(buckets)
         b += 128 if b < 1024 else 256
 

@@ -28,7 +28,6 @@ from services.worker.model.paged_attention import AttentionPlan, paged_attention
 from services.worker.model.rope import apply_rotary
 
 FLASHINFER_HEAD_DIMS = (64, 128, 256)
-DEFAULT_PREFILL_TOKENS = 2048  # the prefill graphs' largest bucket without warm_up (shared/config.py's token budget)
 
 
 def missing_cuda_requirements() -> list[str]:
@@ -250,8 +249,10 @@ class CudaGptOss(nn.Module):
 
         if not (self.cuda_graphs and self.attention is not None and prefill_graphs_enabled()):
             return False
-        if self.prefill_graphs is None:  # warm_up makes them for the engine's token budget
-            self.prefill_graphs = PrefillGraphs(self, DEFAULT_PREFILL_TOKENS)
+        if self.prefill_graphs is None:  # warm_up makes them for the engine's token budget; else the default one
+            from shared.config import Settings
+
+            self.prefill_graphs = PrefillGraphs(self, Settings.max_num_batched_tokens)
         return self.prefill_graphs.fits(tokens)
 
     def _attention(self, L: dict, x, cos, sin, k_cache, v_cache, attention, plans) -> torch.Tensor:

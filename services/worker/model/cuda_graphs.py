@@ -90,7 +90,8 @@ class DecodeGraphs:
         self.xqa_width = min(max(self.max_pages.values()), longest) if model.decode_attention is not None else None
         self.captured: dict[int, _Captured] = {}
         # most rows a step with prompt chunks may take (as_decode_rows): past what capture_up_to captured,
-        # such a step runs eagerly rather than stop for a capture; ROSE_GRAPH_PROMPT_ROWS=0: always eagerly.
+        # such a step takes the prefill graphs (cuda_prefill_graphs.py) rather than stop for a capture;
+        # ROSE_GRAPH_PROMPT_ROWS=0: always those.
         # Only through the split decode attention, whose loads before the PDL wait skip a row's newest
         # FRESH_KEYS: XQA's and FlashInfer's kernels are not known to wait before reading keys that the cache
         # write just before them may still be writing.

@@ -361,6 +361,13 @@ def run_hf(args, settings: Settings, plan: list[dict]) -> None:
         level = entry["level"]
         if level.request_rate is not None or serve_resume.done_before("hf", entry) or out_of_time(args, "hf", entry):
             continue  # static batches have no arrival process to follow
+        if args.hf_max_batch and level.batch > args.hf_max_batch:
+            # one generate() call cannot be split across parts: a batch that decodes longer than a device call
+            # would lose the whole part, so such levels are left out (and stay in meta.missing)
+            entry.setdefault("skipped", []).append("hf")
+            print(f"  hf     {entry['workload'].name} {level.label}: skipped (batch {level.batch} > --hf-max-batch)",
+                  file=sys.stderr)
+            continue
         items = entry["items"][: args.hf_batches * level.batch] if args.hf_batches else entry["items"]
         start = time.monotonic()
         try:
@@ -683,6 +690,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "their ratio to the first (run-to-run spread)")
     parser.add_argument("--hf-batches", type=int, default=0,
                         help="static batches the hf reference runs per level (0: all the level's prompts)")
+    parser.add_argument("--hf-max-batch", type=int, default=0,
+                        help="the hf reference skips levels whose static batch is larger (0: none skipped)")
     parser.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
                         help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:10000")
     parser.add_argument("--stream-logprobs", action="store_true",

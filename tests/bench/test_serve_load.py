@@ -98,7 +98,7 @@ def test_hf_out_of_memory_fails_its_level_and_the_sweep_goes_on(monkeypatch):
     wl = Workload.parse("random:16:4", 4096)
     plan = [{"workload": wl, "level": Level(c, None), "items": wl.requests(max(8, c), np.random.default_rng(c), 4096),
              "runs": {}} for c in (4, 1)]
-    args = SimpleNamespace(hf_batches=1, deadline=math.inf, save_report=None)
+    args = SimpleNamespace(hf_batches=1, hf_max_batch=0, deadline=math.inf, save_report=None)
     serve.run_hf(args, SimpleNamespace(model_path="unused", device="cpu", dtype="float32"), plan)
     failed, _, decoded = plan[0]["runs"]["hf"]
     assert len(failed) == 4 and decoded is None
@@ -107,6 +107,35 @@ def test_hf_out_of_memory_fails_its_level_and_the_sweep_goes_on(monkeypatch):
     assert summary["completed"] == 0 and summary["failed"] == 4 and summary["output_throughput"] == 0
     ran, _, _ = plan[1]["runs"]["hf"]
     assert len(ran) == 1 and ran[0].ok
+
+
+def test_hf_max_batch_leaves_larger_levels_out_and_missing(monkeypatch):
+    """--hf-max-batch: transformers runs the levels up to that static batch; the others are not
+    generated at all, are noted as skipped, and stay in the missing list for a later part."""
+    import math
+    from types import SimpleNamespace
+
+    from bench import hf_reference, serve
+    from bench.serve_resume import missing
+
+    batches = []
+
+    def generate(model, prompts, lens, batch, pad):
+        batches.append(batch)
+        return [RequestRecord(len(p), n, chunk_times=[0.01], chunk_tokens=[1], output_tokens=1, latency=0.01)
+                for p, n in zip(prompts, lens)], 0.05
+
+    monkeypatch.setattr(hf_reference, "load_hf_model",
+                        lambda *a: SimpleNamespace(generation_config=SimpleNamespace(pad_token_id=0)))
+    monkeypatch.setattr(hf_reference, "generate_records", generate)
+    wl = Workload.parse("random:16:1", 4096)
+    plan = [{"workload": wl, "level": Level(c, None), "items": wl.requests(max(8, c), np.random.default_rng(c), 4096),
+             "runs": {}} for c in (1, 16, 4)]
+    args = SimpleNamespace(hf_batches=1, hf_max_batch=4, deadline=math.inf, save_report=None)
+    serve.run_hf(args, SimpleNamespace(model_path="unused", device="cpu", dtype="float32"), plan)
+    assert batches == [2, 1, 4]  # the warm-up's batch of 2, then c=1 and c=4
+    assert "hf" not in plan[1]["runs"] and plan[1]["skipped"] == ["hf"]
+    assert missing(plan, ["hf"]) == ["random-16-1 c=16 hf"]
 
 
 def test_missing_lists_the_runs_no_part_ran():

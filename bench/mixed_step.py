@@ -7,7 +7,7 @@ Serving long prompts, most steps carry a chunk of some prompt (2048 tokens a ste
 default, decode rows included) beside the running sequences' decode rows. Such a step
 replays a decode graph where its chunks are short (cuda_graphs.as_decode_rows), else the
 prefill graphs around eager attention (cuda_prefill_graphs.py; --prefill-graphs 0: all
-eager). A step is a
+eager; --prefill-attention fa2,fa3: FlashInfer's kernel family for that attention). A step is a
 '+'-joined list of parts: `BxC` is B sequences decoding one token at context C, `N@P` one
 sequence's prompt chunk of N tokens after P cached ones. Per step it prints, medians
 of --iters:
@@ -107,11 +107,17 @@ def time_step(model, batch: ForwardBatch, kv, iters: int) -> dict:
 
 
 def run(path: str, steps: list[str], iters: int, graphs: bool, tk_rows: list[int | None],
-        piecewise: list[str]) -> dict:
+        piecewise: list[str], attention: list[str]) -> dict:
+    from kernels.attention import SinkAttention
+
     model = load_model(path, backend="cuda")
     c = model.config
     rows = []
-    for spec, tk, pw in ((spec, tk, pw) for spec in steps for tk in tk_rows for pw in piecewise):
+    for spec, tk, pw, fa in ((spec, tk, pw, fa) for spec in steps for tk in tk_rows for pw in piecewise
+                             for fa in attention):
+        if model.attention.backend != fa:  # the prompt chunks' FlashInfer wrappers (ROSE_PREFILL_ATTENTION)
+            model.attention = SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, BLOCK,
+                                            model.dtype, model.device, backend=fa)
         if tk is not None:  # from how many routed rows eager steps take triton-kernels' experts (cuda_moe)
             for layer in model.layers:
                 layer["moe"].tk_eager_rows = tk if tk > 0 else 1 << 62
@@ -124,11 +130,11 @@ def run(path: str, steps: list[str], iters: int, graphs: bool, tk_rows: list[int
         model.graphs = None
         timing = time_step(model, batch, kv, iters)
         replayed = bool(model.graphs and model.graphs.captured)
-        rows.append(dict(step=spec, tk_eager_rows=tk, prefill_graphs=pw, tokens=len(batch.token_ids),
-                         seqs=batch.num_seqs, graph=replayed, **timing))
-        print(f"{spec} (tk from {tk}, prefill graphs {pw}): {timing['wall_ms']:.2f} ms wall, {timing['host_ms']:.2f} host, {timing['gpu_ms']:.2f} gpu"
-              f"{' (graph)' if replayed else ''}{' (forward waited on the device)' if timing['waited'] else ''}",
-              flush=True)
+        rows.append(dict(step=spec, tk_eager_rows=tk, prefill_graphs=pw, prefill_attention=fa,
+                         tokens=len(batch.token_ids), seqs=batch.num_seqs, graph=replayed, **timing))
+        print(f"{spec} (tk from {tk}, prefill graphs {pw}, {fa}): {timing['wall_ms']:.2f} ms wall, "
+              f"{timing['host_ms']:.2f} host, {timing['gpu_ms']:.2f} gpu{' (graph)' if replayed else ''}"
+              f"{' (forward waited on the device)' if timing['waited'] else ''}", flush=True)
         model.graphs = None
         del kv
         torch.cuda.empty_cache()
@@ -148,18 +154,26 @@ def main() -> None:
                              "this many routed rows (0: never); default ROSE_MOE_TK_EAGER_ROWS")
     parser.add_argument("--prefill-graphs", default="1", help="comma-separated ROSE_PREFILL_GRAPHS values: 1, 0 or "
                         "1,0 (each step with and without the piecewise graphs)")
+    parser.add_argument("--prefill-attention", default=None,
+                        help="comma-separated FlashInfer kernel families for the prompt chunks' attention: fa2, fa3 "
+                             "(default ROSE_PREFILL_ATTENTION, else fa2)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     path = random_checkpoint(args.preset, args.layers, args.checkpoint)
     tk_rows = [int(v) for v in args.tk_eager_rows.split(",")] if args.tk_eager_rows else [None]
-    result = run(path, args.steps.split(","), args.iters, not args.no_graphs, tk_rows, args.prefill_graphs.split(","))
+    from kernels.attention import prefill_backend
+
+    attention = args.prefill_attention.split(",") if args.prefill_attention else [prefill_backend()]
+    result = run(path, args.steps.split(","), args.iters, not args.no_graphs, tk_rows, args.prefill_graphs.split(","),
+                 attention)
     print(f"{result['device']}, {result['layers']} layers")
-    print("| step | tokens | tk eager rows | prefill graphs | decode graph | wall ms | host ms | gpu ms | forward waited |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| step | tokens | tk eager rows | prefill graphs | attention | decode graph | wall ms | host ms | gpu ms | "
+          "forward waited |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in result["rows"]:
         tk = "default" if r["tk_eager_rows"] is None else r["tk_eager_rows"] or "never"
         print(f"| {r['step']} | {r['tokens']} | {tk} | {'on' if r['prefill_graphs'] != '0' else 'off'} | "
-              f"{'yes' if r['graph'] else 'no'} | {r['wall_ms']:.2f} | "
+              f"{r['prefill_attention']} | {'yes' if r['graph'] else 'no'} | {r['wall_ms']:.2f} | "
               f"{r['host_ms']:.2f} | {r['gpu_ms']:.2f} | {'yes' if r['waited'] else 'no'} |")
     if args.json:
         with open(args.json, "w") as fh:

@@ -15,6 +15,7 @@ The torch reference is the model's own `paged_attention`
 from __future__ import annotations
 
 import importlib.util
+import os
 from array import array
 from itertools import accumulate, chain
 
@@ -27,6 +28,15 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 
 def missing_attention_packages() -> list[str]:
     return [] if importlib.util.find_spec("flashinfer") else ["flashinfer-python"]
+
+
+def prefill_backend() -> str:
+    """FlashInfer's kernel family for the cuda backend's prompt chunks: ROSE_PREFILL_ATTENTION=fa2 (default)
+    or fa3 (Hopper's warp-specialised kernels, same sink variant)."""
+    choice = os.environ.get("ROSE_PREFILL_ATTENTION", "fa2")
+    if choice not in ("fa2", "fa3"):
+        raise ValueError(f"ROSE_PREFILL_ATTENTION={choice!r}: fa2 or fa3")
+    return choice
 
 
 def write_slots(batch: ForwardBatch, group: str, block_size: int) -> torch.Tensor:

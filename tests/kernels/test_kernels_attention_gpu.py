@@ -50,7 +50,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("group", ["full", "sliding"])
-def test_sink_attention_matches_torch(case, group):
+@pytest.mark.parametrize("backend", ["fa2", "fa3"])
+def test_sink_attention_matches_torch(case, group, backend):
     from kernels.attention import SinkAttention
 
     query_lens, context_lens = CASES[case]
@@ -65,7 +66,7 @@ def test_sink_attention_matches_torch(case, group):
     kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
     ref = paged_attention(q, k, v, kc_ref, vc_ref, plan, sinks, HEAD_DIM**-0.5).view(t, HEADS, HEAD_DIM)
 
-    attn = SinkAttention(HEADS, KV_HEADS, HEAD_DIM, BLOCK, dt, "cuda")
+    attn = SinkAttention(HEADS, KV_HEADS, HEAD_DIM, BLOCK, dt, "cuda", backend=backend)
     attn.plan(batch, [(group, window)])
     out = attn(group, window, q, k, v, k_cache, v_cache, sinks)
     assert torch.equal(k_cache, kc_ref) and torch.equal(v_cache, vc_ref)  # same cache writes

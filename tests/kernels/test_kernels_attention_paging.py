@@ -82,3 +82,15 @@ def test_xqa_page_table_refuses_a_hole_and_an_oversized_step():
         page_table(_batch([[NO_BLOCK, 4, NO_BLOCK, 6]], [1], [13]), "sliding", BS, scratch_block=0)
     with pytest.raises(ValueError, match="does not fit"):
         page_table(_batch([[1], [2]], [1, 1], [1, 1]), "full", BS, scratch_block=0, rows=1)
+
+
+def test_prefill_backend_reads_the_environment_and_refuses_other_names(monkeypatch):
+    from kernels.attention import prefill_backend
+
+    monkeypatch.delenv("ROSE_PREFILL_ATTENTION", raising=False)
+    assert prefill_backend() == "fa2"
+    monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa3")
+    assert prefill_backend() == "fa3"
+    monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa4")
+    with pytest.raises(ValueError, match="fa2 or fa3"):
+        prefill_backend()

@@ -63,7 +63,7 @@ class CudaGptOss(nn.Module):
 
     def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
         super().__init__()
-        from kernels.attention import SinkAttention
+        from kernels.attention import SinkAttention, prefill_backend
         from kernels.decode_attention import DecodeAttention, uses_decode_attention
         from kernels.norm_route import NormRoute, norm_route_enabled
         from kernels.qkv_rope import qkv_rope_enabled
@@ -103,7 +103,7 @@ class CudaGptOss(nn.Module):
         self.flash = c.head_dim in FLASHINFER_HEAD_DIMS
         self.attention = (
             SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
-                          self._device)
+                          self._device, backend=prefill_backend())
             if self.flash else None
         )
         # decode steps' attention: the split kernel or XQA (kernels/decode_attention.py), unless

@@ -7,7 +7,8 @@ Serving long prompts, most steps carry a chunk of some prompt (2048 tokens a ste
 default, decode rows included) beside the running sequences' decode rows. Such a step
 replays a decode graph where its chunks are short (cuda_graphs.as_decode_rows), else the
 prefill graphs around eager attention (cuda_prefill_graphs.py; --prefill-graphs 0: all
-eager; --prefill-attention fa2,fa3: FlashInfer's kernel family for that attention). A step is a
+eager; --prefill-attention fa2,fa3,auto: FlashInfer's kernel family for that attention,
+kernels.attention.prefill_backend). A step is a
 '+'-joined list of parts: `BxC` is B sequences decoding one token at context C, `N@P` one
 sequence's prompt chunk of N tokens after P cached ones. Per step it prints, medians
 of --iters:
@@ -112,12 +113,20 @@ def run(path: str, steps: list[str], iters: int, graphs: bool, tk_rows: list[int
 
     model = load_model(path, backend="cuda")
     c = model.config
+    wrappers = {}  # FlashInfer's prefill wrappers per kernel family, made once
+
+    def wrapper(family: str) -> SinkAttention:
+        if family not in wrappers:
+            wrappers[family] = SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, BLOCK,
+                                             model.dtype, model.device, backend=family)
+        return wrappers[family]
+
     rows = []
     for spec, tk, pw, fa in ((spec, tk, pw, fa) for spec in steps for tk in tk_rows for pw in piecewise
                              for fa in attention):
-        if model.attention.backend != fa:  # the prompt chunks' FlashInfer wrappers (ROSE_PREFILL_ATTENTION)
-            model.attention = SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, BLOCK,
-                                            model.dtype, model.device, backend=fa)
+        # ROSE_PREFILL_ATTENTION's choice: steps with decode rows take model.attention, the others chunk_attention
+        model.attention = wrapper("fa2" if fa == "auto" else fa)
+        model.chunk_attention = wrapper("fa3" if fa == "auto" else fa)
         if tk is not None:  # from how many routed rows eager steps take triton-kernels' experts (cuda_moe)
             for layer in model.layers:
                 layer["moe"].tk_eager_rows = tk if tk > 0 else 1 << 62
@@ -155,8 +164,8 @@ def main() -> None:
     parser.add_argument("--prefill-graphs", default="1", help="comma-separated ROSE_PREFILL_GRAPHS values: 1, 0 or "
                         "1,0 (each step with and without the piecewise graphs)")
     parser.add_argument("--prefill-attention", default=None,
-                        help="comma-separated FlashInfer kernel families for the prompt chunks' attention: fa2, fa3 "
-                             "(default ROSE_PREFILL_ATTENTION, else fa2)")
+                        help="comma-separated ROSE_PREFILL_ATTENTION values for the prompt chunks' attention: fa2, "
+                             "fa3, auto (default: the environment's, else auto)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     path = random_checkpoint(args.preset, args.layers, args.checkpoint)

@@ -31,11 +31,13 @@ def missing_attention_packages() -> list[str]:
 
 
 def prefill_backend() -> str:
-    """FlashInfer's kernel family for the cuda backend's prompt chunks: ROSE_PREFILL_ATTENTION=fa2 (default)
-    or fa3 (Hopper's warp-specialised kernels, same sink variant)."""
-    choice = os.environ.get("ROSE_PREFILL_ATTENTION", "fa2")
-    if choice not in ("fa2", "fa3"):
-        raise ValueError(f"ROSE_PREFILL_ATTENTION={choice!r}: fa2 or fa3")
+    """FlashInfer's kernel family for the cuda backend's steps through the prefill wrapper, from
+    ROSE_PREFILL_ATTENTION: fa2, fa3 (Hopper's warp-specialised kernels, same sink variant) or auto
+    (default): fa3 for steps of prompt chunks only, fa2 where decode rows ride along (fa3 ran a step of
+    63 decode rows at 8192 tokens beside a chunk 1.7x slower; docs/GPU.md)."""
+    choice = os.environ.get("ROSE_PREFILL_ATTENTION", "auto")
+    if choice not in ("fa2", "fa3", "auto"):
+        raise ValueError(f"ROSE_PREFILL_ATTENTION={choice!r}: fa2, fa3 or auto")
     return choice
 
 

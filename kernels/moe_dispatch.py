@@ -232,6 +232,31 @@ def _scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
 
 
 @functools.cache
+def _scatter_rows_launcher(hidden: int, k: int, dtype: torch.dtype):
+    """out[pos[t, j]] = x[t], one CTA a token row: a warp's stores never straddle two rows."""
+    cutlass, cute, _, cuda = cute_modules()
+    nvec = hidden // VEC
+    threads = (nvec + 31) // 32 * 32
+
+    @cute.kernel
+    def kernel(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
+        pdl_wait()
+        tidx, _, _ = cute.arch.thread_idx()
+        row, _, _ = cute.arch.block_idx()
+        if tidx < nvec:
+            v = mX[row, tidx, None].load()
+            for j in cutlass.range_constexpr(k):
+                mOut[mPos[row, j], tidx, None].store(v)
+
+    @cute.jit
+    def launch(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
+        kernel(mX, mPos, mOut).launch(grid=[mX.shape[0], 1, 1], block=[threads, 1, 1], stream=stream,
+                                      use_pdl=pdl_enabled())
+
+    return launch
+
+
+@functools.cache
 def _combine_launcher(hidden: int, k: int, dtype: torch.dtype):
     cutlass, cute, _, cuda = cute_modules()
     Float32 = cutlass.Float32
@@ -342,6 +367,18 @@ def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None)
     if tokens:
         launch(("scatter", hidden, k, x.dtype), _scatter_launcher(hidden, k, x.dtype), rows(x.view(tokens, -1, VEC)),
                rows(routing.pos.view(tokens, k), 4), rows(out.view(tokens * k, -1, VEC)))
+    return out
+
+
+def dispatch_by_row(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`dispatch` with one CTA per token row (bench.dispatch_bound times the two against each other)."""
+    hidden = x.shape[-1]
+    check_rows(x, hidden, "x")
+    tokens, k = x.shape[0], routing.k
+    out = torch.empty(tokens * k, hidden, dtype=x.dtype, device=x.device) if out is None else out
+    if tokens:
+        launch(("scatter_rows", hidden, k, x.dtype), _scatter_rows_launcher(hidden, k, x.dtype),
+               rows(x.view(tokens, -1, VEC)), rows(routing.pos.view(tokens, k), 4), rows(out.view(tokens * k, -1, VEC)))
     return out
 
 

@@ -88,9 +88,10 @@ def test_prefill_backend_reads_the_environment_and_refuses_other_names(monkeypat
     from kernels.attention import prefill_backend
 
     monkeypatch.delenv("ROSE_PREFILL_ATTENTION", raising=False)
-    assert prefill_backend() == "fa2"
-    monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa3")
-    assert prefill_backend() == "fa3"
+    assert prefill_backend() == "auto"
+    for family in ("fa2", "fa3", "auto"):
+        monkeypatch.setenv("ROSE_PREFILL_ATTENTION", family)
+        assert prefill_backend() == family
     monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa4")
-    with pytest.raises(ValueError, match="fa2 or fa3"):
+    with pytest.raises(ValueError, match="fa2, fa3 or auto"):
         prefill_backend()

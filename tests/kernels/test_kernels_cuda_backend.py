@@ -64,3 +64,25 @@ def test_kernel_call_without_cutedsl_raises_import_error(without_gpu_packages):
     _cute.cute_modules.cache_clear()
     with pytest.raises(ImportError, match="nvidia-cutlass-dsl"):
         rmsnorm(torch.randn(2, 64, dtype=torch.bfloat16), None, 1e-5)
+
+
+def test_warm_up_scratch_steps_stay_on_the_scratch_blocks(tiny_checkpoint):
+    """cuda_backend's warm-up steps (a prompt chunk, and a chunk after decode rows for the fa2 wrappers under
+    ROSE_PREFILL_ATTENTION=auto) are steps a model takes, and touch no block but the scratch ones."""
+    import torch
+
+    from services.worker.model import load_model
+    from services.worker.model.cuda_backend import _scratch_prefill
+
+    model = load_model(tiny_checkpoint)
+    c = model.config
+    kv = model.make_kv_cache({"full": 4, "sliding": 4}, 16)
+    kv.scratch_blocks = {"full": 3, "sliding": 3}  # the last block of each pool stands in for the scratch one
+    batch = _scratch_prefill(40, kv, decode_rows=2)
+    assert batch.query_lens == [1, 1, 38] and batch.context_lens == [1, 1, 38]
+    assert batch.positions.tolist() == [0, 0] + list(range(38))
+    assert all(t == [3] * len(t) for tables in batch.block_tables.values() for t in tables)
+    assert [len(t) for t in batch.block_tables["full"]] == [1, 1, 3]
+    logits = model(batch, kv)
+    assert logits.shape == (3, c.vocab_size) and torch.isfinite(logits).all()
+    assert all(not cache[:3].any() for cache in kv.k + kv.v)  # blocks 0-2 never written

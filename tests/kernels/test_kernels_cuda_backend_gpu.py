@@ -48,11 +48,13 @@ def _row_errors(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)
 
 
-@pytest.mark.parametrize("which", ["tiny", "20b-2layer", "20b-2layer-flashinfer", "20b-2layer-xqa"])
+@pytest.mark.parametrize("which", ["tiny", "20b-2layer", "20b-2layer-flashinfer", "20b-2layer-xqa", "20b-2layer-fa3"])
 def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     path = request.getfixturevalue("tiny_checkpoint" if which == "tiny" else "checkpoint_20b_2layer")
     if which.endswith(("flashinfer", "xqa")):  # decode attention through the prefill's sink wrapper or XQA,
         monkeypatch.setenv("ROSE_DECODE_ATTENTION", which.rsplit("-", 1)[1])  # not kernels/split_decode.py
+    if which.endswith("fa3"):  # the prefill (its 1-token prompt sends it to fa2 under auto) through fa3
+        monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa3")
     prompt_lens = [5, 200, 33, 1, 17, 64, 129, 90]  # 200 crosses the sliding window of both checkpoints
     blocks_per_seq = (max(prompt_lens) + 1 + BLOCK - 1) // BLOCK
     num_blocks = blocks_per_seq * len(prompt_lens)
@@ -69,6 +71,9 @@ def test_cuda_backend_logits_match_torch(which, request, monkeypatch):
     # without FlashInfer (the tiny model's head dim) everything runs eagerly
     graphed = cuda_model.prefill_graphs is not None and list(cuda_model.prefill_graphs.captured) == [640]
     assert graphed == (cuda_model.attention is not None), which
+    if cuda_model.attention is not None:  # the family that ran the prefill, a step with a 1-token prompt
+        family = "fa3" if which.endswith("fa3") else "fa2"
+        assert cuda_model.attention.wrappers and cuda_model.attention.backend == family
     # Per token row, the median: on random weights a router near-tie now and then puts one token on another
     # expert in bf16 (torch's or ours) and moves that row's logits by ~1e-1; a kernel's error moves them all.
     for name, r, b, o in zip(("prefill", "decode"), ref, bf16, ours):

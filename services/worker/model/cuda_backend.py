@@ -101,11 +101,12 @@ class CudaGptOss(nn.Module):
             ))
         self.attention_keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
         self.flash = c.head_dim in FLASHINFER_HEAD_DIMS
-        self.attention = (
-            SinkAttention(c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype,
-                          self._device, backend=prefill_backend())
-            if self.flash else None
-        )
+        shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype, self._device)
+        family = prefill_backend()
+        self.attention = SinkAttention(*shape, backend="fa2" if family == "auto" else family) if self.flash else None
+        # steps of prompt chunks only (no decode rows): fa3 under ROSE_PREFILL_ATTENTION=auto, faster deep in a prompt
+        self.chunk_attention = (SinkAttention(*shape, backend="fa3") if self.flash and family == "auto"
+                                else self.attention)
         # decode steps' attention: the split kernel or XQA (kernels/decode_attention.py), unless
         # ROSE_DECODE_ATTENTION=flashinfer sends them to the prefill's wrapper
         self.decode_attention = (
@@ -151,6 +152,9 @@ class CudaGptOss(nn.Module):
         for t in sorted(tokens | {max_num_batched_tokens}):
             # the eager configs (a short one would replay a graph, a long one the prefill graphs)
             self._eager(_scratch_prefill(t, kv), kv, piecewise=False)
+        if self.chunk_attention is not self.attention and max_num_batched_tokens > 1:
+            # prompt chunks alone took chunk_attention above; a step with decode rows builds the other's kernels
+            self._eager(_scratch_prefill(max_num_batched_tokens, kv, decode_rows=1), kv, piecewise=False)
         if self.cuda_graphs:
             if self.graphs is None or self.graphs.kv is not kv:
                 self.graphs = DecodeGraphs(self, kv)
@@ -189,7 +193,10 @@ class CudaGptOss(nn.Module):
 
         dev = self._device
         if self.flash:
-            attention = self.decode_attention if self.decode_attention is not None and is_decode(batch) else self.attention
+            if self.decode_attention is not None and is_decode(batch):
+                attention = self.decode_attention
+            else:
+                attention = self.chunk_attention if min(batch.query_lens, default=1) > 1 else self.attention
             attention.block_size = kv.block_size
             attention.plan(batch, self.attention_keys, kv.scratch_blocks)
             plans = None
@@ -197,7 +204,7 @@ class CudaGptOss(nn.Module):
             attention = None
             plans = {key: AttentionPlan.build(batch, key[0], key[1], kv.block_size, dev) for key in self.attention_keys}
         # a prompt chunk's step through FlashInfer's prefill wrapper: piecewise graphs where cuda_graphs is on
-        piecewise = (piecewise and attention is not None and attention is self.attention
+        piecewise = (piecewise and attention is not None and attention is not self.decode_attention
                      and self._piecewise(len(batch.token_ids)))
         y = self._layers(to_device(batch.token_ids, dev), to_device(batch.positions, dev), attention, plans, kv,
                          piecewise)
@@ -277,13 +284,16 @@ class CudaGptOss(nn.Module):
         return linear(out.reshape(t, c.q_size).to(x.dtype).contiguous(), L["o_w"], L["o_b"])
 
 
-def _scratch_prefill(tokens: int, kv: PagedKVCache) -> ForwardBatch:
-    """A prefill of `tokens` tokens whose every page is the pool's scratch block (it reads and writes nothing else)."""
-    pages = -(-tokens // kv.block_size)
+def _scratch_prefill(tokens: int, kv: PagedKVCache, decode_rows: int = 0) -> ForwardBatch:
+    """A step of `tokens` tokens whose every page is the pool's scratch block (it reads and writes nothing else):
+    one prompt chunk, after `decode_rows` one-token sequences."""
+    chunk = tokens - decode_rows
+    lens = [1] * decode_rows + [chunk]
+    positions = torch.cat([torch.zeros(decode_rows, dtype=torch.long), torch.arange(chunk)])
     return ForwardBatch(
-        token_ids=torch.zeros(tokens, dtype=torch.long), positions=torch.arange(tokens), query_lens=[tokens],
-        context_lens=[tokens], block_tables={g: [[kv.scratch_blocks[g]] * pages if g in kv.scratch_blocks else []]
-                                             for g in GROUPS})
+        token_ids=torch.zeros(tokens, dtype=torch.long), positions=positions, query_lens=lens, context_lens=list(lens),
+        block_tables={g: [[kv.scratch_blocks[g]] * -(-n // kv.block_size) if g in kv.scratch_blocks else []
+                          for n in lens] for g in GROUPS})
 
 
 def load_cuda_model(path: str, device: torch.device | str = "cuda", block_size: int = 16,

@@ -157,6 +157,16 @@ def test_dispatch_combine_moe(tokens, experts):
     assert rel_err(y, moe_reference(x, ids, weights, expert_fn)) <= TOL
 
 
+def test_dispatch_rows_wider_than_a_cta():
+    """A row past 1024 vectors (the most threads a CTA has): the dispatch's CTA loops over the row."""
+    from kernels.moe_dispatch import dispatch
+
+    tokens, hidden = 5, 8256  # 1032 vectors of 8
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    _, r = _route(tokens, 32, 4)
+    assert torch.equal(dispatch(x, r, out=poisoned(tokens * 4, hidden)), x[r.src.long()])
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 4096])
 def test_embedding(tokens):
     from kernels.embedding import embedding, embedding_reference

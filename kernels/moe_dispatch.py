@@ -10,8 +10,7 @@ count is the token's rank in its group; the order within a group is whatever the
 atomics give, which no consumer depends on), one thread turns counts into offsets.
 `route_topk` does the router's top-k (kernels/router.py) in that same CTA first, for
 decode's few tokens.
-Dispatch and combine move 16-byte vectors, one per thread (dispatch: one CTA a token row);
-combine sums in float32.
+Dispatch and combine move 16-byte vectors, one per thread; combine sums in float32.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
@@ -206,34 +205,28 @@ def _gather_launcher(hidden: int, dtype: torch.dtype):
 
 @functools.cache
 def _scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
-    """out[pos[t, j]] = x[t] for every choice j: dispatch reading each token row once, one CTA a row.
-
-    One CTA a row rather than a flat grid of vectors, whose CTAs and warps straddled rows: 86% of the
-    copy ceiling at 4096 tokens against 76% (bench.dispatch_bound, docs/BENCHMARKS.md)."""
+    """out[pos[t, j]] = x[t] for every choice j: dispatch reading each token row once."""
     cutlass, cute, _, cuda = cute_modules()
     nvec = hidden // VEC
-    threads = min((nvec + 31) // 32 * 32, 1024)  # gpt-oss: 360 vectors a row, 384 threads
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
         pdl_wait()
         tidx, _, _ = cute.arch.thread_idx()
-        row, _, _ = cute.arch.block_idx()
-        if cutlass.const_expr(nvec <= threads):  # a vector a thread (a loop here measured 78% against 86%)
-            if tidx < nvec:
-                v = mX[row, tidx, None].load()
-                for j in cutlass.range_constexpr(k):
-                    mOut[mPos[row, j], tidx, None].store(v)
-        else:
-            for col in cutlass.range(tidx, nvec, threads):
-                v = mX[row, col, None].load()
-                for j in cutlass.range_constexpr(k):
-                    mOut[mPos[row, j], col, None].store(v)
+        bidx, _, _ = cute.arch.block_idx()
+        g = bidx * THREADS + tidx
+        row = g // nvec
+        col = g - row * nvec
+        if row < mX.shape[0]:
+            v = mX[row, col, None].load()
+            for j in cutlass.range_constexpr(k):
+                mOut[mPos[row, j], col, None].store(v)
 
     @cute.jit
     def launch(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
-        kernel(mX, mPos, mOut).launch(grid=[mX.shape[0], 1, 1], block=[threads, 1, 1], stream=stream,
-                                      use_pdl=pdl_enabled())
+        total = mX.shape[0] * nvec
+        kernel(mX, mPos, mOut).launch(grid=[(total + THREADS - 1) // THREADS, 1, 1], block=[THREADS, 1, 1],
+                                      stream=stream, use_pdl=pdl_enabled())
 
     return launch
 

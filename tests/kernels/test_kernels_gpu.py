@@ -158,7 +158,7 @@ def test_dispatch_combine_moe(tokens, experts):
 
 
 def test_dispatch_rows_wider_than_a_cta():
-    """A row past 1024 vectors (the most threads a CTA has): the dispatch's CTA loops over the row."""
+    """Rows of 1032 vectors, past the most threads one CTA has: every row still lands in its slots."""
     from kernels.moe_dispatch import dispatch
 
     tokens, hidden = 5, 8256  # 1032 vectors of 8

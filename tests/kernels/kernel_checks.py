@@ -60,3 +60,22 @@ def assert_same_real_blocks(kv_graph, kv_eager) -> None:
         for layer, (a, b) in enumerate(zip(ours, theirs)):
             real = kv_graph.scratch_blocks[groups[layer]]
             assert rel_err(a[:real], b[:real]) <= 1e-2, f"layer {layer} {name} cache differs"
+
+
+def step_batch(seq_ids, contexts, new_tokens, vocab: int, pages: int, block: int = 16, window: int = 128):
+    """A step in which each listed sequence brings new_tokens tokens (one count for all, or one each) after its
+    context, random ids. Sequence s owns blocks s*pages .. (s+1)*pages - 1 of each pool; its sliding table
+    starts with a NO_BLOCK for every block wholly before its first new token's window, as the engine's do."""
+    from services.worker.model import ForwardBatch
+    from services.worker.model.batch import NO_BLOCK
+
+    q = [new_tokens] * len(seq_ids) if isinstance(new_tokens, int) else list(new_tokens)
+    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(contexts, q)])
+    full = [list(range(s * pages, (s + 1) * pages)) for s in seq_ids]
+    sliding = []
+    for s, c in zip(seq_ids, contexts):
+        gone = max(0, (c - window + 1) // block)
+        sliding.append([NO_BLOCK] * gone + list(range(s * pages + gone, (s + 1) * pages)))
+    return ForwardBatch(token_ids=torch.randint(0, vocab, (len(positions),)), positions=positions, query_lens=q,
+                        context_lens=[c + n for c, n in zip(contexts, q)],
+                        block_tables={"full": full, "sliding": sliding})

@@ -11,9 +11,8 @@ Steps that mix decode rows with short prompt chunks replay a graph one row a new
 import pytest
 import torch
 
-from kernel_checks import assert_same_real_blocks, graphs_against_eager, rel_err
-from services.worker.model import ForwardBatch, load_model, make_checkpoint
-from services.worker.model.batch import NO_BLOCK
+from kernel_checks import assert_same_real_blocks, graphs_against_eager, rel_err, step_batch
+from services.worker.model import load_model, make_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -74,22 +73,8 @@ def loaded_model(request, checkpoint):
     return CudaGptOss(load_model(checkpoint, device="cuda", dtype=torch.bfloat16, keep_mxfp4=False))
 
 
-def _tables(seq_ids, context_lens, query_lens):
-    full = [list(range(s * PAGES, (s + 1) * PAGES)) for s in seq_ids]
-    sliding = []
-    for s, ctx, q in zip(seq_ids, context_lens, query_lens):
-        gone = max(0, (ctx - q - WINDOW + 1) // BLOCK)  # blocks wholly before the first new token's window
-        sliding.append([NO_BLOCK] * gone + list(range(s * PAGES + gone, (s + 1) * PAGES)))
-    return {"full": full, "sliding": sliding}
-
-
 def _step(seq_ids, contexts, new_tokens, vocab):
-    """Each listed sequence brings new_tokens tokens (one count for all, or one each) after its current context."""
-    q = [new_tokens] * len(seq_ids) if isinstance(new_tokens, int) else list(new_tokens)
-    ctx = [c + n for c, n in zip(contexts, q)]
-    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(contexts, q)])
-    return ForwardBatch(token_ids=torch.randint(0, vocab, (len(positions),)), positions=positions,
-                        query_lens=q, context_lens=ctx, block_tables=_tables(seq_ids, ctx, q))
+    return step_batch(seq_ids, contexts, new_tokens, vocab, PAGES, BLOCK, WINDOW)
 
 
 def test_graph_decode_matches_eager(model):

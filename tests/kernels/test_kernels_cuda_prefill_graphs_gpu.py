@@ -11,9 +11,8 @@ into a real one or a bucket replayed with another's graphs would move the logits
 import pytest
 import torch
 
-from kernel_checks import assert_same_real_blocks, graphs_against_eager
-from services.worker.model import ForwardBatch, load_model, make_checkpoint
-from services.worker.model.batch import NO_BLOCK
+from kernel_checks import assert_same_real_blocks, graphs_against_eager, step_batch
+from services.worker.model import load_model, make_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -33,15 +32,7 @@ def model(tmp_path_factory):
 
 
 def _step(seq_ids, contexts, new_tokens, vocab):
-    ctx = [c + n for c, n in zip(contexts, new_tokens)]
-    positions = torch.cat([torch.arange(c, c + n) for c, n in zip(contexts, new_tokens)])
-    full = [list(range(s * PAGES, (s + 1) * PAGES)) for s in seq_ids]
-    sliding = []
-    for s, c in zip(seq_ids, contexts):
-        gone = max(0, (c - WINDOW + 1) // BLOCK)  # blocks wholly before the first new token's window
-        sliding.append([NO_BLOCK] * gone + list(range(s * PAGES + gone, (s + 1) * PAGES)))
-    return ForwardBatch(token_ids=torch.randint(0, vocab, (len(positions),)), positions=positions,
-                        query_lens=list(new_tokens), context_lens=ctx, block_tables={"full": full, "sliding": sliding})
+    return step_batch(seq_ids, contexts, new_tokens, vocab, PAGES, BLOCK, WINDOW)
 
 
 def test_prefill_graphs_match_eager(model):

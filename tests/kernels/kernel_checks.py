@@ -53,6 +53,17 @@ def graphs_against_eager(model, steps, kv_graph, kv_eager) -> float:
     return worst
 
 
+def assert_rows_close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 1e-2) -> None:
+    """Each row (one sequence's logits) within tol of its reference, but at most one row of three or more.
+
+    Two runs that round differently (a graph padded to its bucket against eager on the real rows picks
+    other GEMM tiles) can, on random weights, send one token to another expert at a router near-tie, which
+    moves that row by ~1e-1 (6.7e-2 seen); a stale plan, slot or page list moves every row."""
+    errs = [rel_err(g, w) for g, w in zip(got, want)]
+    off = [i for i, e in enumerate(errs) if e > tol]
+    assert len(off) <= (1 if len(errs) >= 3 else 0), f"{what}: rows {off} off by {[f'{errs[i]:.2e}' for i in off]}"
+
+
 def assert_same_real_blocks(kv_graph, kv_eager) -> None:
     """Every layer's k and v agree (rel_err <= 1e-2) outside the scratch blocks, which graph padding rows write."""
     groups = kv_graph.layer_groups

@@ -117,7 +117,13 @@ class FormatterService:
             self.close()
 
     def _on_scheduler_connection(self, frames: list[bytes]) -> None:
-        if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED and self.inflight:
+        if parse_monitor_message(frames)["event"] != zmq.EVENT_DISCONNECTED:
+            return
+        # What the gone scheduler last said (ready, its workers) no longer holds: the formatter reports not
+        # ready, and takes no request, until a scheduler answers again (a restarted one may not yet have
+        # its workers back).
+        self.scheduler_pong, self.scheduler_heard_at = Pong(), 0.0
+        if self.inflight:
             log.warning("scheduler connection dropped; failing %d requests", len(self.inflight))
             for request_id in list(self.inflight):
                 self._fail(request_id, "the connection to the scheduler dropped", 503)

@@ -235,6 +235,13 @@ def test_a_dropped_scheduler_connection_fails_requests_at_once(vocab_dir):
         delta = decode(ends.gateway.recv())
         assert delta.request_id == "req-7" and delta.status == 503 and "dropped" in delta.error
         assert time.monotonic() - started < 5
+        # no longer ready on the gone scheduler's word (heartbeat_timeout is 30 s), nor taking requests
+        ends.gateway.send(encode(Ping(3.0)))
+        pong = ends.to_gateway()
+        assert pong.ready is False and pong.workers == 0 and pong.models == []
+        ends.gateway.send(encode(GenerateRequest("req-8", "chat", CHAT)))
+        refused = ends.to_gateway()
+        assert refused.request_id == "req-8" and refused.status == 503
     finally:
         service.stop()
         thread.join(5)

@@ -1,6 +1,6 @@
 """What the MoE dispatch's memory traffic can reach: one row read, k rows written.
 
-    python -m bench.dispatch_bound [--tokens 4096] [--json out.json]
+    python -m bench.dispatch_bound [--tokens 4096] [--draws 3] [--json out.json]
 
 bench.kernels rates `moe dispatch` against a copy (one byte written per byte read); the dispatch
 writes k = 4 bytes per byte it reads. This times, at gpt-oss-20b's hidden size, the same bytes
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 
 import torch
 
@@ -60,32 +61,41 @@ def check(tokens: int) -> None:
         assert torch.equal(out, expected), name
 
 
-def run(token_counts: list[int]) -> tuple[float, list[dict]]:
+def run(token_counts: list[int], draws: int) -> tuple[float, list[dict]]:
+    """Each way timed on `draws` fresh sets of inputs (new routing, new buffers): one draw's figure moved by
+    ten points between calls (docs/BENCHMARKS.md), so the spread is printed with the median."""
     ceiling = max(copy_bandwidth())
     rows = []
     for tokens in token_counts:
         check(tokens)
         for name, nbytes, make, fn in cases(tokens):
-            sets = _copies(make, nbytes)
-            seconds, how = measure([lambda s=s: fn(*s) for s in sets])
-            rows.append(dict(way=name, tokens=tokens, bytes=nbytes, us=seconds * 1e6, how=how,
-                             bw_pct=100 * nbytes / seconds / ceiling))
-            del sets
-            torch.cuda.empty_cache()
+            times = []
+            for _ in range(draws):
+                sets = _copies(make, nbytes)
+                seconds, how = measure([lambda s=s: fn(*s) for s in sets])
+                times.append(seconds)
+                del sets
+                torch.cuda.empty_cache()
+            pct = sorted(100 * nbytes / t / ceiling for t in times)
+            rows.append(dict(way=name, tokens=tokens, bytes=nbytes, us=statistics.median(times) * 1e6, how=how,
+                             bw_pct=statistics.median(pct), bw_pct_min=pct[0], bw_pct_max=pct[-1]))
     return ceiling, rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="4096")
+    parser.add_argument("--draws", type=int, default=3, help="fresh input sets a way is timed on")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    ceiling, rows = run([int(t) for t in args.tokens.split(",")])
-    print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling / 1e12:.2f} TB/s (read + write)")
-    print("| way | tokens | MB moved | time (us) | timed by | % copy BW |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    ceiling, rows = run([int(t) for t in args.tokens.split(",")], args.draws)
+    print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling / 1e12:.2f} TB/s (read + write); medians of "
+          f"{args.draws} draws")
+    print("| way | tokens | MB moved | time (us) | timed by | % copy BW | min-max % |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['way']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['us']:.1f} | {r['how']} | {r['bw_pct']:.0f} |")
+        print(f"| {r['way']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['us']:.1f} | {r['how']} | "
+              f"{r['bw_pct']:.0f} | {r['bw_pct_min']:.0f}-{r['bw_pct_max']:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), ceiling=ceiling, rows=rows), fh, indent=2)

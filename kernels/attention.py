@@ -31,14 +31,27 @@ def missing_attention_packages() -> list[str]:
 
 
 def prefill_backend() -> str:
-    """FlashInfer's kernel family for the cuda backend's steps through the prefill wrapper, from
-    ROSE_PREFILL_ATTENTION: fa2, fa3 (Hopper's warp-specialised kernels, same sink variant) or auto
-    (default): fa3 for steps of prompt chunks only, fa2 where decode rows ride along (fa3 ran a step of
-    63 decode rows at 8192 tokens beside a chunk 1.7x slower; docs/GPU.md)."""
+    """ROSE_PREFILL_ATTENTION: FlashInfer's kernel family for the cuda backend's steps through the prefill
+    wrapper: fa2, fa3 (Hopper's warp-specialised kernels, same sink variant) or auto (default): on Hopper
+    fa3 for steps of prompt chunks only, fa2 where decode rows ride along (fa3 ran a step of 63 decode rows
+    at 8192 tokens beside a chunk 1.7x slower; docs/GPU.md). prefill_families applies it to a GPU."""
     choice = os.environ.get("ROSE_PREFILL_ATTENTION", "auto")
     if choice not in ("fa2", "fa3", "auto"):
         raise ValueError(f"ROSE_PREFILL_ATTENTION={choice!r}: fa2, fa3 or auto")
     return choice
+
+
+def prefill_families(capability: tuple[int, int]) -> tuple[str, str]:
+    """(family for steps with decode rows, family for steps of prompt chunks only) on a GPU of this compute
+    capability. FlashInfer's fa3 kernels are Hopper's (sm90) alone: elsewhere auto is fa2 throughout, and
+    an explicit fa3 is refused."""
+    choice = prefill_backend()
+    hopper = capability[0] == 9
+    if choice == "fa3" and not hopper:
+        raise ValueError(f"ROSE_PREFILL_ATTENTION=fa3 needs a Hopper GPU (sm90), not sm{capability[0]}{capability[1]}")
+    if choice == "auto":
+        return "fa2", "fa3" if hopper else "fa2"
+    return choice, choice
 
 
 def write_slots(batch: ForwardBatch, group: str, block_size: int) -> torch.Tensor:

@@ -95,3 +95,18 @@ def test_prefill_backend_reads_the_environment_and_refuses_other_names(monkeypat
     monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa4")
     with pytest.raises(ValueError, match="fa2, fa3 or auto"):
         prefill_backend()
+
+
+def test_prefill_families_take_fa3_on_hopper_only(monkeypatch):
+    from kernels.attention import prefill_families
+
+    monkeypatch.delenv("ROSE_PREFILL_ATTENTION", raising=False)
+    assert prefill_families((9, 0)) == ("fa2", "fa3")  # auto: fa3 for steps of prompt chunks alone
+    assert prefill_families((8, 0)) == ("fa2", "fa2") and prefill_families((10, 0)) == ("fa2", "fa2")
+    monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa3")
+    assert prefill_families((9, 0)) == ("fa3", "fa3")
+    with pytest.raises(ValueError, match="needs a Hopper GPU"):
+        prefill_families((8, 9))
+    monkeypatch.setenv("ROSE_PREFILL_ATTENTION", "fa2")
+    assert prefill_families((9, 0)) == ("fa2", "fa2")
+

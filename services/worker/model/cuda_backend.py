@@ -63,7 +63,7 @@ class CudaGptOss(nn.Module):
 
     def __init__(self, model, block_size: int = 16, cuda_graphs: bool = True):
         super().__init__()
-        from kernels.attention import SinkAttention, prefill_backend
+        from kernels.attention import SinkAttention, prefill_families
         from kernels.decode_attention import DecodeAttention, uses_decode_attention
         from kernels.norm_route import NormRoute, norm_route_enabled
         from kernels.qkv_rope import qkv_rope_enabled
@@ -102,10 +102,11 @@ class CudaGptOss(nn.Module):
         self.attention_keys = sorted({(L["group"], L["window"]) for L in self.layers}, key=str)
         self.flash = c.head_dim in FLASHINFER_HEAD_DIMS
         shape = (c.num_attention_heads, c.num_key_value_heads, c.head_dim, block_size, self.dtype, self._device)
-        family = prefill_backend()
-        self.attention = SinkAttention(*shape, backend="fa2" if family == "auto" else family) if self.flash else None
-        # steps of prompt chunks only (no decode rows): fa3 under ROSE_PREFILL_ATTENTION=auto, faster deep in a prompt
-        self.chunk_attention = (SinkAttention(*shape, backend="fa3") if self.flash and family == "auto"
+        # steps with decode rows, and steps of prompt chunks only: fa2 and, on Hopper, fa3 (faster deep in a
+        # prompt) under ROSE_PREFILL_ATTENTION=auto
+        mixed, chunks = prefill_families(torch.cuda.get_device_capability(self._device))
+        self.attention = SinkAttention(*shape, backend=mixed) if self.flash else None
+        self.chunk_attention = (SinkAttention(*shape, backend=chunks) if self.flash and chunks != mixed
                                 else self.attention)
         # decode steps' attention: the split kernel or XQA (kernels/decode_attention.py), unless
         # ROSE_DECODE_ATTENTION=flashinfer sends them to the prefill's wrapper

@@ -8,7 +8,7 @@ default, decode rows included) beside the running sequences' decode rows. Such a
 replays a decode graph where its chunks are short (cuda_graphs.as_decode_rows), else the
 prefill graphs around eager attention (cuda_prefill_graphs.py; --prefill-graphs 0: all
 eager; --prefill-attention fa2,fa3,auto: FlashInfer's kernel family for that attention,
-kernels.attention.prefill_backend). A step is a
+kernels.attention.prefill_families). A step is a
 '+'-joined list of parts: `BxC` is B sequences decoding one token at context C, `N@P` one
 sequence's prompt chunk of N tokens after P cached ones. Per step it prints, medians
 of --iters:
@@ -109,7 +109,7 @@ def time_step(model, batch: ForwardBatch, kv, iters: int) -> dict:
 
 def run(path: str, steps: list[str], iters: int, graphs: bool, tk_rows: list[int | None],
         piecewise: list[str], attention: list[str]) -> dict:
-    from kernels.attention import SinkAttention
+    from kernels.attention import SinkAttention, prefill_families
 
     model = load_model(path, backend="cuda")
     c = model.config
@@ -124,9 +124,11 @@ def run(path: str, steps: list[str], iters: int, graphs: bool, tk_rows: list[int
     rows = []
     for spec, tk, pw, fa in ((spec, tk, pw, fa) for spec in steps for tk in tk_rows for pw in piecewise
                              for fa in attention):
-        # ROSE_PREFILL_ATTENTION's choice: steps with decode rows take model.attention, the others chunk_attention
-        model.attention = wrapper("fa2" if fa == "auto" else fa)
-        model.chunk_attention = wrapper("fa3" if fa == "auto" else fa)
+        # as the backend reads ROSE_PREFILL_ATTENTION: steps with decode rows take model.attention, the others
+        # chunk_attention
+        os.environ["ROSE_PREFILL_ATTENTION"] = fa
+        mixed, chunks = prefill_families(torch.cuda.get_device_capability(model.device))
+        model.attention, model.chunk_attention = wrapper(mixed), wrapper(chunks)
         if tk is not None:  # from how many routed rows eager steps take triton-kernels' experts (cuda_moe)
             for layer in model.layers:
                 layer["moe"].tk_eager_rows = tk if tk > 0 else 1 << 62

@@ -5,8 +5,10 @@
 bench.kernels rates `moe dispatch` against a copy (one byte written per byte read); the dispatch
 writes k = 4 bytes per byte it reads. This times, at gpt-oss-20b's hidden size, the same bytes
 moved several ways, each as a share of the copy ceiling measured in the same run:
-  dispatch, routed     kernels.moe_dispatch.dispatch on random top-4 routing (the kernel the model runs)
-  dispatch, in order   the same kernel with every token's k rows next to each other (no scatter)
+  dispatch, routed     kernels.moe_dispatch.dispatch on random top-4 routing (the kernel the model runs:
+                       bulk copies, one CTA a token row)
+  ... a vector a thread  its other form: one 16-byte vector a thread (bulk=False)
+  dispatch, in order   the bulk kernel with every token's k rows next to each other (no scatter)
   gather by src        kernels.moe_dispatch.gather_rows over the sorted slots (each row read k times)
   torch broadcast      torch copying x into [T, k, H] (contiguous, torch's own kernel)
   torch zero_          only the k*T written rows (write bandwidth alone)
@@ -43,6 +45,13 @@ def cases(tokens: int) -> list[tuple[str, int, object, object]]:
 
     return [
         ("dispatch, routed", moved, routed, lambda x, r, out: moe_dispatch.dispatch(x, r, out)),
+        ("dispatch, routed, a vector a thread", moved, routed,
+         lambda x, r, out: moe_dispatch.dispatch(x, r, out, bulk=False)),
+        *[(f"dispatch, routed, persistent, {s} stages", moved, routed,
+           lambda x, r, out, s=s: moe_dispatch.dispatch(x, r, out, stages=s)) for s in (2, 4, 6)],
+        ("dispatch, routed, out allocated a call", moved, routed, lambda x, r, out: moe_dispatch.dispatch(x, r)),
+        ("dispatch, routed, a vector a thread, out allocated a call", moved, routed,
+         lambda x, r, out: moe_dispatch.dispatch(x, r, bulk=False)),
         ("dispatch, in order", moved, in_order, lambda x, r, out: moe_dispatch.dispatch(x, r, out)),
         ("gather by src", moved, routed, lambda x, r, out: moe_dispatch.gather_rows(x, r.src, out)),
         ("torch broadcast", moved, routed,
@@ -52,13 +61,14 @@ def cases(tokens: int) -> list[tuple[str, int, object, object]]:
 
 
 def check(tokens: int) -> None:
-    """The dispatch, in both layouts, puts every token's row where its routing says."""
-    for name, _, make, fn in cases(tokens)[:2]:
-        x, r, out = make()
-        fn(x, r, out)
-        expected = torch.empty_like(out)
-        expected[r.pos.long()] = x.repeat_interleave(K, 0)
-        assert torch.equal(out, expected), name
+    """Every form of the dispatch, in both layouts, puts every token's row where its routing says."""
+    for name, _, make, fn in cases(tokens):
+        if name.startswith("dispatch"):
+            x, r, out = make()
+            got = fn(x, r, out)
+            expected = torch.empty_like(out)
+            expected[r.pos.long()] = x.repeat_interleave(K, 0)
+            assert torch.equal(got, expected), name
 
 
 def run(token_counts: list[int], draws: int) -> tuple[float, list[dict]]:
@@ -76,9 +86,9 @@ def run(token_counts: list[int], draws: int) -> tuple[float, list[dict]]:
                 times.append(seconds)
                 del sets
                 torch.cuda.empty_cache()
-            pct = sorted(100 * nbytes / t / ceiling for t in times)
+            pct = [100 * nbytes / t / ceiling for t in times]  # in draw order
             rows.append(dict(way=name, tokens=tokens, bytes=nbytes, us=statistics.median(times) * 1e6, how=how,
-                             bw_pct=statistics.median(pct), bw_pct_min=pct[0], bw_pct_max=pct[-1]))
+                             bw_pct=statistics.median(pct), bw_pct_min=min(pct), bw_pct_max=max(pct), draws=pct))
     return ceiling, rows
 
 
@@ -91,11 +101,11 @@ def main() -> None:
     ceiling, rows = run([int(t) for t in args.tokens.split(",")], args.draws)
     print(f"{torch.cuda.get_device_name()}: copy ceiling {ceiling / 1e12:.2f} TB/s (read + write); medians of "
           f"{args.draws} draws")
-    print("| way | tokens | MB moved | time (us) | timed by | % copy BW | min-max % |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| way | tokens | MB moved | time (us) | timed by | % copy BW | min-max % | draws, in order |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['way']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['us']:.1f} | {r['how']} | "
-              f"{r['bw_pct']:.0f} | {r['bw_pct_min']:.0f}-{r['bw_pct_max']:.0f} |")
+              f"{r['bw_pct']:.0f} | {r['bw_pct_min']:.0f}-{r['bw_pct_max']:.0f} | {' '.join(f'{p:.0f}' for p in r['draws'])} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), ceiling=ceiling, rows=rows), fh, indent=2)

@@ -20,6 +20,19 @@ import torch
 
 H, I, E, K, V = 2880, 2880, 32, 4, 201088  # noqa: E741 - gpt-oss-20b: hidden, inter, experts, top-k, vocab
 L2_BYTES = 64 << 20
+# GPU cycles of torch.cuda._sleep before each timed replay (~0.5 ms): long past the host's enqueue of the
+# start event and the replay, so the GPU never waits on the host between the two events.
+BUSY_CYCLES = 1_000_000
+
+
+def _busy_gpu() -> None:
+    """Keep the GPU busy while the host enqueues what is timed next.
+
+    Without it a replay's events also time the host's enqueue (the GPU records the start event at once,
+    then idles until the replay arrives), short kernels losing the most: `python -m bench.timing_check`
+    times both ways (docs/BENCHMARKS.md).
+    """
+    torch.cuda._sleep(BUSY_CYCLES)
 
 
 def _graph_time(fn_sets, reps=20) -> float:
@@ -39,6 +52,7 @@ def _graph_time(fn_sets, reps=20) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        _busy_gpu()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         graph.replay()
@@ -54,6 +68,7 @@ def _loop_time(fn_sets, reps=20) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
+        _busy_gpu()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for f in fn_sets:

@@ -48,6 +48,7 @@ import functools  # no `from __future__ import annotations`: CuTeDSL evaluates a
 import torch
 
 from kernels._cute import cute_modules, pdl_wait
+from kernels.bulk_copy import bulk_ops
 from kernels.moe_dispatch import expert_finder
 from kernels.pdl import pdl_enabled
 
@@ -160,6 +161,7 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     per_warp = -(-quads // warps)
     tiles_per_row = n_out // TILE
     expert_of = expert_finder(experts)
+    bulk_copy = bulk_ops().load  # global -> shared, completing its bytes on an mbarrier
     # byte offsets of a stage's parts (each a multiple of 16 bytes long, as bulk copies want)
     scales_at = TILE * groups * 16
     bias_at = scales_at + TILE * groups
@@ -191,13 +193,6 @@ def launcher(experts: int, n_out: int, k: int, warps: int, stages: int, math: bo
     @dsl_user_op
     def group_factor(s, *, loc=None, ip=None):  # float32 2**(s - 65) from an e8m0 byte: bits (s + 62) << 23
         return Float32(asm(T.f32(), [Int32(s) & 0xFF], _FACTOR, "=f,r", loc, ip))
-
-    @dsl_user_op
-    def bulk_copy(dst, src, size, mbar, *, loc=None, ip=None):  # global -> shared, completing tx bytes on mbar
-        args = [dst.toint(loc=loc, ip=ip), src.toint(loc=loc, ip=ip), Int32(size), mbar.toint(loc=loc, ip=ip)]
-        llvm.inline_asm(None, [a.ir_value(loc=loc, ip=ip) for a in args],
-                        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1], $2, [$3];",
-                        "r,l,r,r", has_side_effects=True, is_align_stack=False, asm_dialect=llvm.AsmDialect.AD_ATT)
 
     @dsl_user_op
     def load_gpu(ptr, *, loc=None, ip=None):  # an int32 read coherently at the GPU's scope (skipping L1)

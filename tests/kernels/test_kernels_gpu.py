@@ -157,14 +157,16 @@ def test_dispatch_combine_moe(tokens, experts):
     assert rel_err(y, moe_reference(x, ids, weights, expert_fn)) <= TOL
 
 
-def test_dispatch_rows_wider_than_a_cta():
-    """Rows of 1032 vectors, past the most threads one CTA has: every row still lands in its slots."""
+@pytest.mark.parametrize("bulk", [True, False])
+def test_dispatch_rows_wider_than_a_cta(bulk):
+    """Rows of 1032 vectors, past the most threads one CTA has, in both forms of the dispatch (bulk copies,
+    a vector a thread): every row still lands in its slots."""
     from kernels.moe_dispatch import dispatch
 
     tokens, hidden = 5, 8256  # 1032 vectors of 8
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     _, r = _route(tokens, 32, 4)
-    assert torch.equal(dispatch(x, r, out=poisoned(tokens * 4, hidden)), x[r.src.long()])
+    assert torch.equal(dispatch(x, r, out=poisoned(tokens * 4, hidden), bulk=bulk), x[r.src.long()])
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 4096])

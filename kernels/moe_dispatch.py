@@ -10,7 +10,8 @@ count is the token's rank in its group; the order within a group is whatever the
 atomics give, which no consumer depends on), one thread turns counts into offsets.
 `route_topk` does the router's top-k (kernels/router.py) in that same CTA first, for
 decode's few tokens.
-Dispatch and combine move 16-byte vectors, one per thread; combine sums in float32.
+Dispatch runs on the copy engine (cp.async.bulk: one CTA a token row, loaded once, stored k
+times); combine moves 16-byte vectors, one per thread, and sums in float32.
 """
 
 import functools  # no `from __future__ import annotations`: CuTeDSL evaluates annotations
@@ -19,7 +20,6 @@ import torch
 
 from kernels._cute import VEC, check_rows, cute_modules, fixed, launch, pdl_wait, rows
 from kernels.bulk_copy import bulk_ops
-from kernels.device import sm_count
 from kernels.pdl import pdl_enabled
 
 THREADS = 256
@@ -28,8 +28,9 @@ ROUTE_THREADS = 1024
 # Not yet timed against the pair (bench.kernels prints both rows); with it (and without PDL) the decode
 # replay at batch 1 and 64 stayed where baa251e's was (docs/BENCHMARKS.md, the PDL / XQA table).
 ROUTE_TOPK_MAX_TOKENS = 256
-DISPATCH_STAGES = 0
-DISPATCH_CTAS_PER_SM = 8
+# The bulk dispatch holds a token row in a CTA's shared memory: rows up to the 48 KiB a CTA gets without
+# opting in to more (gpt-oss: 5.6 KiB); wider ones take the vector form.
+BULK_ROW_BYTES = 48 << 10
 
 
 def route_reference(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,78 +237,47 @@ def _scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
 
 
 @functools.cache
-def _bulk_scatter_launcher(hidden: int, k: int, dtype: torch.dtype, stages: int, ctas: int):
-    """out[pos[t, j]] = x[t] for every choice j, on the copy engine, by one-warp CTAs: lane 0 bulk-loads a
-    token row into shared memory, then lanes j < k each bulk-store it to slot pos[t, j].
+def _bulk_scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
+    """out[pos[t, j]] = x[t] for every choice j, on the copy engine, one one-warp CTA a token row: lane 0
+    bulk-loads the row into shared memory, then lanes j < k each bulk-store it to slot pos[t, j].
 
-    stages = 0: a CTA a token row. Else `ctas` persistent CTAs, each looping over rows cta, cta + grid, ...
-    with `stages` row buffers: the loads of the next stages - 1 rows are in flight while it stores one.
+    At 4096 tokens of gpt-oss-20b every CTA is resident at once (32 a SM), so all rows' loads are in
+    flight together; persistent CTAs looping over rows through 2-6 buffers measured slower
+    (docs/BENCHMARKS.md, bench.dispatch_bound).
     """
     cutlass, cute, _, cuda = cute_modules()
     Int32, Int64 = cutlass.Int32, cutlass.Int64
     bulk = bulk_ops()
     row_bytes = hidden * torch.tensor([], dtype=dtype).element_size()
-    bufs = max(stages, 1)
-
-    @cute.jit
-    def issue_load(mX: cute.Tensor, buf, mbar, row):
-        cute.arch.mbarrier_arrive_and_expect_tx(mbar, row_bytes)
-        bulk.load(buf, mX.iterator + Int64(row) * hidden, row_bytes, mbar)
-
-    @cute.jit
-    def store_row(mOut: cute.Tensor, buf, slot, lane):
-        if lane < k:
-            bulk.proxy_fence()
-            bulk.store(mOut.iterator + Int64(slot) * hidden, buf, row_bytes)
-            bulk.store_commit_wait_read()  # the buffer must outlive the stores' reads
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):
         lane, _, _ = cute.arch.thread_idx()
-        cta, _, _ = cute.arch.block_idx()
-        grid, _, _ = cute.arch.grid_dim()
+        row, _, _ = cute.arch.block_idx()
         smem = cutlass.utils.SmemAllocator()
-        buf = smem.allocate_tensor(mX.element_type, cute.make_layout((bufs, hidden), stride=(hidden, 1)),
-                                   byte_alignment=128)
-        mbars = smem.allocate_array(Int64, bufs, byte_alignment=8)
+        buf = smem.allocate_tensor(mX.element_type, cute.make_layout((hidden,)), byte_alignment=128)
+        mbar = smem.allocate_array(Int64, 1, byte_alignment=8)
         if lane == 0:
-            for s in cutlass.range_constexpr(bufs):
-                cute.arch.mbarrier_init(mbars + s, 1)
+            cute.arch.mbarrier_init(mbar, 1)
             cute.arch.mbarrier_init_fence()
         pdl_wait()
-        if cutlass.const_expr(stages == 0):
-            if lane == 0:
-                issue_load(mX, buf.iterator, mbars, cta)
-            slot = Int32(0)
-            if lane < k:
-                slot = mPos[cta, lane]
-            cute.arch.sync_threads()  # the mbarrier's init, before any lane waits on it
-            cute.arch.mbarrier_wait(mbars, 0)
-            store_row(mOut, buf.iterator, slot, lane)
-        else:
-            count = (mX.shape[0] - cta + grid - 1) // grid
-            if lane == 0:
-                for s in cutlass.range_constexpr(stages):
-                    if s < count:
-                        issue_load(mX, buf.iterator + s * hidden, mbars + s, cta + s * grid)
-            cute.arch.sync_threads()
-            for i in cutlass.range(count):
-                s = i % stages
-                slot = Int32(0)
-                if lane < k:
-                    slot = mPos[cta + i * grid, lane]
-                cute.arch.mbarrier_wait(mbars + s, (i // stages) % 2)
-                store_row(mOut, buf.iterator + s * hidden, slot, lane)
-                cute.arch.sync_threads()  # every store has read the buffer: refill it
-                if lane == 0 and i + stages < count:
-                    issue_load(mX, buf.iterator + s * hidden, mbars + s, cta + (i + stages) * grid)
+        if lane == 0:
+            cute.arch.mbarrier_arrive_and_expect_tx(mbar, row_bytes)
+            bulk.load(buf.iterator, mX.iterator + Int64(row) * hidden, row_bytes, mbar)
+        slot = Int32(0)
+        if lane < k:
+            slot = mPos[row, lane]
+        cute.arch.sync_threads()  # the mbarrier's init, before any lane waits on it
+        if lane < k:
+            cute.arch.mbarrier_wait(mbar, 0)
+            bulk.proxy_fence()
+            bulk.store(mOut.iterator + Int64(slot) * hidden, buf.iterator, row_bytes)
+            bulk.store_commit_wait_read()  # the CTA's shared memory must outlive the stores' reads
 
     @cute.jit
     def launch(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor, stream: cuda.CUstream):
-        grid = mX.shape[0]
-        if cutlass.const_expr(stages > 0):
-            grid = cutlass.min(grid, ctas)
-        kernel(mX, mPos, mOut).launch(grid=[grid, 1, 1], block=[32, 1, 1], stream=stream, use_pdl=pdl_enabled())
+        kernel(mX, mPos, mOut).launch(grid=[mX.shape[0], 1, 1], block=[32, 1, 1], stream=stream,
+                                      use_pdl=pdl_enabled())
 
     return launch
 
@@ -410,8 +380,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None =
     return out
 
 
-def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None, bulk: bool = True,
-             stages: int | None = None) -> torch.Tensor:
+def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None, bulk: bool = True) -> torch.Tensor:
     """Token rows permuted into expert order: [T*k, H], rows offsets[e]:offsets[e+1] go to expert e.
 
     A scatter (each token row read once, written to its k slots) rather than a gather
@@ -423,11 +392,9 @@ def dispatch(x: torch.Tensor, routing: Routing, out: torch.Tensor | None = None,
     tokens, k = x.shape[0], routing.k
     out = torch.empty(tokens * k, hidden, dtype=x.dtype, device=x.device) if out is None else out
     check_rows(out, hidden, "out")
-    if tokens and bulk:
-        stages = DISPATCH_STAGES if stages is None else stages
-        ctas = sm_count(x.device) * DISPATCH_CTAS_PER_SM
-        key = ("bulk scatter", hidden, k, x.dtype, stages, ctas)
-        launch(key, _bulk_scatter_launcher(*key[1:]), rows(x), rows(routing.pos.view(tokens, k), 4), rows(out))
+    if tokens and bulk and hidden * x.element_size() <= BULK_ROW_BYTES:
+        launch(("bulk scatter", hidden, k, x.dtype), _bulk_scatter_launcher(hidden, k, x.dtype), rows(x),
+               rows(routing.pos.view(tokens, k), 4), rows(out))
     elif tokens:
         launch(("scatter", hidden, k, x.dtype), _scatter_launcher(hidden, k, x.dtype), rows(x.view(tokens, -1, VEC)),
                rows(routing.pos.view(tokens, k), 4), rows(out.view(tokens * k, -1, VEC)))

@@ -158,12 +158,13 @@ def test_dispatch_combine_moe(tokens, experts):
 
 
 @pytest.mark.parametrize("bulk", [True, False])
-def test_dispatch_rows_wider_than_a_cta(bulk):
-    """Rows of 1032 vectors, past the most threads one CTA has, in both forms of the dispatch (bulk copies,
-    a vector a thread): every row still lands in its slots."""
+@pytest.mark.parametrize("hidden", [8256, 32776])
+def test_dispatch_wide_rows(bulk, hidden):
+    """Rows of 1032 vectors (past the most threads one CTA has) and of 64 KiB (past BULK_ROW_BYTES: the bulk
+    form hands them to the vector one), in both forms: every row still lands in its slots."""
     from kernels.moe_dispatch import dispatch
 
-    tokens, hidden = 5, 8256  # 1032 vectors of 8
+    tokens = 5
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
     _, r = _route(tokens, 32, 4)
     assert torch.equal(dispatch(x, r, out=poisoned(tokens * 4, hidden), bulk=bulk), x[r.src.long()])

@@ -25,7 +25,7 @@ L2_BYTES = 64 << 20
 BUSY_CYCLES = 1_000_000
 
 
-def _busy_gpu() -> None:
+def busy_gpu() -> None:
     """Keep the GPU busy while the host enqueues what is timed next.
 
     Without it a replay's events also time the host's enqueue (the GPU records the start event at once,
@@ -52,7 +52,7 @@ def _graph_time(fn_sets, reps=20) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        _busy_gpu()
+        busy_gpu()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         graph.replay()
@@ -68,7 +68,7 @@ def _loop_time(fn_sets, reps=20) -> float:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        _busy_gpu()
+        busy_gpu()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for f in fn_sets:

@@ -4,7 +4,7 @@
 
 Each kernel is captured in a CUDA graph and its replays timed by CUDA events:
   bench.measure     bench.kernels' own timing (measure: a busy GPU before each timed replay)
-  per replay        events around each replay, the GPU idle before (the method before _busy_gpu):
+  per replay        events around each replay, the GPU idle before (the method before busy_gpu):
                     the start event records at once, then the GPU waits for the host's replay
   busy before       the same after torch.cuda._sleep keeps the GPU busy while the host enqueues
   back to back      20 replays between one pair of events (no gaps, but the inputs stay warm in L2)

@@ -14,8 +14,7 @@ moved several ways, each as a share of the copy ceiling measured in the same run
   torch broadcast      torch copying x into [T, k, H] (contiguous, torch's own kernel)
   torch zero_          only the k*T written rows (write bandwidth alone)
 If the in-order and broadcast rows sit where the routed one does, the write-heavy mix, not the
-scatter, is what holds the dispatch below the copy ceiling. Each row prints its draws in order
-(the first draw of a process has measured slower than the rest).
+scatter, is what holds the dispatch below the copy ceiling. Each row prints its draws in order.
 """
 
 from __future__ import annotations
@@ -104,8 +103,9 @@ def main() -> None:
     print("| way | tokens | MB moved | time (us) | timed by | % copy BW | min-max % | draws, in order |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        draws = " ".join(f"{p:.0f}" for p in r["draws"])
         print(f"| {r['way']} | {r['tokens']} | {r['bytes'] / 1e6:.1f} | {r['us']:.1f} | {r['how']} | "
-              f"{r['bw_pct']:.0f} | {r['bw_pct_min']:.0f}-{r['bw_pct_max']:.0f} | {' '.join(f'{p:.0f}' for p in r['draws'])} |")
+              f"{r['bw_pct']:.0f} | {r['bw_pct_min']:.0f}-{r['bw_pct_max']:.0f} | {draws} |")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=torch.cuda.get_device_name(), ceiling=ceiling, rows=rows), fh, indent=2)

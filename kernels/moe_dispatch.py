@@ -248,7 +248,7 @@ def _bulk_scatter_launcher(hidden: int, k: int, dtype: torch.dtype):
     cutlass, cute, _, cuda = cute_modules()
     Int32, Int64 = cutlass.Int32, cutlass.Int64
     bulk = bulk_ops()
-    row_bytes = hidden * torch.tensor([], dtype=dtype).element_size()
+    row_bytes = hidden * dtype.itemsize
 
     @cute.kernel
     def kernel(mX: cute.Tensor, mPos: cute.Tensor, mOut: cute.Tensor):

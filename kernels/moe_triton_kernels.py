@@ -1,6 +1,7 @@
 """OpenAI's triton-kernels MXFP4 grouped matmul (`matmul_ogs`) for the experts in captured steps.
 
-    xs      [N, K]   bf16   routed rows in expert order (rows offsets[e]:offsets[e+1] -> expert e)
+    xs      [N, K]   bf16   routed rows in expert order (rows offsets[e]:offsets[e+1] -> expert e), or the
+                            token rows [T, K] with gather = the route's src (gate_up: no dispatch copy)
     ranges  expert_ranges(counts, E, N): the expert of each row, from the route's counts on the device
     ys      [N, out] bf16   or [N, out/2] with the clamped SwiGLU of the interleaved gate/up outputs
 
@@ -77,17 +78,22 @@ class TritonKernelsProjection:
                                                                      **scale_opts))
         self.bias = bias.float().contiguous()
 
-    def __call__(self, xs: torch.Tensor, ranges, swiglu: tuple[float, float] | None = None) -> torch.Tensor:
+    def __call__(self, xs: torch.Tensor, ranges, swiglu: tuple[float, float] | None = None,
+                 gather: torch.Tensor | None = None) -> torch.Tensor:
         """xs [N, K] bf16 in expert order, ranges = expert_ranges(counts, E, N) -> [N, out] bf16 (or [N, out/2]
-        with swiglu)."""
+        with swiglu). gather [N] int32: routed row i is xs[gather[i]] (the route's src over the token rows
+        [T, K]: the GEMM reads them in place, no dispatch copy)."""
         import triton_kernels.swiglu
         from triton_kernels.matmul_ogs import FnSpecs, FusedActivation, matmul_ogs
+        from triton_kernels.routing import GatherIndx
 
-        n = xs.shape[0]
+        n = xs.shape[0] if gather is None else gather.shape[0]
         act = None
         if swiglu is not None:
             act = FusedActivation(FnSpecs("swiglu", triton_kernels.swiglu.swiglu_fn, ("alpha", "limit")), swiglu, 2)
-        return matmul_ogs(xs, self.weight, self.bias, ranges, precision_config=self.precision,
+        # one choice a row in `ranges` (n_expts_act 1), so the kernel reads row src_indx[i] itself
+        rows = None if gather is None else GatherIndx(src_indx=gather, dst_indx=None)
+        return matmul_ogs(xs, self.weight, self.bias, ranges, gather_indx=rows, precision_config=self.precision,
                           fused_activation=act).view(n, -1)
 
 

@@ -64,3 +64,23 @@ def test_matmul_ogs_graph_replay():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(y, grouped_mxfp4_linear_reference(x, blocks, scales, bias, offsets)) <= TOL
+
+
+@pytest.mark.parametrize("tokens", [33, 1024])
+@pytest.mark.parametrize("swiglu", [None, (1.702, 7.0)])
+def test_matmul_ogs_gathers_token_rows(tokens, swiglu):
+    """gather = the route's src over the token rows gives what the dispatched rows give, row for row."""
+    from kernels.moe_dispatch import dispatch, route
+    from kernels.moe_triton_kernels import TritonKernelsProjection, expert_ranges
+
+    experts, k = 32, 4
+    blocks, scales, bias = random_mxfp4(experts, 2 * HIDDEN, HIDDEN)
+    projection = TritonKernelsProjection(blocks, scales, bias)
+    x = torch.randn(tokens, HIDDEN, device="cuda", dtype=torch.bfloat16) * (4 if swiglu else 1)
+    ids = torch.rand(tokens, experts, device="cuda").argsort(1)[:, :k].to(torch.int32).contiguous()
+    routing = route(ids, experts)
+    ranges = expert_ranges(routing.counts, experts, tokens * k)
+    dispatched = projection(dispatch(x, routing), ranges, swiglu=swiglu)
+    gathered = projection(x, ranges, swiglu=swiglu, gather=routing.src)
+    assert gathered.shape == dispatched.shape
+    assert rel_err(gathered, dispatched) <= TOL

@@ -23,7 +23,8 @@ through the tensor-core kernel on a bit-rearranged copy of the blocks where memo
 MMA_COLS_ROWS routed rows, several rows of an expert a tile) or the FMA kernel otherwise; past those
 rows our Triton tiles, or in captured steps (decode graphs, prefill graphs) and eager ones past
 `tk_eager_rows` OpenAI's triton-kernels (`matmul_ogs`) on its own copy where it imports and memory
-allows (`triton_kernels_copies`; kernels/moe_triton_kernels.py); bf16 experts
+allows (`triton_kernels_copies`; kernels/moe_triton_kernels.py), its gate_up reading the token rows in
+place (`tk_gather`), so only our tiles need the dispatch copy; bf16 experts
 [E, out, in] (rows = outputs) go through `torch._grouped_mm`, reading them transposed
 in place.
 """
@@ -122,6 +123,7 @@ class GroupedExperts:
         self.alpha, self.limit = experts.alpha, experts.limit
         self.early_down = early_down()  # read once, at load: graphs captured later run what eager steps run
         self.tk_eager_rows = tk_eager_rows()
+        self.tk_gather = tk_gather()
 
     def expert_rows(self, x: torch.Tensor):
         """x [T, H] bf16 -> everything but the combine: (ys [T*k, H] in expert order, routing, weights [T, k]
@@ -152,12 +154,16 @@ class GroupedExperts:
                 # the routing is two kernels back now: down's weight copies may start during gate_up
                 return _gemv(hidden, self.down, self.down_mma, self.down_b, routing.offsets,
                              route_settled=self.early_down, cols=cols)
-            xs = dispatch(x, routing)
             # matmul_ogs's host work (~0.3 ms a call) made eager prefill steps of 1024 tokens host-bound: captured
             # steps, which replay without it, take it, and eager ones only where the GEMMs outlast that work
             if self.gate_up_tk is not None and (_CAPTURED_STEP.get() or n >= self.tk_eager_rows):
-                ranges = moe_triton_kernels.expert_ranges(routing.counts, self.num_experts, xs.shape[0])
-                return self.down_tk(self.gate_up_tk(xs, ranges, swiglu=clamp), ranges)
+                ranges = moe_triton_kernels.expert_ranges(routing.counts, self.num_experts, n)
+                if self.tk_gather:  # gate_up reads each routed row's token row in place: no dispatch copy
+                    hidden = self.gate_up_tk(x, ranges, swiglu=clamp, gather=routing.src)
+                else:
+                    hidden = self.gate_up_tk(dispatch(x, routing), ranges, swiglu=clamp)
+                return self.down_tk(hidden, ranges)
+            xs = dispatch(x, routing)
             hidden = grouped_mxfp4_linear(xs, *self.gate_up, self.gate_up_b, routing.offsets, swiglu=clamp)
             return grouped_mxfp4_linear(hidden, *self.down, self.down_b, routing.offsets)
         xs = dispatch(x, routing)
@@ -174,6 +180,12 @@ class GroupedExperts:
 def early_down() -> bool:
     """Whether decode's down GEMV starts its weight copies during gate_up (ROSE_EARLY_DOWN=0: after, for A/B timing)."""
     return os.environ.get("ROSE_EARLY_DOWN", "1") != "0"
+
+
+def tk_gather() -> bool:
+    """Whether triton-kernels' gate_up gathers the token rows itself (ROSE_MOE_GATHER=0: dispatch them first,
+    for A/B timing); read once at load, as early_down."""
+    return os.environ.get("ROSE_MOE_GATHER", "1") != "0"
 
 
 def tk_eager_rows() -> int:

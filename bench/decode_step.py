@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from bench.kernels import busy_gpu
+from bench.kernels import timed
 from bench.roofline import copy_bandwidth, decode_bound
 from kernels.decode_attention import decode_kernel
 from kernels.pdl import pdl_enabled
@@ -71,16 +71,7 @@ def time_replay(model, iters: int) -> float:
     step = graphs.captured[max(graphs.captured)] if graphs else None
     if step is None:
         return float("nan")
-    times = []
-    for _ in range(iters):
-        busy_gpu()  # the replay is queued before `start` records: the host's enqueue is not timed
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step.graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return timed(step.graph.replay, iters)  # the GPU busy before each replay: the host's enqueue is not timed
 
 
 def run(path: str, batches: list[int], context: int, iters: int) -> dict:

@@ -35,8 +35,27 @@ def busy_gpu() -> None:
     torch.cuda._sleep(BUSY_CYCLES)
 
 
-def _graph_time(fn_sets, reps=20) -> float:
-    """Seconds per call: one graph holds a call on every input set, replayed `reps` times."""
+def timed(fn, reps: int = 20, calls: int = 1, busy: bool = True) -> float:
+    """Median seconds a call of `reps` runs of `fn` (which makes `calls` calls), each between two CUDA events.
+
+    busy: busy_gpu() before each run, so the events time the GPU's work and not the host's enqueue
+    (bench.timing_check times both).
+    """
+    times = []
+    for _ in range(reps):
+        if busy:
+            busy_gpu()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def capture(fn_sets) -> torch.cuda.CUDAGraph:
+    """One graph holding a call on every input set (warmed up outside the capture, replayed once)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -50,33 +69,24 @@ def _graph_time(fn_sets, reps=20) -> float:
             f()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        busy_gpu()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / len(fn_sets))
-    return statistics.median(times)
+    return graph
+
+
+def _graph_time(fn_sets, reps=20) -> float:
+    """Seconds per call: one graph holds a call on every input set, replayed `reps` times."""
+    return timed(capture(fn_sets).replay, reps, len(fn_sets))
 
 
 def _loop_time(fn_sets, reps=20) -> float:
     for f in fn_sets:
         f()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        busy_gpu()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
+
+    def run_all():
         for f in fn_sets:
             f()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / len(fn_sets))
-    return statistics.median(times)
+
+    return timed(run_all, reps, len(fn_sets))
 
 
 def measure(fn_sets) -> tuple[float, str]:

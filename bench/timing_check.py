@@ -15,48 +15,19 @@ the difference is host time, not the kernel's.
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from bench.kernels import BUSY_CYCLES, E, H, K, copy_bandwidth, measure
-
-
-def graph_of(fn) -> torch.cuda.CUDAGraph:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    return graph
-
-
-def per_replay(graph, busy: bool, reps: int = 20) -> float:
-    """Median seconds of one replay between two events, with or without a busy GPU before."""
-    times = []
-    for _ in range(reps):
-        if busy:
-            torch.cuda._sleep(BUSY_CYCLES)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+from bench.kernels import E, H, K, capture, copy_bandwidth, measure, timed
 
 
 def back_to_back(graph, reps: int = 20) -> float:
-    torch.cuda._sleep(BUSY_CYCLES)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(reps):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) / 1e3 / reps
+    """Seconds a replay of `reps` replays queued between one pair of events (after a busy GPU)."""
+    def replays():
+        for _ in range(reps):
+            graph.replay()
+
+    return timed(replays, reps=1, calls=reps)
 
 
 def cases(tokens: int) -> list[tuple[str, int, object]]:
@@ -84,9 +55,9 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for round_ in range(args.reps):
         for name, nbytes, fn in cases(args.tokens):
-            graph = graph_of(fn)
+            graph = capture([fn])
             pct = [100 * nbytes / t / ceiling for t in
-                   (measure([fn])[0], per_replay(graph, False), per_replay(graph, True), back_to_back(graph))]
+                   (measure([fn])[0], timed(graph.replay, busy=False), timed(graph.replay), back_to_back(graph))]
             print(f"| {round_} | {name} | " + " | ".join(f"{p:.1f}" for p in pct) + " |", flush=True)
 
 
